@@ -1,0 +1,111 @@
+"""Small helpers shared by the stages: params, paths, logging, atomic writes, seeding."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import yaml
+
+log = logging.getLogger("pipeline")
+
+
+def repo_root() -> Path:
+    """The project root: DVC's `DVC_ROOT` when a stage runs under DVC, else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def load_params(path: str | Path | None = None) -> dict[str, Any]:
+    """Read the composed configuration (`params.yaml`) that every DVC stage reads."""
+    path = Path(path) if path else repo_root() / "params.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: run `python -m pipeline.params` to compose it from conf/"
+        )
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def resolve(path: str | Path) -> Path:
+    """A config path made absolute against the repository root."""
+    path = Path(path)
+    return path if path.is_absolute() else repo_root() / path
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and (if loaded) Keras/TensorFlow for reproducible runs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    import keras
+
+    keras.utils.set_random_seed(seed)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces `target` only if the block succeeds.
+
+    A crashed stage therefore never leaves a half-written output that a later stage would trust.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_arrays(directory: Path, **arrays: np.ndarray) -> None:
+    """Save each array as `<name>.npy` (no pickles) in an existing directory."""
+    for name, array in arrays.items():
+        np.save(directory / f"{name}.npy", np.asarray(array), allow_pickle=False)
+
+
+def load_arrays(directory: Path, *names: str) -> list[np.ndarray]:
+    missing = [n for n in names if not (directory / f"{n}.npy").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory} lacks {', '.join(m + '.npy' for m in missing)}: run `dvc repro` first"
+        )
+    return [np.load(directory / f"{n}.npy", allow_pickle=False) for n in names]

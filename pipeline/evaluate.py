@@ -1,0 +1,62 @@
+"""Test-set metrics with predictions aligned to labels, and the figures and reports for them."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report,  # noqa: E402
+                             confusion_matrix, f1_score, precision_recall_fscore_support)
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, balanced accuracy, macro-F1 and per-class precision/recall/F1/support.
+
+    `y_true[i]` and `y_pred[i]` must describe the same clip: callers predict on the test arrays
+    in their stored order and never shuffle between predicting and reading labels.
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"{len(y_true)} labels but {len(y_pred)} predictions")
+    labels = list(range(len(classes)))
+    present = sorted(set(y_true.tolist()))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        # macro over the classes present in the test split
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro",
+                                   zero_division=0)),
+        "per_class": {
+            c: {"precision": float(precision[i]), "recall": float(recall[i]),
+                "f1": float(f1[i]), "support": int(support[i])}
+            for i, c in enumerate(classes)
+        },
+    }
+
+
+def report_text(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> str:
+    return classification_report(y_true, y_pred, labels=list(range(len(classes))),
+                                 target_names=classes, zero_division=0, digits=3)
+
+
+def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], title: str):
+    """A labelled confusion-matrix figure (rows: true class, columns: predicted)."""
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    fig, ax = plt.subplots(figsize=(1.1 * len(classes) + 2, 1.0 * len(classes) + 1.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,236 @@
+"""The embedded sample: synthetic handball clips that differ by motion, not by appearance.
+
+Each scene draws its own court (floor colour, texture, lines, goal side), two players (sizes,
+jersey colours) and a ball; the clips of a scene (`_act1`, `_act2`, ...) share all of that and
+vary start position, speed, length, brightness and noise. The class decides only *how* things
+move: a runner crosses the court, a dribbler bounces the ball, a passer throws to the teammate,
+a shooter throws at the goal, a jump-shooter runs, jumps and throws, two players cross paths
+with a hand-off, a defender shuffles sideways with raised arms. Every frame holds the same
+kinds of objects (two players, a ball, a goal), so a single frame gives away little.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+SESSIONS = ("KS", "GR", "RK", "ZG")
+
+
+@dataclass
+class Scene:
+    """Everything that clips of one recording share."""
+
+    background: np.ndarray  # H x W x 3 uint8, court with texture and lines
+    goal_left: bool  # the goal is at the left edge (else right)
+    goal_y: int
+    player_height: int
+    player_colour: tuple[int, int, int]
+    teammate_height: int
+    teammate_colour: tuple[int, int, int]
+    skin_colour: tuple[int, int, int]
+    ball_colour: tuple[int, int, int]
+    floor_y: float  # fraction of the height where the main player's feet are
+
+
+def _rng(*keys: object) -> np.random.Generator:
+    """A generator seeded from stable hashes of the keys (independent of PYTHONHASHSEED)."""
+    return np.random.default_rng([zlib.crc32(str(k).encode()) for k in keys])
+
+
+def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(c) for c in rng.integers(0, 256, size=3))
+
+
+def make_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
+    floor = rng.integers(40, 220, size=3).astype(np.float32)
+    # Low-frequency texture: a coarse random grid upsampled, so scenes look distinct.
+    coarse = rng.normal(0.0, 8.0, size=(4, 5, 3)).astype(np.float32)
+    texture = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+    background = np.clip(floor + texture, 0, 255).astype(np.uint8)
+    line_colour = _colour(rng)
+    for _ in range(int(rng.integers(1, 4))):
+        y = int(rng.integers(height // 3, height))
+        cv2.line(background, (0, y), (width - 1, y), line_colour, 1)
+    cx = int(rng.integers(width // 4, 3 * width // 4))
+    cv2.ellipse(background, (cx, height), (width // 3, height // 3), 0, 180, 360, line_colour, 1)
+    goal_left = bool(rng.integers(0, 2))
+    goal_y = int(rng.integers(height // 3, height // 2))
+    gx0, gx1 = (0, width // 12) if goal_left else (width - width // 12 - 1, width - 1)
+    cv2.rectangle(background, (gx0, goal_y - height // 6), (gx1, goal_y + height // 6),
+                  (235, 235, 235), 2)
+    base = int(height * rng.uniform(0.45, 0.6))
+    return Scene(
+        background=background,
+        goal_left=goal_left,
+        goal_y=goal_y,
+        player_height=base,
+        player_colour=_colour(rng),
+        teammate_height=int(base * rng.uniform(0.85, 1.15)),
+        teammate_colour=_colour(rng),
+        skin_colour=tuple(int(c) for c in rng.integers(90, 230, size=3)),
+        ball_colour=_colour(rng),
+        floor_y=float(rng.uniform(0.85, 0.95)),
+    )
+
+
+def draw_player(img, x, feet_y, h, colour, skin, leg_phase=0.0, arm_raise=0.0, arm_forward=0.0):
+    """A stick-and-ellipse figure with its feet at (x, feet_y) and height h (pixels)."""
+    x, feet_y = float(x), float(feet_y)
+    hip_y = feet_y - 0.45 * h
+    shoulder_y = feet_y - 0.8 * h
+    head_r = max(2, int(0.1 * h))
+    stride = 0.18 * h * np.sin(leg_phase)
+    thick = max(2, int(h / 9))
+    for sign in (1, -1):
+        cv2.line(img, (int(x), int(hip_y)), (int(x + sign * stride), int(feet_y)), colour, thick)
+    cv2.ellipse(img, (int(x), int((hip_y + shoulder_y) / 2)),
+                (max(2, int(0.12 * h)), max(3, int(0.2 * h))), 0, 0, 360, colour, -1)
+    cv2.circle(img, (int(x), int(shoulder_y - head_r)), head_r, skin, -1)
+    # Arms: raise lifts the hands above the head, forward stretches them sideways.
+    hand_y = shoulder_y + 0.3 * h - arm_raise * 0.6 * h
+    for sign in (1, -1):
+        hand_x = x + sign * (0.15 * h + arm_forward * 0.2 * h)
+        cv2.line(img, (int(x), int(shoulder_y)), (int(hand_x), int(hand_y)), skin, thick)
+    return (x + 0.2 * h, hand_y)  # position of the right hand
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    return a + (b - a) * float(np.clip(t, 0.0, 1.0))
+
+
+def render_clip(action: str, scene: Scene, rng: np.random.Generator, length: int,
+                width: int, height: int, noise: float) -> list[np.ndarray]:
+    """Frames (H x W x 3 uint8, BGR) of one clip of `action` in `scene`."""
+    speed = rng.uniform(0.75, 1.3)
+    direction = 1 if rng.integers(0, 2) else -1
+    start_x = rng.uniform(0.25, 0.75) * width
+    floor = scene.floor_y * height
+    mate_x = rng.uniform(0.1, 0.9) * width
+    mate_floor = floor - rng.uniform(0.0, 0.1) * height
+    loose_ball = (rng.uniform(0.1, 0.9) * width, floor - rng.uniform(0.0, 0.1) * height)
+    goal = (0.03 * width if scene.goal_left else 0.97 * width, float(scene.goal_y))
+    brightness = rng.uniform(-20, 20)
+    h, mh = scene.player_height, scene.teammate_height
+    phase0 = rng.uniform(0, 2 * np.pi)
+    frames = []
+    for i in range(length):
+        t = i / max(1, length - 1)
+        img = scene.background.copy()
+        px, py, mx, my = start_x, floor, mate_x, mate_floor
+        leg, raise_, forward, mate_raise = phase0, 0.0, 0.0, 0.0
+        ball = None  # None: in the main player's hand
+        if action == "running":
+            px = start_x + direction * speed * 0.45 * width * (t - 0.5)
+            leg = phase0 + 10 * np.pi * speed * t
+            ball = loose_ball
+        elif action == "dribbling":
+            px = start_x + direction * speed * 0.15 * width * (t - 0.5)
+            leg = phase0 + 4 * np.pi * speed * t
+            bounce = abs(np.sin(phase0 + 3 * np.pi * speed * t))
+            ball = (px + direction * 0.25 * h, _lerp(floor, floor - 0.45 * h, bounce))
+            forward = 0.3
+        elif action == "passing":
+            throw = (t - 0.35) / 0.3
+            raise_ = 0.6 if t < 0.35 else 0.2
+            forward = 0.8 if 0.3 < t < 0.5 else 0.1
+            hand = (px + 0.2 * h, py - 0.5 * h)
+            catch = (mx, my - 0.6 * mh)
+            ball = (_lerp(hand[0], catch[0], throw), _lerp(hand[1], catch[1], throw)
+                    - 0.25 * h * np.sin(np.pi * np.clip(throw, 0, 1)))
+            mate_raise = 0.6 if t > 0.5 else 0.0
+        elif action in ("shot", "jump-shot"):
+            release = 0.5 if action == "shot" else 0.6
+            if action == "jump-shot":
+                run = min(t, 0.35) / 0.35
+                px = start_x + (goal[0] - start_x) * 0.25 * run * speed
+                leg = phase0 + 6 * np.pi * min(t, 0.35)
+                jump = np.clip((t - 0.35) / 0.45, 0, 1)
+                py = floor - 0.9 * h * np.sin(np.pi * jump)
+            raise_ = 1.0 if release - 0.25 < t < release + 0.05 else 0.2
+            hand = (px + 0.2 * h, py - 1.0 * h * raise_ - 0.3 * h)
+            fly = (t - release) / 0.25
+            ball = (hand[0], hand[1]) if fly <= 0 else (
+                _lerp(hand[0], goal[0], fly), _lerp(hand[1], goal[1], fly))
+        elif action == "crossing":
+            # Main player and teammate run diagonally across each other; ball handed over mid-way.
+            px = start_x + direction * speed * 0.35 * width * (t - 0.5)
+            mx = start_x - direction * speed * 0.35 * width * (t - 0.5)
+            my = _lerp(floor - 0.15 * height, floor - 0.02 * height, t)
+            leg = phase0 + 8 * np.pi * speed * t
+            if t > 0.5:
+                ball = (mx + 0.2 * mh, my - 0.5 * mh)
+        elif action == "defence":
+            px = start_x + 0.12 * width * np.sin(phase0 + 4 * np.pi * speed * t)
+            leg = phase0 + 8 * np.pi * speed * t
+            raise_, forward = 1.0, 0.6
+            ball = loose_ball
+        else:
+            raise ValueError(f"the sample generator has no motion for action {action!r}")
+        mate_leg = 8 * np.pi * t if action == "crossing" else 0.3 * np.sin(2 * np.pi * t)
+        draw_player(img, mx, my, mh, scene.teammate_colour, scene.skin_colour,
+                    leg_phase=mate_leg, arm_raise=mate_raise)
+        hand = draw_player(img, px, py, h, scene.player_colour, scene.skin_colour,
+                           leg_phase=leg, arm_raise=raise_, arm_forward=forward)
+        bx, by = ball if ball is not None else hand
+        cv2.circle(img, (int(bx), int(by)), max(3, h // 8), scene.ball_colour, -1)
+        noisy = img.astype(np.float32) + brightness + rng.normal(0, noise, img.shape)
+        frames.append(np.clip(noisy, 0, 255).astype(np.uint8))
+    return frames
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
+    """Write frames to an MJPG .avi; raise if OpenCV cannot open a writer."""
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV could not open a video writer for {path}")
+    try:
+        for frame in frames:
+            writer.write(frame)
+    finally:
+        writer.release()
+
+
+def generate_sample(out_dir: Path, cfg: dict, classes: list[str]) -> list[dict]:
+    """Write the sample clips under `out_dir/<class>/` and return one manifest row per clip."""
+    counts = cfg["counts"]
+    unknown = sorted(set(counts) - set(classes))
+    if unknown:
+        raise ValueError(f"dataset.sample.counts names classes not in dataset.classes: {unknown}")
+    per_scene = int(cfg["clips_per_scene"])
+    if per_scene < 1:
+        raise ValueError("dataset.sample.clips_per_scene must be at least 1")
+    width, height, fps = int(cfg["width"]), int(cfg["height"]), float(cfg["fps"])
+    jobs = []
+    for action in classes:
+        n = int(counts.get(action, 0))
+        if n < 1:
+            raise ValueError(f"dataset.sample.counts.{action} must be at least 1 (got {n})")
+        for scene_idx in range((n + per_scene - 1) // per_scene):
+            for act in range(1, min(per_scene, n - scene_idx * per_scene) + 1):
+                jobs.append((action, scene_idx, act))
+    rows = []
+    scenes: dict[tuple[str, int], tuple[Scene, str]] = {}
+    for action, scene_idx, act in tqdm(jobs, desc="sample clips", unit="clip"):
+        if (action, scene_idx) not in scenes:
+            srng = _rng(cfg["seed"], action, scene_idx, "scene")
+            session = SESSIONS[int(srng.integers(len(SESSIONS)))]
+            scenes[(action, scene_idx)] = (make_scene(srng, width, height), session)
+        scene, session = scenes[(action, scene_idx)]
+        crng = _rng(cfg["seed"], action, scene_idx, act, "clip")
+        length = int(crng.integers(cfg["min_length"], cfg["max_length"] + 1))
+        frames = render_clip(action, scene, crng, length, width, height, float(cfg["noise"]))
+        rel = Path(action) / f"{action}_{session}_{scene_idx + 1}_act{act}.avi"
+        (out_dir / action).mkdir(parents=True, exist_ok=True)
+        write_video(out_dir / rel, frames, fps)
+        rows.append({"path": rel.as_posix(), "label": action})
+    return rows

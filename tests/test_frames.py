@@ -1,0 +1,61 @@
+"""Frame sampling spreads over the whole clip, decodes real video, letterboxes with padding."""
+
+import numpy as np
+import pytest
+
+from pipeline.frames import letterbox, sample_frames, sample_indices
+
+from conftest import write_numbered_video
+
+
+def test_indices_spread_over_whole_clip_not_first_n():
+    idx = sample_indices(100, 8)
+    assert len(idx) == 8 and np.all(np.diff(idx) > 0)
+    assert idx[0] < 100 / 8 and idx[-1] >= 100 - 100 / 8  # first and last segment covered
+    assert not np.array_equal(idx, np.arange(8))
+
+
+def test_short_clip_repeats_frames_inside_the_clip():
+    idx = sample_indices(3, 8)
+    assert idx.min() >= 0 and idx.max() == 2 and len(idx) == 8
+    assert set(idx.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("total,n", [(0, 4), (5, 0)])
+def test_impossible_sampling_raises(total, n):
+    with pytest.raises(ValueError):
+        sample_indices(total, n)
+
+
+def test_letterbox_keeps_aspect_and_pads():
+    frame = np.full((50, 100, 3), 200, np.uint8)
+    out = letterbox(frame, 64, pad_value=0)
+    assert out.shape == (64, 64, 3)
+    assert out[0].max() == 0 and out[-1].max() == 0          # padded rows top and bottom
+    assert out[32].min() == 200                               # content row spans the width
+
+
+def test_sample_frames_decodes_the_sampled_frames(tmp_path):
+    path = tmp_path / "clip.avi"
+    write_numbered_video(path, 20)
+    frames, mask = sample_frames(path, total=20, n=4, size=32)
+    assert frames.shape == (4, 32, 32, 3) and frames.dtype == np.uint8
+    # frame i has grey level 10*i; MJPG is lossy, so compare to within a few levels
+    levels = frames[:, 16, 16, 0].astype(int)
+    np.testing.assert_allclose(levels, 10 * sample_indices(20, 4), atol=4)
+    assert mask.all()
+
+
+def test_sample_frames_masks_repeated_frames_of_short_clip(tmp_path):
+    path = tmp_path / "short.avi"
+    write_numbered_video(path, 3)
+    frames, mask = sample_frames(path, total=3, n=6, size=16)
+    assert frames.shape[0] == 6
+    assert mask.tolist() == [True, False, True, False, True, False]
+
+
+def test_sample_frames_reports_frames_it_cannot_decode(tmp_path):
+    path = tmp_path / "clip.avi"
+    write_numbered_video(path, 5)
+    with pytest.raises(IOError, match="could not be decoded"):
+        sample_frames(path, total=50, n=4, size=16)  # probe claimed more frames than exist

@@ -1,0 +1,76 @@
+"""The three model builders produce the documented shapes; bad configs fail clearly."""
+
+import numpy as np
+import pytest
+
+from pipeline.backbones import WeightsUnavailable, build_backbone
+from pipeline.models import build_cnn3d, build_cnn_gru, build_frame_cnn
+
+
+def test_frame_cnn_shapes_and_frozen_backbone(tiny_params):
+    cfg = tiny_params["models"]["frame_cnn"]
+    model = build_frame_cnn(cfg, num_frames=3, size=32, num_classes=7)
+    assert model.input_shape == (None, 3, 32, 32, 3)
+    assert model.output_shape == (None, 7)
+    backbone = model.get_layer("efficientnetb0")
+    trainable = [layer for layer in backbone.layers if layer.trainable]
+    assert len(trainable) == cfg["backbone"]["trainable_layers"]
+    probs = model.predict(np.zeros((2, 3, 32, 32, 3), np.float32), verbose=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_cnn3d_reference_architecture_shapes(tiny_params):
+    cfg = dict(tiny_params["models"]["cnn3d"])
+    cfg["conv"] = {**cfg["conv"], "filters": [64, 64, 128, 256, 512]}
+    model = build_cnn3d(cfg, num_frames=10, size=224, num_classes=7)
+    convs = [layer for layer in model.layers if layer.__class__.__name__ == "Conv3D"]
+    assert [c.filters for c in convs] == [64, 64, 128, 256, 512]
+    assert convs[-1].output.shape[1:] == (6, 11, 11, 512)   # valid convs shrink time and space
+    assert model.output_shape == (None, 7)
+
+
+def test_cnn3d_too_small_input_names_the_config(tiny_params):
+    with pytest.raises(ValueError, match="frames.size"):
+        build_cnn3d(tiny_params["models"]["cnn3d"], num_frames=6, size=64, num_classes=7)
+
+
+def test_cnn_gru_masks_repeated_frames(tiny_params):
+    cfg = tiny_params["models"]["cnn_gru"]
+    model = build_cnn_gru(cfg, num_frames=4, feature_dim=16, num_classes=5)
+    assert model.output_shape == (None, 5)
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(1, 4, 16)).astype(np.float32)
+    mask = np.array([[True, True, False, False]])
+    changed = feats.copy()
+    changed[0, 2:] = 99.0  # masked steps must not change the prediction
+    a = model.predict({"features": feats, "mask": mask}, verbose=0)
+    b = model.predict({"features": changed, "mask": mask}, verbose=0)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_weights_file_names_the_config_key(tmp_path):
+    with pytest.raises(WeightsUnavailable, match=r"features\.weights=.*no such weights file"):
+        build_backbone("resnet101v2", str(tmp_path / "nope.h5"), (64, 64, 3), "features.weights")
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    first = build_backbone("efficientnetb0", None, (32, 32, 3), "models.frame_cnn.backbone.weights")
+    path = tmp_path / "effnet.weights.h5"
+    first.save_weights(path)
+    second = build_backbone("efficientnetb0", str(path), (32, 32, 3),
+                            "models.frame_cnn.backbone.weights")
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_imagenet_download_failure_names_the_config_key(tmp_path, monkeypatch):
+    """Real download attempt into an empty Keras cache; this machine has no internet."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    try:
+        build_backbone("efficientnetb0", "imagenet", (32, 32, 3), "models.frame_cnn.backbone.weights")
+    except WeightsUnavailable as exc:
+        message = str(exc)
+        assert "models.frame_cnn.backbone.weights=imagenet" in message
+        assert "=null" in message
+    else:
+        pytest.skip("ImageNet weights were downloadable here; the offline error path is untested")

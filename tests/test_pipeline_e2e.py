@@ -1,0 +1,162 @@
+"""End to end: a real `dvc repro` of the whole pipeline in a temporary git repository.
+
+The project is copied as git would clone it (tracked and untracked-but-not-ignored files), with
+`params.yaml` composed from `conf/` plus `experiment=tiny`. Then: outputs and MLflow runs are
+checked, a second `dvc repro` must do nothing, and changing one `cnn_gru` parameter must rerun
+only `train@cnn_gru` and `compare`, both through `dvc status` and a real `dvc exp run -S`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.params import compose_params, dump_params
+
+from conftest import ROOT
+
+MODELS = ["frame_cnn", "cnn3d", "cnn_gru"]
+TINY = ["experiment=tiny"]
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout + proc.stderr
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict]:
+    repo = tmp_path_factory.mktemp("project")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / rel)
+    (repo / "params.yaml").write_text(dump_params(compose_params(TINY, conf_dir=repo / "conf")))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("DVC_ROOT", None)
+    run(["git", "init", "-q", "-b", "main"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-q", "-m", "project"], repo, env)
+    output = run(["dvc", "repro"], repo, env)
+    return repo, {"env": env, "first": output}
+
+
+def test_first_repro_runs_every_stage(project):
+    repo, state = project
+    expected = {"download", "clean", "frames", "features", "compare"} | {f"train@{m}" for m in MODELS}
+    assert stages_run(state["first"]) == expected
+    assert not (repo / "data" / "source").exists()  # data.dvc's target is absent, repro still ran
+
+
+def test_outputs_metrics_and_reports(project):
+    repo, _ = project
+    for model in MODELS:
+        metrics = json.loads((repo / "metrics" / f"{model}.json").read_text())
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "params", "train_time_s"):
+            assert isinstance(metrics[key], (int, float)), (model, key)
+        assert 0.0 <= metrics["macro_f1"] <= 1.0 and metrics["params"] > 0
+        assert (repo / "models" / model / "model.keras").is_file()
+        reports = repo / "reports" / model
+        for name in ("confusion_matrix.png", "classification_report.txt", "per_class.csv",
+                     "history.csv"):
+            assert (reports / name).is_file(), (model, name)
+        # predictions are aligned with the test clips they belong to
+        predictions = pd.read_csv(reports / "predictions.csv")
+        splits = pd.read_csv(repo / "data" / "clean" / "splits.csv")
+        test = splits[splits["split"] == "test"]
+        assert sorted(predictions["path"]) == sorted(test["path"])
+        assert (predictions["actual"] == predictions["label"]).all()
+        assert (predictions.set_index("path")["actual"]
+                == test.set_index("path")["label"].loc[predictions["path"]]).all()
+    table = pd.read_csv(repo / "reports" / "comparison.csv")
+    assert sorted(table["model"]) == sorted(MODELS)
+    assert all(m in (repo / "reports" / "comparison.md").read_text() for m in MODELS)
+
+
+def test_splits_never_share_a_scene(project):
+    repo, _ = project
+    splits = pd.read_csv(repo / "data" / "clean" / "splits.csv")
+    assert splits.groupby("group")["split"].nunique().max() == 1
+    assert set(splits["split"]) == {"train", "val", "test"}
+
+
+def test_mlflow_runs_are_comparable(project):
+    from mlflow.tracking import MlflowClient
+
+    repo, _ = project
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(params["mlflow"]["experiment"])
+    assert exp is not None
+    assert exp.artifact_location == (repo / "mlruns").as_uri()
+    runs = client.search_runs([exp.experiment_id])
+    by_model = {r.data.tags["model"]: r for r in runs}
+    assert set(by_model) == set(MODELS) | {"comparison"} and len(runs) == 4
+    metric_keys = [set(by_model[m].data.metrics) for m in MODELS]
+    assert metric_keys[0] == metric_keys[1] == metric_keys[2]
+    dataset_hash = json.loads((repo / "data" / "clean" / "dataset.json").read_text())["dataset_hash"]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                            text=True).stdout.strip()
+    for model in MODELS:
+        run_ = by_model[model]
+        assert run_.info.status == "FINISHED"
+        assert run_.data.tags["git_commit"] == commit
+        assert run_.data.tags["dataset_hash"] == dataset_hash
+        assert "dvc_exp_name" in run_.data.tags
+        for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "val_loss"):
+            assert key in run_.data.metrics
+        epochs = json.loads((repo / "metrics" / f"{model}.json").read_text())["epochs"]
+        assert len(client.get_metric_history(run_.info.run_id, "val_loss")) == epochs
+        assert run_.data.params["model.name"] == model
+        artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
+        assert {"confusion_matrix.png", "classification_report.txt"} <= artifacts
+        # the logged model loads back and is a Keras model with the right output
+        import mlflow
+
+        mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+        loaded = mlflow.keras.load_model(f"runs:/{run_.info.run_id}/model")
+        assert loaded.output_shape == (None, len(params["dataset"]["classes"]))
+
+
+def test_second_repro_does_nothing(project):
+    repo, state = project
+    output = run(["dvc", "repro"], repo, state["env"])
+    assert stages_run(output) == set()
+    assert "up to date" in run(["dvc", "status"], repo, state["env"]).lower()
+
+
+def test_one_cnn_gru_parameter_reruns_only_that_model_and_compare(project):
+    repo, state = project
+    env = state["env"]
+    committed = (repo / "params.yaml").read_text()
+    change = "models.cnn_gru.dropout=0.2"
+    (repo / "params.yaml").write_text(dump_params(compose_params(TINY + [change],
+                                                                 conf_dir=repo / "conf")))
+    status = json.loads(run(["dvc", "status", "--json"], repo, env))
+    assert set(status) == {"train@cnn_gru"}, status
+    (repo / "params.yaml").write_text(committed)
+
+    # the real user flow: DVC composes conf/ with the overrides (Hydra) and runs what changed
+    output = run(["dvc", "exp", "run", "-S", TINY[0], "-S", change], repo, env)
+    assert stages_run(output) == {"train@cnn_gru", "compare"}, output[-2000:]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["models"]["cnn_gru"]["dropout"] == 0.2
