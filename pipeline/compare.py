@@ -1,4 +1,4 @@
-"""Stage `compare`: one table of all models (DVC metrics/plots, Markdown, PNG, MLflow run).
+"""Stage `compare`: one table of all models (DVC plot, Markdown, CSV, PNG, MLflow run).
 
 Reads the per-model metrics files that the train stages write (or that DVC restores from its
 run cache), so the table is complete even when no model was retrained.
@@ -17,8 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.common import (load_params, resolve, setup_logging, write_json_atomic,  # noqa: E402
-                             write_text_atomic)
+from pipeline.common import load_params, resolve, setup_logging, write_text_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def compare(params: dict) -> pd.DataFrame:
     from pipeline.tracking import run_tags, use_experiment
 
     table = comparison_table(params)
-    reports, metrics_dir = resolve(params["paths"]["reports"]), resolve(params["paths"]["metrics"])
+    reports = resolve(params["paths"]["reports"])
     markdown = table.to_markdown(index=False, floatfmt=".3f")
     fig = comparison_figure(table)
     reports.mkdir(parents=True, exist_ok=True)
@@ -72,10 +71,6 @@ def compare(params: dict) -> pd.DataFrame:
     write_text_atomic(reports / "comparison.md", markdown + "\n")
     write_text_atomic(reports / "comparison.csv", table.to_csv(index=False))
     best = table.iloc[0]
-    write_json_atomic(metrics_dir / "comparison.json", {
-        "best_model": best["model"], "metric": params["compare"]["metric"],
-        **{f"{r['model']}.{s}": float(r[s]) for r in table.to_dict("records") for s in SCORES},
-    })
 
     use_experiment(params["mlflow"]["experiment"])
     dataset = json.loads((resolve(params["paths"]["clean"]) / "dataset.json").read_text())

@@ -185,6 +185,7 @@ def train_and_evaluate(params: dict, name: str) -> dict:
             fig.savefig(tmp / "confusion_matrix.png", dpi=100)
             (tmp / "classification_report.txt").write_text(report)
             per_class.to_csv(tmp / "per_class.csv", index=False)
+            (tmp / "mlflow_run_id.txt").write_text(run.info.run_id + "\n")
             predictions.to_csv(tmp / "predictions.csv", index=False)
             hist.drop(columns=["learning_rate"], errors="ignore").to_csv(tmp / "history.csv",
                                                                          index=False)
@@ -199,7 +200,6 @@ def train_and_evaluate(params: dict, name: str) -> dict:
 
         mlflow.keras.log_model(model, name="model", pip_requirements=[
             f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
-        summary["mlflow_run_id"] = run.info.run_id
     write_json_atomic(resolve(params["paths"]["metrics"]) / f"{name}.json", summary)
     log.info("%s: test accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f after %d epochs "
              "(%.0f s, %d params)", name, summary["accuracy"], summary["balanced_accuracy"],
