@@ -6,7 +6,7 @@ from pathlib import Path
 
 import keras
 
-from pipeline.common import resolve
+from pipeline.common import PipelineError, resolve
 
 APPLICATIONS = {
     "resnet101v2": (keras.applications.ResNet101V2, keras.applications.resnet_v2.preprocess_input),
@@ -15,7 +15,7 @@ APPLICATIONS = {
 }
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(PipelineError):
     """The configured backbone weights could not be loaded; the message names the config key."""
 
 

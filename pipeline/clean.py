@@ -12,7 +12,6 @@ scene (background, players, lighting) is seen in training.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import re
@@ -23,7 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.common import atomic_dir, load_params, resolve, setup_logging, write_json_atomic
+from pipeline.common import atomic_dir, resolve, stage_cli, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +168,7 @@ def clean(params: dict) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    clean(load_params(args.params))
+    stage_cli("clean", __doc__.splitlines()[0], lambda p, a: clean(p), argv)
 
 
 if __name__ == "__main__":

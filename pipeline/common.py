@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import yaml
 
 log = logging.getLogger("pipeline")
+
+
+class PipelineError(RuntimeError):
+    """An expected failure (missing input, unusable config value) reported without a traceback."""
 
 
 def repo_root() -> Path:
@@ -109,3 +116,26 @@ def load_arrays(directory: Path, *names: str) -> list[np.ndarray]:
             f"{directory} lacks {', '.join(m + '.npy' for m in missing)}: run `dvc repro` first"
         )
     return [np.load(directory / f"{n}.npy", allow_pickle=False) for n in names]
+
+
+def stage_cli(name: str, description: str, run: Callable[[dict, argparse.Namespace], Any],
+              argv: list[str] | None = None,
+              add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """The thin command line around a stage function: `--params`, logging, timing, exit codes.
+
+    Expected failures (PipelineError, a missing input file) end with one clear log line and
+    exit status 2 instead of a traceback.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}", description=description)
+    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    start = time.perf_counter()
+    try:
+        run(load_params(args.params), args)
+    except (PipelineError, FileNotFoundError) as exc:
+        log.error("%s failed: %s", name, exc)
+        sys.exit(2)
+    log.info("%s finished in %.1f s", name, time.perf_counter() - start)

@@ -6,7 +6,6 @@ run cache), so the table is complete even when no model was retrained.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 
@@ -17,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.common import load_params, resolve, setup_logging, write_text_atomic  # noqa: E402
+from pipeline.common import resolve, stage_cli, write_text_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +86,7 @@ def compare(params: dict) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    compare(load_params(args.params))
+    stage_cli("compare", __doc__.splitlines()[0], lambda p, a: compare(p), argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Sources (`dataset.source`):
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.common import atomic_dir, load_params, resolve, setup_logging
+from pipeline.common import atomic_dir, resolve, stage_cli
 from pipeline.sample_dataset import generate_sample
 
 log = logging.getLogger(__name__)
@@ -62,13 +61,12 @@ def download(params: dict, target: Path | None = None) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
-    parser.add_argument("--out", default=None, type=Path,
-                        help="write here instead of paths.raw (e.g. data/source, then `dvc add`)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    download(load_params(args.params), args.out)
+    def out_option(parser):
+        parser.add_argument("--out", default=None, type=Path,
+                            help="write here instead of paths.raw (e.g. data/source for data.dvc)")
+
+    stage_cli("download", __doc__.splitlines()[0], lambda p, a: download(p, a.out), argv,
+              out_option)
 
 
 if __name__ == "__main__":

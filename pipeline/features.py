@@ -6,18 +6,15 @@ Outputs one folder per split under `paths.features`: `features.npy` (clips x N x
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
-import sys
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.backbones import WeightsUnavailable, build_backbone, preprocess_for
+from pipeline.backbones import build_backbone, preprocess_for
 from pipeline.clean import SPLITS
-from pipeline.common import (atomic_dir, load_arrays, load_params, resolve, save_arrays,
-                             setup_logging)
+from pipeline.common import atomic_dir, load_arrays, resolve, save_arrays, stage_cli
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +57,7 @@ def extract_features(params: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        extract_features(load_params(args.params))
-    except WeightsUnavailable as exc:
-        log.error("%s", exc)
-        sys.exit(2)
+    stage_cli("features", __doc__.splitlines()[0], lambda p, a: extract_features(p), argv)
 
 
 if __name__ == "__main__":

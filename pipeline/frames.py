@@ -8,7 +8,6 @@ Training reads these arrays and never decodes video.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -18,8 +17,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.clean import SPLITS
-from pipeline.common import (atomic_dir, load_params, resolve, save_arrays, setup_logging,
-                             write_json_atomic)
+from pipeline.common import atomic_dir, resolve, save_arrays, stage_cli, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +100,7 @@ def extract_frames(params: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    extract_frames(load_params(args.params))
+    stage_cli("frames", __doc__.splitlines()[0], lambda p, a: extract_frames(p), argv)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def build_cnn3d(cfg: dict, num_frames: int, size: int, num_classes: int) -> kera
                              f"{tuple(x.shape[1:4])} before pooling; raise frames.size or the "
                              f"model's num_frames (reference: 10x224x224; smallest: 5x80x80)")
         x = layers.MaxPool3D(tuple(conv["pool_size"]))(x)   # time kept, space halved
-        x = layers.BatchNormalization()(x)
+        x = layers.BatchNormalization(momentum=float(conv.get("batchnorm_momentum", 0.99)))(x)
     # reference 10x224x224: 3 x (same conv, pool) -> B,10,28,28,128; valid conv -> B,8,26,26,256;
     # pool -> B,8,13,13,256; valid conv -> B,6,11,11,512; pool -> B,6,5,5,512
     x = layers.GlobalAveragePooling3D()(x)                              # B,512

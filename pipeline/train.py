@@ -9,19 +9,16 @@ predictions, learning curves), and logs one MLflow run with all of it plus the m
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.backbones import WeightsUnavailable
-from pipeline.common import (atomic_dir, load_arrays, load_params, resolve, seed_everything,
-                             setup_logging, write_json_atomic)
+from pipeline.common import (atomic_dir, load_arrays, resolve, seed_everything, stage_cli,
+                             write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +195,11 @@ def train_and_evaluate(params: dict, name: str) -> dict:
             model.save(tmp / "model.keras")
         import tensorflow as tf
 
-        mlflow.keras.log_model(model, name="model", pip_requirements=[
-            f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+        first = ({k: v[:1] for k, v in x_test.items()} if isinstance(x_test, dict)
+                 else x_test[:1])
+        mlflow.keras.log_model(
+            model, name="model", signature=mlflow.models.infer_signature(first, probs[:1]),
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
     write_json_atomic(resolve(params["paths"]["metrics"]) / f"{name}.json", summary)
     log.info("%s: test accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f after %d epochs "
              "(%.0f s, %d params)", name, summary["accuracy"], summary["balanced_accuracy"],
@@ -208,16 +208,11 @@ def train_and_evaluate(params: dict, name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="frame_cnn | cnn3d | cnn_gru")
-    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        train_and_evaluate(load_params(args.params), args.model)
-    except WeightsUnavailable as exc:
-        log.error("%s", exc)
-        sys.exit(2)
+    def model_option(parser):
+        parser.add_argument("--model", required=True, help="frame_cnn | cnn3d | cnn_gru")
+
+    stage_cli("train", __doc__.splitlines()[0], lambda p, a: train_and_evaluate(p, a.model),
+              argv, model_option)
 
 
 if __name__ == "__main__":
