@@ -166,9 +166,10 @@ def train_and_evaluate(params: dict, name: str) -> dict:
             "epochs": len(history.history["loss"]),
             "test_clips": int(len(y_test)),
         }
-        mlflow.log_metrics({f"test_{k}": v for k, v in summary.items()
-                            if k not in ("params", "epochs", "test_clips")})
-        mlflow.log_metrics({"num_params": summary["params"], "epochs_trained": summary["epochs"]})
+        mlflow.log_metrics({f"test_{k}": summary[k] for k in ("accuracy", "balanced_accuracy",
+                                                               "macro_f1")})
+        mlflow.log_metrics({"num_params": summary["params"], "epochs_trained": summary["epochs"],
+                            "train_time_s": summary["train_time_s"]})
         mlflow.log_metrics({f"test_f1_{c}": s["f1"] for c, s in scores["per_class"].items()})
 
         fig = confusion_figure(y_test, y_pred, classes, f"{name}: test confusion matrix")
