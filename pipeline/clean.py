@@ -22,11 +22,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.common import atomic_dir, resolve, stage_cli, write_json_atomic
+from pipeline.common import SPLITS, atomic_dir, resolve, stage_cli, write_json_atomic
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
 
 
 def sha256_of(path: Path) -> str:

@@ -20,6 +20,8 @@ import yaml
 
 log = logging.getLogger("pipeline")
 
+SPLITS = ("train", "val", "test")
+
 
 class PipelineError(RuntimeError):
     """An expected failure (missing input, unusable config value) reported without a traceback."""
@@ -59,8 +61,12 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     os.environ["PYTHONHASHSEED"] = str(seed)
     import keras
+    import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
+    # Same seed, same data -> same model: without this, multi-threaded CPU kernels reorder
+    # float sums and two runs of one config end with different test scores.
+    tf.config.experimental.enable_op_determinism()
 
 
 @contextlib.contextmanager

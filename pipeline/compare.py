@@ -40,8 +40,10 @@ def comparison_table(params: dict) -> pd.DataFrame:
     return table.sort_values(metric, ascending=False, kind="stable").reset_index(drop=True)
 
 
-def comparison_figure(table: pd.DataFrame):
+def comparison_figure(table: pd.DataFrame, num_classes: int):
     fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.axhline(1 / num_classes, color="grey", linestyle="--", linewidth=1,
+               label=f"chance (balanced) 1/{num_classes}")
     width = 0.8 / len(SCORES)
     for i, score in enumerate(SCORES):
         ax.bar([x + i * width for x in range(len(table))], table[score], width, label=score)
@@ -62,7 +64,7 @@ def compare(params: dict) -> pd.DataFrame:
     table = comparison_table(params)
     reports = resolve(params["paths"]["reports"])
     markdown = table.to_markdown(index=False, floatfmt=".3f")
-    fig = comparison_figure(table)
+    fig = comparison_figure(table, len(params["dataset"]["classes"]))
     reports.mkdir(parents=True, exist_ok=True)
     tmp_png = reports / ".comparison.png.tmp"
     fig.savefig(tmp_png, dpi=100, format="png")

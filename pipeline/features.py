@@ -13,8 +13,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.backbones import build_backbone, preprocess_for
-from pipeline.clean import SPLITS
-from pipeline.common import atomic_dir, load_arrays, resolve, save_arrays, stage_cli
+from pipeline.common import (SPLITS, atomic_dir, load_arrays, resolve, save_arrays,
+                             seed_everything, stage_cli)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ def frame_features(backbone, preprocess, frames: np.ndarray, batch_size: int,
 def extract_features(params: dict) -> None:
     cfg = params["features"]
     size = int(params["frames"]["size"])
+    seed_everything(int(params["seed"]))  # `weights: null` means a seeded random init
     backbone = build_backbone(cfg["backbone"], cfg["weights"], (size, size, 3),
                               config_key="features.weights", pooling="avg")
     preprocess = preprocess_for(cfg["backbone"])

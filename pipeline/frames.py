@@ -16,8 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.clean import SPLITS
-from pipeline.common import atomic_dir, resolve, save_arrays, stage_cli, write_json_atomic
+from pipeline.common import SPLITS, atomic_dir, resolve, save_arrays, stage_cli, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -48,6 +48,18 @@ def test_cnn_gru_masks_repeated_frames(tiny_params):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_random_init_backbone_is_reproducible_by_seed():
+    """`weights: null` features must not change between two runs of the same config."""
+    from pipeline.common import seed_everything
+
+    builds = []
+    for _ in range(2):
+        seed_everything(5)
+        builds.append(build_backbone("efficientnetb0", None, (32, 32, 3), "features.weights"))
+    for a, b in zip(builds[0].get_weights(), builds[1].get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_missing_weights_file_names_the_config_key(tmp_path):
     with pytest.raises(WeightsUnavailable, match=r"features\.weights=.*no such weights file"):
         build_backbone("resnet101v2", str(tmp_path / "nope.h5"), (64, 64, 3), "features.weights")
