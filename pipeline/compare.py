@@ -6,6 +6,7 @@ run cache), so the table is complete even when no model was retrained.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 
@@ -16,7 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.common import resolve, stage_cli, write_text_atomic  # noqa: E402
+from pipeline.common import (resolve, stage_cli, write_bytes_atomic,  # noqa: E402
+                             write_text_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +67,9 @@ def compare(params: dict) -> pd.DataFrame:
     reports = resolve(params["paths"]["reports"])
     markdown = table.to_markdown(index=False, floatfmt=".3f")
     fig = comparison_figure(table, len(params["dataset"]["classes"]))
-    reports.mkdir(parents=True, exist_ok=True)
-    tmp_png = reports / ".comparison.png.tmp"
-    fig.savefig(tmp_png, dpi=100, format="png")
-    tmp_png.replace(reports / "comparison.png")
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")
+    write_bytes_atomic(reports / "comparison.png", png.getvalue())
     write_text_atomic(reports / "comparison.md", markdown + "\n")
     write_text_atomic(reports / "comparison.csv", table.to_csv(index=False))
     best = table.iloc[0]
