@@ -45,7 +45,7 @@ def load_params(path: str | Path | None = None) -> dict[str, Any]:
 
 def resolve(path: str | Path) -> Path:
     """A config path made absolute against the repository root."""
-    path = Path(path)
+    path = Path(path).expanduser()
     return path if path.is_absolute() else repo_root() / path
 
 
@@ -127,6 +127,51 @@ def load_arrays(directory: Path, *names: str) -> list[np.ndarray]:
             f"{directory} lacks {', '.join(m + '.npy' for m in missing)}: run `dvc repro` first"
         )
     return [np.load(directory / f"{n}.npy", allow_pickle=False) for n in names]
+
+
+def worker_count(requested: int | None) -> int:
+    """`requested` processes, or one per available core when it is null/0."""
+    if requested:
+        return max(1, int(requested))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def parallel_map(fn: Callable[[Any], Any], items: list, workers: int | None, desc: str,
+                 unit: str = "clip") -> Iterator[Any]:
+    """`fn` over `items` in worker processes, results in input order, with a progress bar.
+
+    Results are yielded as they arrive (in order), so a caller can write each one away and
+    keep memory bounded by a few items, not the whole list. `fn` must be a module-level
+    function. One worker (or one item) runs in this process.
+    """
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from itertools import islice
+
+    from tqdm import tqdm
+
+    n = min(worker_count(workers), max(1, len(items)))
+    bar = tqdm(total=len(items), desc=desc, unit=unit)
+    try:
+        if n == 1:
+            for item in items:
+                yield fn(item)
+                bar.update()
+            return
+        with ProcessPoolExecutor(max_workers=n) as pool:
+            # a bounded look-ahead: results never pile up far ahead of the caller
+            it = iter(items)
+            pending = deque(pool.submit(fn, x) for x in islice(it, 2 * n))
+            while pending:
+                result = pending.popleft().result()
+                pending.extend(pool.submit(fn, x) for x in islice(it, 1))
+                yield result
+                bar.update()
+    finally:
+        bar.close()
 
 
 def stage_cli(name: str, description: str, run: Callable[[dict, argparse.Namespace], Any],

@@ -2,40 +2,203 @@
 
 Sources (`dataset.source`):
 - `sample`: generate the embedded synthetic sample (deterministic from `dataset.sample.seed`);
-- `folder`: copy a folder-per-class video collection from `dataset.path`
-  (e.g. UNIRI-HBD's `actions/`), keeping only `dataset.classes` and `dataset.extensions`.
+- `folder`: a folder-per-class video collection at `dataset.path` (e.g. UNIRI-HBD's `actions/`);
+- `archive`: a local `.zip`/`.tar`/`.tar.gz` at `dataset.path`, unpacked safely;
+- `url`: an archive at `dataset.url` (`https://`, `gs://`, `s3://`, ... through fsspec),
+  checked against the required `dataset.sha256` before it is unpacked.
+
+Class folders are matched to `dataset.classes` after normalising their names (case, `_`/space
+to `-`), `dataset.aliases` (`shooting` -> `shot`) and `dataset.merge` (`running` -> `dribbling`);
+folders of other classes are skipped and listed. `manifest.csv` has one row per clip: `path`
+(inside the raw folder), `label`, and `source` (the path inside the dataset, for split files).
+Nothing in the source is modified: clips are copied.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.common import atomic_dir, resolve, stage_cli
+from pipeline.archive import copy_stream, is_archive, safe_extract
+from pipeline.common import PipelineError, atomic_dir, resolve, stage_cli
 from pipeline.sample_dataset import generate_sample
 
 log = logging.getLogger(__name__)
 
+IGNORED_DIRS = {"__MACOSX", ".git", ".dvc"}
 
-def copy_folder_dataset(src: Path, out_dir: Path, classes: list[str], extensions: list[str]) -> list[dict]:
-    if not src.is_dir():
-        raise FileNotFoundError(f"dataset.path={src} is not a directory of <class>/<clip> folders")
-    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-    missing = [c for c in classes if not (src / c).is_dir()]
+
+def normalise_name(name: str) -> str:
+    """`Jump_Shot` / `jump shot` / `JUMP-SHOT` -> `jump-shot`."""
+    return re.sub(r"[\s_]+", "-", name.strip().lower())
+
+
+def class_of_folder(folder: str, ds: dict) -> str | None:
+    """The class a folder's clips belong to, or None when the dataset does not keep it."""
+    name = normalise_name(folder)
+    aliases = {normalise_name(k): v for k, v in (ds.get("aliases") or {}).items()}
+    name = aliases.get(name, name)
+    name = (ds.get("merge") or {}).get(name, name)
+    return name if name in ds["classes"] else None
+
+
+def check_class_config(ds: dict) -> None:
+    classes = list(ds["classes"])
+    if len(set(classes)) != len(classes) or not classes:
+        raise PipelineError(f"dataset.classes={classes} must be a non-empty list without repeats")
+    bad = {k: v for k, v in (ds.get("merge") or {}).items() if v not in classes}
+    if bad:
+        raise PipelineError(f"dataset.merge maps into classes that are not in dataset.classes: "
+                            f"{bad}")
+
+
+def find_class_root(root: Path, ds: dict) -> Path:
+    """The folder whose sub-folders are the classes: `dataset.subdir`, else the shallowest
+    folder under `root` that has a sub-folder for most of the kept classes."""
+    if ds.get("subdir"):
+        chosen = root / ds["subdir"]
+        if not chosen.is_dir():
+            raise PipelineError(f"dataset.subdir={ds['subdir']!r} is not a folder in {root}")
+        return chosen
+    need = max(1, (len(ds["classes"]) + 1) // 2)
+    level = [root]
+    for _ in range(5):
+        for folder in level:
+            subdirs = [d for d in folder.iterdir() if d.is_dir()]
+            if len({class_of_folder(d.name, ds) for d in subdirs} - {None}) >= need:
+                return folder
+        level = sorted(d for f in level for d in f.iterdir()
+                       if d.is_dir() and d.name not in IGNORED_DIRS)
+    raise PipelineError(
+        f"no folder under {root} has sub-folders named after the classes {list(ds['classes'])} "
+        f"(aliases {dict(ds.get('aliases') or {})}); set dataset.subdir to the folder that does")
+
+
+def collect_clips(root: Path, ds: dict) -> list[tuple[Path, str]]:
+    """(file, label) for every video of a kept class under `root`, in a stable order."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset.path={root} is not a directory of <class>/<clip> "
+                                f"folders")
+    check_class_config(ds)
+    class_root = find_class_root(root, ds)
+    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in ds["extensions"]}
+    clips, skipped_folders, skipped_files = [], [], Counter()
+    for folder in sorted(d for d in class_root.iterdir() if d.is_dir()):
+        label = class_of_folder(folder.name, ds)
+        if label is None:
+            if folder.name not in IGNORED_DIRS:
+                skipped_folders.append(folder.name)
+            continue
+        for f in sorted(folder.rglob("*")):
+            if not f.is_file() or f.is_symlink():
+                continue
+            if f.name.startswith(".") or f.suffix.lower() not in exts:
+                skipped_files[f.suffix.lower() or f.name] += 1
+            else:
+                clips.append((f, label))
+    if skipped_folders:
+        log.warning("download: skipped folders that are not in dataset.classes: %s",
+                    ", ".join(skipped_folders))
+    if skipped_files:
+        log.warning("download: skipped %d files that are hidden or not dataset.extensions (%s)",
+                    sum(skipped_files.values()),
+                    ", ".join(f"{k} x{v}" for k, v in skipped_files.most_common(5)))
+    found = {label for _, label in clips}
+    missing = [c for c in ds["classes"] if c not in found]
     if missing:
-        raise FileNotFoundError(f"dataset.path={src} has no folder for classes {missing}")
-    rows = []
-    files = [(c, f) for c in classes for f in sorted((src / c).iterdir())
-             if f.is_file() and f.suffix.lower() in exts]
-    for label, f in tqdm(files, desc="copy clips", unit="clip"):
+        folders = sorted(d.name for d in class_root.iterdir() if d.is_dir())
+        raise PipelineError(f"no clips for classes {missing} in {class_root} (folders: {folders});"
+                            f" add dataset.aliases for their folder names or drop them from "
+                            f"dataset.classes")
+    return clips
+
+
+def place_clips(clips: list[tuple[Path, str]], root: Path, out_dir: Path, move: bool
+                ) -> list[dict]:
+    """Copy (or move, for files we unpacked ourselves) clips to `out_dir/<label>/<name>`."""
+    rows, taken = [], set()
+    for src, label in tqdm(clips, desc="move clips" if move else "copy clips", unit="clip"):
+        rel = src.relative_to(root).as_posix()
+        name = src.name
+        if (label, name) in taken:  # merged classes or nested folders with equal file names
+            name = "__".join(src.relative_to(root).parts[-2:])
+        taken.add((label, name))
         (out_dir / label).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, out_dir / label / f.name)
-        rows.append({"path": f"{label}/{f.name}", "label": label})
+        dest = out_dir / label / name
+        if move:
+            os.replace(src, dest)
+        else:
+            shutil.copy2(src, dest)
+        rows.append({"path": f"{label}/{name}", "label": label, "source": rel})
     return rows
+
+
+def fetch_url(url: str, sha256: str | None, dest_dir: Path) -> Path:
+    """Stream `url` into `dest_dir` while hashing it; refuse a missing or different sha256."""
+    if not sha256:
+        raise PipelineError(f"dataset.sha256 is required for url sources ({url}): pin the "
+                            f"archive's content (sha256sum ARCHIVE)")
+    import fsspec
+
+    name = Path(url.split("?", 1)[0].rstrip("/")).name or "archive"
+    dest = dest_dir / name
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(url, "rb") as src, open(dest, "wb") as out:
+            size = getattr(src, "size", None)
+            with tqdm(total=size, desc=f"download {name}", unit="B", unit_scale=True) as bar:
+                copy_stream(src, out, lambda chunk: (digest.update(chunk), bar.update(len(chunk))))
+    except ImportError as exc:
+        raise PipelineError(f"dataset.url={url}: {exc}. Install the matching extra, e.g. "
+                            f"`pip install -e '.[gs]'` or `'.[s3]'`") from exc
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"dataset.url={url} could not be downloaded: {exc}") from exc
+    if digest.hexdigest() != sha256.lower():
+        raise PipelineError(f"dataset.url={url} has sha256 {digest.hexdigest()}, but "
+                            f"dataset.sha256={sha256}: refusing to use it")
+    return dest
+
+
+def unpack_and_collect(archive: Path, ds: dict, tmp: Path) -> list[dict]:
+    if not is_archive(archive):
+        raise PipelineError(f"{archive} is not a .zip/.tar/.tar.gz archive (dataset.source="
+                            f"{ds['source']})")
+    unpacked = tmp / ".unpacked"
+    unpacked.mkdir()
+    safe_extract(archive, unpacked, int(float(ds["max_unpacked_gb"]) * 1e9))
+    rows = place_clips(collect_clips(unpacked, ds), unpacked, tmp, move=True)
+    shutil.rmtree(unpacked)
+    return rows
+
+
+def dataset_rows(ds: dict, tmp: Path) -> list[dict]:
+    source = ds["source"]
+    if source == "sample":
+        return [{**r, "source": r["path"]} for r in generate_sample(tmp, ds["sample"],
+                                                                     list(ds["classes"]))]
+    if source == "folder":
+        root = resolve(ds["path"])
+        return place_clips(collect_clips(root, ds), root, tmp, move=False)
+    if source == "archive":
+        archive = resolve(ds["path"])
+        if not archive.is_file():
+            raise FileNotFoundError(f"dataset.path={archive}: archive not found")
+        return unpack_and_collect(archive, ds, tmp)
+    if source == "url":
+        fetched = tmp / ".fetched"
+        fetched.mkdir()
+        rows = unpack_and_collect(fetch_url(ds["url"], ds.get("sha256"), fetched), ds, tmp)
+        shutil.rmtree(fetched)
+        return rows
+    raise PipelineError(f"dataset.source={source!r} is not one of: sample, folder, archive, url")
 
 
 def download(params: dict, target: Path | None = None) -> pd.DataFrame:
@@ -43,16 +206,10 @@ def download(params: dict, target: Path | None = None) -> pd.DataFrame:
     ds = params["dataset"]
     target = resolve(target or params["paths"]["raw"])
     with atomic_dir(target) as tmp:
-        if ds["source"] == "sample":
-            rows = generate_sample(tmp, ds["sample"], list(ds["classes"]))
-        elif ds["source"] == "folder":
-            rows = copy_folder_dataset(resolve(ds["path"]), tmp, list(ds["classes"]),
-                                       list(ds.get("extensions", [".avi", ".mp4"])))
-        else:
-            raise ValueError(f"dataset.source={ds['source']!r} is not one of: sample, folder")
+        rows = dataset_rows(ds, tmp)
         if not rows:
-            raise ValueError(f"dataset {ds['name']!r} produced no clips")
-        manifest = pd.DataFrame(rows, columns=["path", "label"])
+            raise PipelineError(f"dataset {ds['name']!r} produced no clips")
+        manifest = pd.DataFrame(rows, columns=["path", "label", "source"])
         manifest.to_csv(tmp / "manifest.csv", index=False)
     counts = manifest["label"].value_counts().to_dict()
     log.info("download: %d clips of %d classes in %s (%s)", len(manifest), len(counts), target,

@@ -14,21 +14,32 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
-from pipeline.common import SPLITS, atomic_dir, resolve, save_arrays, stage_cli, write_json_atomic
+from pipeline.common import (SPLITS, atomic_dir, parallel_map, resolve, save_arrays, stage_cli,
+                             write_json_atomic)
 
 log = logging.getLogger(__name__)
 
 
-def sample_indices(total: int, n: int) -> np.ndarray:
-    """`n` frame indices spread over a clip of `total` frames: the centre of each of n segments.
+SAMPLINGS = ("uniform", "center", "start")
 
+
+def sample_indices(total: int, n: int, sampling: str = "uniform") -> np.ndarray:
+    """`n` frame indices out of a clip of `total` frames.
+
+    - `uniform` (default): the centre of each of n equal segments, spread over the whole clip;
+    - `center`: n consecutive frames around the middle;
+    - `start`: the first n frames (what the reference cnn_gru notebook did; for comparison).
     Clips shorter than n repeat frames (each index still inside the clip), never pad with zeros.
     """
     if total < 1 or n < 1:
         raise ValueError(f"cannot sample {n} frames from a clip of {total} frames")
-    return np.minimum(((np.arange(n) + 0.5) * total / n).astype(int), total - 1)
+    if sampling == "uniform":
+        return np.minimum(((np.arange(n) + 0.5) * total / n).astype(int), total - 1)
+    if sampling in ("center", "start"):
+        first = max(0, (total - n) // 2) if sampling == "center" else 0
+        return np.minimum(first + np.arange(n), total - 1)
+    raise ValueError(f"frames.sampling={sampling!r} is not one of {SAMPLINGS}")
 
 
 def letterbox(frame: np.ndarray, size: int, pad_value: int = 0) -> np.ndarray:
@@ -44,58 +55,103 @@ def letterbox(frame: np.ndarray, size: int, pad_value: int = 0) -> np.ndarray:
     return out
 
 
-def sample_frames(path: Path, total: int, n: int, size: int, pad_value: int = 0
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode only the sampled frames of one clip: (n x size x size x 3 RGB uint8, mask n)."""
-    indices = sample_indices(total, n)
+def decode_indices(path: Path, indices: np.ndarray, size: int, pad_value: int
+                   ) -> tuple[dict[int, np.ndarray], int]:
+    """Decode a clip front to back, keeping (letterboxed, RGB) only the frames in `indices`.
+
+    Frames are grabbed without conversion and only the wanted ones retrieved, so memory holds
+    n small frames and one full-size frame whatever the clip's length or resolution.
+    Returns the kept frames and how many frames were decoded.
+    """
     wanted = set(indices.tolist())
+    last = int(indices.max())
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise IOError(f"OpenCV cannot open {path}")
+    cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)  # phone footage: apply rotation metadata
     kept: dict[int, np.ndarray] = {}
+    decoded = 0
     try:
-        for i in range(int(indices.max()) + 1):
-            ok = cap.grab()
-            if not ok:
-                break
-            if i in wanted:
+        while decoded <= last and cap.grab():
+            if decoded in wanted:
                 ok, frame = cap.retrieve()
-                if not ok:
-                    break
-                kept[i] = letterbox(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), size, pad_value)
+                if ok:
+                    kept[decoded] = letterbox(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), size,
+                                              pad_value)
+            decoded += 1
     finally:
         cap.release()
-    lost = sorted(wanted - kept.keys())
-    if lost:
-        raise IOError(f"{path}: frames {lost} could not be decoded (probe counted {total})")
+    return kept, decoded
+
+
+def sample_frames(path: Path, total: int, n: int, size: int, pad_value: int = 0,
+                  sampling: str = "uniform") -> tuple[np.ndarray, np.ndarray]:
+    """The n sampled frames of one clip (n x size x size x 3 RGB uint8) and their mask.
+
+    `mask[i]` is False where frame i repeats frame i-1 (a clip shorter than n). If the clip
+    decodes to fewer frames than the probe counted, the sample is redrawn over the frames that
+    do decode (and logged); a clip that yields none raises IOError naming it.
+    """
+    indices = sample_indices(total, n, sampling)
+    kept, decoded = decode_indices(path, indices, size, pad_value)
+    if len(kept) < len(set(indices.tolist())):
+        usable = min(decoded, total)
+        if usable < 1:
+            raise IOError(f"{path}: no frame could be decoded (probe counted {total})")
+        log.warning("%s: only %d of %d probed frames decode; resampling over those", path,
+                    usable, total)
+        indices = sample_indices(usable, n, sampling)
+        kept, _ = decode_indices(path, indices, size, pad_value)
+        if len(kept) < len(set(indices.tolist())):
+            raise IOError(f"{path}: frames {sorted(set(indices.tolist()) - kept.keys())} could "
+                          f"not be decoded twice in a row")
     frames = np.stack([kept[i] for i in indices])
     mask = np.ones(n, dtype=bool)
     mask[1:] = indices[1:] != indices[:-1]
     return frames, mask
 
 
+def sample_frames_task(task: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """One worker task: `sample_frames(*task)` with OpenCV's own threads off (the pool is the
+    parallelism; two layers of threads on two cores only contend)."""
+    cv2.setNumThreads(1)
+    return sample_frames(*task)
+
+
 def extract_frames(params: dict) -> None:
+    """Decode every usable clip once, in parallel, into per-split uint8 arrays on disk.
+
+    Each split's array is written through a memory map as results arrive, so RAM holds a few
+    clips' frames, not the dataset.
+    """
     cfg = params["frames"]
     classes = list(params["dataset"]["classes"])
     raw = resolve(params["paths"]["raw"])
     splits = pd.read_csv(resolve(params["paths"]["clean"]) / "splits.csv")
     n, size = int(cfg["num_frames"]), int(cfg["size"])
+    sampling = cfg.get("sampling", "uniform")
+    sample_indices(n, n, sampling)  # fail on a bad frames.sampling before decoding anything
     with atomic_dir(resolve(params["paths"]["frames"])) as tmp:
         for split in SPLITS:
             rows = splits[splits["split"] == split].reset_index(drop=True)
-            frames = np.zeros((len(rows), n, size, size, 3), dtype=np.uint8)
-            masks = np.zeros((len(rows), n), dtype=bool)
-            for i, rec in enumerate(tqdm(rows.itertuples(), total=len(rows),
-                                         desc=f"frames {split}", unit="clip")):
-                frames[i], masks[i] = sample_frames(raw / rec.path, int(rec.frames), n, size,
-                                                    int(cfg["pad_value"]))
-            labels = np.array([classes.index(l) for l in rows["label"]], dtype=np.int64)
             (tmp / split).mkdir()
-            save_arrays(tmp / split, frames=frames, labels=labels, mask=masks)
+            frames = np.lib.format.open_memmap(tmp / split / "frames.npy", mode="w+",
+                                               dtype=np.uint8, shape=(len(rows), n, size, size, 3))
+            masks = np.zeros((len(rows), n), dtype=bool)
+            tasks = [(raw / rec.path, int(rec.frames), n, size, int(cfg["pad_value"]), sampling)
+                     for rec in rows.itertuples()]
+            for i, (clip_frames, clip_mask) in enumerate(
+                    parallel_map(sample_frames_task, tasks, params.get("workers"),
+                                 f"frames {split}")):
+                frames[i], masks[i] = clip_frames, clip_mask
+            frames.flush()
+            del frames
+            labels = np.array([classes.index(l) for l in rows["label"]], dtype=np.int64)
+            save_arrays(tmp / split, labels=labels, mask=masks)
             rows[["path", "label", "group"]].to_csv(tmp / split / "clips.csv", index=False)
         write_json_atomic(tmp / "classes.json", classes)
-    log.info("frames: %d clips x %d frames of %dx%d cached in %s", len(splits), n, size, size,
-             params["paths"]["frames"])
+    log.info("frames: %d clips x %d frames of %dx%d (%s sampling) cached in %s", len(splits), n,
+             size, size, sampling, params["paths"]["frames"])
 
 
 def main(argv: list[str] | None = None) -> None:

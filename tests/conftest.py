@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import cv2
@@ -29,11 +30,18 @@ def in_tmp_root(tmp_path, monkeypatch):
 
 
 def write_numbered_video(path: Path, n_frames: int, size=(64, 48), fps=10.0) -> None:
-    """An MJPG clip whose frame i is filled with grey level 10 * i (decodable back to i)."""
+    """An MJPG clip whose frame i is filled with grey level 10 * i (decodable back to i).
+
+    A small corner patch depends on the file name, so two clips are never byte-identical
+    (the clean stage quarantines identical files as duplicates).
+    """
+    tag = zlib.crc32(path.name.encode()) % 200 + 30
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
     assert writer.isOpened()
     for i in range(n_frames):
-        writer.write(np.full((size[1], size[0], 3), min(255, 10 * i), np.uint8))
+        frame = np.full((size[1], size[0], 3), min(255, 10 * i), np.uint8)
+        frame[:8, :8] = tag
+        writer.write(frame)
     writer.release()
 
 

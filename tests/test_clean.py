@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from pipeline.clean import clean, group_of, probe_clip, split_by_group
+from pipeline.common import PipelineError
 
 from conftest import write_numbered_video
 
@@ -83,5 +84,5 @@ def test_clean_refuses_unknown_labels(tmp_path, in_tmp_root, tiny_params):
     raw = tmp_path / "data" / "raw"
     raw.mkdir(parents=True)
     pd.DataFrame([{"path": "x/x_1_act1.avi", "label": "x"}]).to_csv(raw / "manifest.csv", index=False)
-    with pytest.raises(ValueError, match="not in dataset.classes"):
+    with pytest.raises(PipelineError, match="not in dataset.classes"):
         clean(tiny_params)

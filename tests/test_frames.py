@@ -54,8 +54,25 @@ def test_sample_frames_masks_repeated_frames_of_short_clip(tmp_path):
     assert mask.tolist() == [True, False, True, False, True, False]
 
 
-def test_sample_frames_reports_frames_it_cannot_decode(tmp_path):
+def test_clip_shorter_than_probed_is_resampled_over_what_decodes(tmp_path, caplog):
     path = tmp_path / "clip.avi"
     write_numbered_video(path, 5)
-    with pytest.raises(IOError, match="could not be decoded"):
-        sample_frames(path, total=50, n=4, size=16)  # probe claimed more frames than exist
+    frames, mask = sample_frames(path, total=50, n=4, size=16)  # probe claimed 50 frames
+    assert "only 5 of 50" in caplog.text
+    levels = frames[:, 12, 12, 0].astype(int)
+    np.testing.assert_allclose(levels, 10 * sample_indices(5, 4), atol=4)
+
+
+def test_undecodable_file_raises_naming_it(tmp_path):
+    path = tmp_path / "fake.avi"
+    path.write_text("not a video\n" * 50)
+    with pytest.raises(IOError, match="fake.avi"):
+        sample_frames(path, total=10, n=4, size=16)
+
+
+def test_sampling_strategies():
+    assert sample_indices(100, 4, "start").tolist() == [0, 1, 2, 3]
+    assert sample_indices(100, 4, "center").tolist() == [48, 49, 50, 51]
+    assert sample_indices(3, 5, "center").tolist() == [0, 1, 2, 2, 2]
+    with pytest.raises(ValueError, match="frames.sampling"):
+        sample_indices(10, 4, "random")

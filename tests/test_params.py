@@ -16,7 +16,7 @@ def test_params_yaml_equals_composition_of_conf():
 def test_model_configs_hold_reference_architectures():
     """The model group files hold DESIGN.md §3; only experiment configs scale them."""
     ref = compose_params(["experiment=uniri_hbd"], conf_dir=ROOT / "conf")
-    assert ref["frames"] == {"num_frames": 16, "size": 224, "pad_value": 0}
+    assert ref["frames"] == {"num_frames": 16, "size": 224, "pad_value": 0, "sampling": "uniform"}
     assert ref["features"]["weights"] == "imagenet"
     fc, c3, gru = (ref["models"][m] for m in ("frame_cnn", "cnn3d", "cnn_gru"))
     assert fc["backbone"] == {"name": "efficientnetb0", "weights": "imagenet", "trainable_layers": 3}
