@@ -12,6 +12,7 @@ from __future__ import annotations
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Callable, Iterator
@@ -111,14 +112,17 @@ def safe_extract(archive: str | Path, target: str | Path, max_bytes: int) -> int
             dest.parent.mkdir(parents=True, exist_ok=True)
             if dest.exists():
                 raise UnsafeArchive(f"{archive}: entry {entry.name!r} appears twice")
-            with entry.open() as src, open(dest, "xb") as out:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > max_bytes:
-                        raise UnsafeArchive(
-                            f"{archive}: unpacked bytes exceed dataset.max_unpacked_gb="
-                            f"{max_bytes / 1e9:g} (at entry {entry.name!r})")
-                    out.write(chunk)
+            try:
+                with entry.open() as src, open(dest, "xb") as out:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise UnsafeArchive(
+                                f"{archive}: unpacked bytes exceed dataset.max_unpacked_gb="
+                                f"{max_bytes / 1e9:g} (at entry {entry.name!r})")
+                        out.write(chunk)
+            except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
+                raise PipelineError(f"{archive} is corrupt at entry {entry.name!r}: {exc}") from exc
     return written
 
 
