@@ -120,13 +120,15 @@ def save_arrays(directory: Path, **arrays: np.ndarray) -> None:
         np.save(directory / f"{name}.npy", np.asarray(array), allow_pickle=False)
 
 
-def load_arrays(directory: Path, *names: str) -> list[np.ndarray]:
+def load_arrays(directory: Path, *names: str, mmap_mode: str | None = None) -> list[np.ndarray]:
+    """Load `<name>.npy` arrays (never pickles); `mmap_mode="r"` maps them instead of reading."""
     missing = [n for n in names if not (directory / f"{n}.npy").is_file()]
     if missing:
         raise FileNotFoundError(
             f"{directory} lacks {', '.join(m + '.npy' for m in missing)}: run `dvc repro` first"
         )
-    return [np.load(directory / f"{n}.npy", allow_pickle=False) for n in names]
+    return [np.load(directory / f"{n}.npy", allow_pickle=False, mmap_mode=mmap_mode)
+            for n in names]
 
 
 def worker_count(requested: int | None) -> int:

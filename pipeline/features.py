@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -20,23 +21,55 @@ log = logging.getLogger(__name__)
 
 
 def frame_features(backbone, preprocess, frames: np.ndarray, batch_size: int,
-                   desc: str = "features") -> np.ndarray:
-    """(clips x N x H x W x 3 uint8) -> (clips x N x D float32), batch_size frames at a time."""
+                   desc: str = "features", out: np.ndarray | None = None) -> np.ndarray:
+    """(clips x N x H x W x 3 uint8) -> (clips x N x D float32), batch_size frames at a time.
+
+    `frames` may be a memory map and `out` a preallocated (memory-mapped) result: only one
+    batch of frames is in memory at a time.
+    """
     clips, n = frames.shape[:2]
     flat = frames.reshape((clips * n,) + frames.shape[2:])
     dim = backbone.output_shape[-1]
-    out = np.zeros((clips * n, dim), dtype=np.float32)
+    if out is None:
+        out = np.zeros((clips, n, dim), dtype=np.float32)
+    flat_out = out.reshape(clips * n, dim)
+    batch = np.zeros((batch_size,) + flat.shape[1:], dtype=np.float32)
     for start in tqdm(range(0, len(flat), batch_size), desc=desc, unit="batch"):
         chunk = flat[start:start + batch_size]
-        batch = np.zeros((batch_size,) + flat.shape[1:], dtype=np.float32)
         batch[:len(chunk)] = chunk  # a fixed batch shape avoids retracing for the last batch
-        out[start:start + len(chunk)] = backbone.predict_on_batch(preprocess(batch))[:len(chunk)]
-    return out.reshape(clips, n, dim)
+        batch[len(chunk):] = 0
+        flat_out[start:start + len(chunk)] = backbone.predict_on_batch(
+            preprocess(batch.copy()))[:len(chunk)]
+    return out
+
+
+def augmented_features(backbone, preprocess, frames: np.ndarray, mask: np.ndarray,
+                       copies: int, params: dict, directory: Path) -> None:
+    """Features of `copies` augmented versions of every training clip, for oversampling:
+    `aug_features.npy` (clips x copies x N x D) and `aug_mask.npy` (clips x copies x N)."""
+    from pipeline.augment import augment_clip
+
+    clips, n = frames.shape[:2]
+    dim = backbone.output_shape[-1]
+    out = np.lib.format.open_memmap(directory / "aug_features.npy", mode="w+", dtype=np.float32,
+                                    shape=(clips, copies, n, dim))
+    masks = np.zeros((clips, copies, n), dtype=bool)
+    pad = int(params["frames"]["pad_value"])
+    for i in tqdm(range(clips), desc="augmented train features", unit="clip"):
+        rng = np.random.default_rng([int(params["seed"]), i])
+        versions = [augment_clip(frames[i], mask[i], params["augment"], rng, pad)
+                    for _ in range(copies)]
+        masks[i] = np.stack([m for _, m in versions])
+        frame_features(backbone, preprocess, np.stack([f for f, _ in versions]),
+                       int(params["features"]["batch_size"]), desc="", out=out[i])
+    out.flush()
+    save_arrays(directory, aug_mask=masks)
 
 
 def extract_features(params: dict) -> None:
     cfg = params["features"]
     size = int(params["frames"]["size"])
+    copies = int(cfg.get("augmented_copies") or 0)
     seed_everything(int(params["seed"]))  # `weights: null` means a seeded random init
     backbone = build_backbone(cfg["backbone"], cfg["weights"], (size, size, 3),
                               config_key="features.weights", pooling="avg")
@@ -45,16 +78,25 @@ def extract_features(params: dict) -> None:
     total = 0
     with atomic_dir(resolve(params["paths"]["features"])) as tmp:
         for split in SPLITS:
-            frames, labels, mask = load_arrays(frames_dir / split, "frames", "labels", "mask")
-            feats = frame_features(backbone, preprocess, frames, int(cfg["batch_size"]),
-                                   desc=f"features {split}")
+            frames, labels, mask = load_arrays(frames_dir / split, "frames", "labels", "mask",
+                                               mmap_mode="r")
             (tmp / split).mkdir()
-            save_arrays(tmp / split, features=feats, labels=labels, mask=mask)
+            out = np.lib.format.open_memmap(tmp / split / "features.npy", mode="w+",
+                                            dtype=np.float32,
+                                            shape=frames.shape[:2] + (backbone.output_shape[-1],))
+            frame_features(backbone, preprocess, frames, int(cfg["batch_size"]),
+                           desc=f"features {split}", out=out)
+            out.flush()
+            del out
+            save_arrays(tmp / split, labels=labels, mask=mask)
+            if split == "train" and copies > 0:
+                augmented_features(backbone, preprocess, frames, mask, copies, params, tmp / split)
             shutil.copy2(frames_dir / split / "clips.csv", tmp / split / "clips.csv")
             total += frames.shape[0] * frames.shape[1]
         shutil.copy2(frames_dir / "classes.json", tmp / "classes.json")
-    log.info("features: %d frames -> %d-d %s features in %s", total,
-             backbone.output_shape[-1], cfg["backbone"], params["paths"]["features"])
+    log.info("features: %d frames -> %d-d %s features in %s%s", total,
+             backbone.output_shape[-1], cfg["backbone"], params["paths"]["features"],
+             f" (+ {copies} augmented copies of each training clip)" if copies else "")
 
 
 def main(argv: list[str] | None = None) -> None:

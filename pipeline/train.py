@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.common import (atomic_dir, load_arrays, resolve, seed_everything, stage_cli,
-                             write_json_atomic)
+from pipeline.common import (PipelineError, atomic_dir, load_arrays, resolve, seed_everything,
+                             stage_cli, write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,96 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, fl
     return out
 
 
+def oversampled_clips(frames: np.ndarray, labels: np.ndarray, batch_size: int,
+                      augment_cfg: dict, seed: int, pad_value: int = 0):
+    """A Keras PyDataset over the training clips plus augmented copies of the smaller classes.
+
+    Every epoch draws new copies (with new augmentations) so no two epochs see the same
+    synthetic clips; originals are passed through untouched. Deterministic from `seed`.
+    """
+    import keras
+
+    from pipeline.augment import augment_clip, oversample_indices
+
+    ones = np.ones(frames.shape[1], dtype=bool)
+
+    class OversampledClips(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.epoch = 0
+            self.plan()
+
+        def plan(self):
+            rng = np.random.default_rng([seed, self.epoch])
+            extra = oversample_indices(labels, rng)
+            order = np.concatenate([np.arange(len(labels)), extra])
+            is_copy = np.concatenate([np.zeros(len(labels), bool), np.ones(len(extra), bool)])
+            perm = rng.permutation(len(order))
+            self.order, self.is_copy = order[perm], is_copy[perm]
+            self.rng = rng
+
+        def __len__(self):
+            return int(np.ceil(len(self.order) / batch_size))
+
+        def __getitem__(self, batch):
+            part = slice(batch * batch_size, (batch + 1) * batch_size)
+            rng = np.random.default_rng([seed, self.epoch, batch])
+            x = np.stack([augment_clip(frames[i], ones, augment_cfg, rng, pad_value)[0] if copy
+                          else frames[i] for i, copy in zip(self.order[part], self.is_copy[part])])
+            return x, labels[self.order[part]]
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            self.plan()
+
+    return OversampledClips()
+
+
+def oversampled_features(inputs: dict, labels: np.ndarray, features_dir: Path, seed: int
+                         ) -> tuple[dict, np.ndarray]:
+    """Training features plus copies of the smaller classes' clips, each copy taken from the
+    cached features of an augmented version of the clip (`features.augmented_copies`)."""
+    from pipeline.augment import oversample_indices
+
+    directory = features_dir / "train"
+    if not (directory / "aug_features.npy").is_file():
+        raise PipelineError(
+            "train.oversample needs augmented training features: set features.augmented_copies "
+            ">= 1 and rerun the features stage (`dvc repro`)")
+    aug, aug_mask = load_arrays(directory, "aug_features", "aug_mask")
+    rng = np.random.default_rng(seed)
+    extra = oversample_indices(labels, rng)
+    version = rng.integers(0, aug.shape[1], size=len(extra))
+    t = inputs["features"].shape[1]
+    idx = frame_subset(aug.shape[2], t) if aug.shape[2] != t else np.arange(t)
+    feats = np.concatenate([inputs["features"], aug[extra, version][:, idx]])
+    mask = np.concatenate([inputs["mask"], aug_mask[extra, version][:, idx]])
+    return {"features": feats, "mask": mask}, np.concatenate([labels, labels[extra]])
+
+
+def training_data(params: dict, cfg: dict, x_train, y_train, num_classes: int) -> dict:
+    """The `model.fit` arguments for the training split: class weights by default, or
+    (`train.oversample: true`) augmented copies of the smaller classes and no weights.
+    Validation and test data never pass through here."""
+    train_cfg = cfg["train"]
+    batch_size = int(train_cfg["batch_size"])
+    if not train_cfg.get("oversample"):
+        weights = balanced_class_weights(y_train, num_classes) if train_cfg["class_weights"] else None
+        return {"x": x_train, "y": y_train, "batch_size": batch_size, "class_weight": weights,
+                "shuffle": True}
+    seed = int(params["seed"])
+    if isinstance(x_train, dict):
+        x, y = oversampled_features(x_train, y_train, input_dir(params, cfg), seed)
+        log.info("oversampling: %d training clips -> %d with augmented copies", len(y_train),
+                 len(y))
+        return {"x": x, "y": y, "batch_size": batch_size, "class_weight": None, "shuffle": True}
+    data = oversampled_clips(x_train, y_train, batch_size, params["augment"], seed,
+                             int(params["frames"]["pad_value"]))
+    log.info("oversampling: %d training clips -> %d per epoch with augmented copies",
+             len(y_train), len(data.order))
+    return {"x": data, "class_weight": None}
+
+
 def epoch_logger():
     """A Keras callback logging every epoch's train/val loss and accuracy to the active run."""
     import keras
@@ -106,6 +196,20 @@ def epoch_logger():
                                 if k != "learning_rate"}, step=epoch)
 
     return MlflowEpochLogger()
+
+
+def log_dataset_counts(dataset: dict, train_clips: int, clean_dir: Path) -> None:
+    """What the model was trained on, in the active MLflow run: clip counts, what the clean
+    stage quarantined and why (metrics `data_*`), and the quarantine report itself."""
+    import mlflow
+
+    metrics = {"data_clips": dataset["clips"], "data_usable": dataset["usable"],
+               "data_quarantined": dataset.get("quarantined", 0), "data_train_clips": train_clips}
+    metrics.update({f"data_quarantined_{k}": v
+                    for k, v in dataset.get("quarantined_by_reason", {}).items()})
+    mlflow.log_metrics(metrics)
+    if (clean_dir / "quarantine.csv").is_file():
+        mlflow.log_artifact(str(clean_dir / "quarantine.csv"), artifact_path="data")
 
 
 def train_and_evaluate(params: dict, name: str) -> dict:
@@ -138,19 +242,22 @@ def train_and_evaluate(params: dict, name: str) -> dict:
     stop = train_cfg["early_stopping"]
     callbacks = [keras.callbacks.EarlyStopping(monitor=stop["monitor"], patience=int(stop["patience"]),
                                                restore_best_weights=True)]
-    class_weight = balanced_class_weights(y_train, len(classes)) if train_cfg["class_weights"] else None
+    fit_data = training_data(params, cfg, x_train, y_train, len(classes))
 
     use_experiment(params["mlflow"]["experiment"])
     reports = resolve(params["paths"]["reports"]) / name
     with mlflow.start_run(run_name=name, tags=run_tags(name, dataset["dataset_hash"])) as run:
         mlflow.log_params(flatten({"model": cfg, "frames": params["frames"],
                                    "features": params["features"], "seed": params["seed"],
-                                   "dataset": {"name": dataset["name"]}}))
+                                   "dataset": {"name": dataset["name"],
+                                               "split_source": dataset.get("split_source")}}))
+        if train_cfg.get("oversample"):
+            mlflow.log_params(flatten({"augment": params["augment"]}))
+        log_dataset_counts(dataset, len(y_train), resolve(params["paths"]["clean"]))
         start = time.perf_counter()
-        history = model.fit(x_train, y_train, validation_data=(x_val, y_val),
-                            epochs=int(train_cfg["epochs"]), batch_size=int(train_cfg["batch_size"]),
-                            class_weight=class_weight, callbacks=callbacks + [epoch_logger()],
-                            shuffle=True, verbose=2)
+        history = model.fit(**fit_data, validation_data=(x_val, y_val),
+                            epochs=int(train_cfg["epochs"]),
+                            callbacks=callbacks + [epoch_logger()], verbose=2)
         train_time = time.perf_counter() - start
 
         # Predict in stored order; labels are read from the same arrays, so pairs stay aligned.

@@ -1,0 +1,116 @@
+"""Oversampling touches only the training split: balanced classes, originals intact, copies
+augmented; cnn_gru's copies come from cached features of augmented frames."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.augment import augment_clip, jitter_indices, oversample_indices
+from pipeline.common import PipelineError, save_arrays
+
+AUG = {"hflip": 0.5, "rotation_deg": 5, "blur": 0.2, "noise_std": 4.0, "temporal_jitter": 1}
+
+
+def clips(n: int, t: int = 6, size: int = 24, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, t, size, size, 3), dtype=np.uint8)
+
+
+def test_oversampling_brings_every_class_to_the_largest():
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 1)
+    extra = oversample_indices(labels, np.random.default_rng(0))
+    counts = np.bincount(np.concatenate([labels, labels[extra]]))
+    assert counts.tolist() == [10, 10, 10]
+    assert set(labels[extra[labels[extra] == 2]]) == {2}  # copies come from their own class
+    assert len(oversample_indices(np.array([1, 1, 0, 0]), np.random.default_rng(0))) == 0
+
+
+def test_augmented_copy_differs_keeps_shape_and_is_reproducible():
+    frames = clips(1)[0]
+    mask = np.ones(6, bool)
+    a, ma = augment_clip(frames, mask, AUG, np.random.default_rng(3))
+    b, mb = augment_clip(frames, mask, AUG, np.random.default_rng(3))
+    assert a.shape == frames.shape and a.dtype == np.uint8
+    assert np.array_equal(a, b) and np.array_equal(ma, mb)
+    assert np.abs(a.astype(int) - frames.astype(int)).mean() > 1
+
+
+def test_flip_only_is_an_exact_mirror_of_every_frame():
+    frames = clips(1)[0]
+    out, _ = augment_clip(frames, np.ones(6, bool), {"hflip": 1.0}, np.random.default_rng(0))
+    assert np.array_equal(out, frames[:, :, ::-1])
+
+
+def test_temporal_jitter_stays_in_order_and_marks_repeats():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        idx = jitter_indices(8, 2, rng)
+        assert np.all(np.diff(idx) >= 0) and idx.min() >= 0 and idx.max() <= 7
+    frames = np.stack([np.full((4, 4, 3), 10 * i, np.uint8) for i in range(8)])
+    out, mask = augment_clip(frames, np.ones(8, bool), {"temporal_jitter": 3},
+                             np.random.default_rng(5))
+    levels = out[:, 0, 0, 0].astype(int)
+    assert np.array_equal(mask[1:], levels[1:] != levels[:-1])
+
+
+def test_oversampled_epochs_are_balanced_with_untouched_originals(tiny_params):
+    from pipeline.train import training_data
+
+    x = clips(12)
+    y = np.array([0] * 8 + [1] * 3 + [2] * 1)
+    cfg = {"name": "cnn3d", "input": "frames",
+           "train": {"batch_size": 5, "class_weights": True, "oversample": True}}
+    fit = training_data({**tiny_params, "augment": AUG}, cfg, x, y, 3)
+    assert fit["class_weight"] is None and "y" not in fit
+    data = fit["x"]
+    for epoch in range(2):
+        xs, ys = zip(*(data[i] for i in range(len(data))))
+        xs, ys = np.concatenate(xs), np.concatenate(ys)
+        assert np.bincount(ys).tolist() == [8, 8, 8]
+        originals = sum(any(np.array_equal(c, o) for o in x) for c in xs)
+        assert originals == 12  # each original exactly once; every copy is altered
+        data.on_epoch_end()
+
+    plain = training_data(tiny_params, {**cfg, "train": {**cfg["train"], "oversample": False}},
+                          x, y, 3)
+    assert plain["x"] is x and plain["class_weight"][2] > plain["class_weight"][0]
+
+
+def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root, tiny_params):
+    from pipeline.features import extract_features
+    from pipeline.train import training_data
+
+    frames_dir = in_tmp_root / "data" / "frames"
+    labels = {"train": np.array([0, 0, 0, 1]), "val": np.array([0, 1]), "test": np.array([1])}
+    for split, y in labels.items():
+        (frames_dir / split).mkdir(parents=True)
+        save_arrays(frames_dir / split, frames=clips(len(y), t=4, size=32), labels=y,
+                    mask=np.ones((len(y), 4), bool))
+        pd.DataFrame({"path": [f"c{i}.avi" for i in range(len(y))]}).to_csv(
+            frames_dir / split / "clips.csv", index=False)
+    (frames_dir / "classes.json").write_text(json.dumps(["a", "b"]))
+    params = {**tiny_params, "frames": {**tiny_params["frames"], "size": 32},
+              "features": {**tiny_params["features"], "augmented_copies": 2, "batch_size": 4},
+              "augment": AUG}
+    cfg = {**params["models"]["cnn_gru"],
+           "train": {**params["models"]["cnn_gru"]["train"], "oversample": True}}
+
+    extract_features({**params, "features": {**params["features"], "augmented_copies": 0}})
+    x = {"features": np.load(in_tmp_root / "data/features/train/features.npy"),
+         "mask": np.load(in_tmp_root / "data/features/train/mask.npy")}
+    with pytest.raises(PipelineError, match="features.augmented_copies"):
+        training_data(params, cfg, x, labels["train"], 2)
+
+    extract_features(params)
+    train_dir = in_tmp_root / "data" / "features" / "train"
+    aug = np.load(train_dir / "aug_features.npy")
+    assert aug.shape == (4, 2, 4, 2048)
+    assert not (in_tmp_root / "data/features/val/aug_features.npy").exists()
+    assert not np.allclose(aug[:, 0], x["features"])  # copies are features of altered frames
+    fit = training_data(params, cfg, x, labels["train"], 2)
+    assert np.bincount(fit["y"]).tolist() == [3, 3]
+    assert np.array_equal(fit["x"]["features"][:4], x["features"])
+    assert fit["class_weight"] is None
