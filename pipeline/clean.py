@@ -28,6 +28,7 @@ import pandas as pd
 
 from pipeline.common import (SPLITS, PipelineError, atomic_dir, parallel_map, resolve, stage_cli,
                              write_json_atomic)
+from pipeline.video import open_video
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +41,23 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def probe_clip(path: Path) -> dict:
+def probe_clip(path: Path, threads: int | None = None) -> dict:
     """Decode a clip once: frames actually decodable, fps, size, duration. Never raises.
 
     Every frame is decoded (`grab`), not just counted from the container header, which is
     often wrong or missing; only the first is converted, to read the displayed size (after
-    OpenCV applies the rotation metadata).
+    OpenCV applies the rotation metadata). `threads` caps FFmpeg's decoding threads.
     """
     info = {"frames": 0, "fps": 0.0, "width": 0, "height": 0, "duration_s": 0.0, "codec": "",
             "error": ""}
     if not path.is_file() or path.stat().st_size == 0:
         info["error"] = "empty or missing file"
         return info
-    cap = cv2.VideoCapture(str(path))
+    cap = open_video(path, threads)
     try:
         if not cap.isOpened():
             info["error"] = "OpenCV cannot open it (not a video, or an unsupported codec)"
             return info
-        cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
         info["fps"] = round(float(cap.get(cv2.CAP_PROP_FPS) or 0.0), 3)
         fourcc = int(cap.get(cv2.CAP_PROP_FOURCC) or 0)
         info["codec"] = "".join(chr((fourcc >> 8 * i) & 0xFF) for i in range(4)).strip("\x00 ")
@@ -78,8 +78,10 @@ def probe_clip(path: Path) -> dict:
 
 
 def probe_and_hash(path: Path) -> dict:
-    """probe_clip plus the file's sha256 (one worker task of the clean stage)."""
-    return {**probe_clip(path), "sha256": sha256_of(path) if path.is_file() else ""}
+    """probe_clip plus the file's sha256: one worker task of the clean stage (one decoding
+    thread per worker; the worker processes are the parallelism)."""
+    cv2.setNumThreads(1)
+    return {**probe_clip(path, threads=1), "sha256": sha256_of(path) if path.is_file() else ""}
 
 
 def drop_reason(info: dict, cfg: dict) -> tuple[str, str]:

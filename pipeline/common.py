@@ -120,6 +120,34 @@ def save_arrays(directory: Path, **arrays: np.ndarray) -> None:
         np.save(directory / f"{name}.npy", np.asarray(array), allow_pickle=False)
 
 
+class NpyRowWriter:
+    """Write a `.npy` array row by row (rows in order), holding one row in memory at a time.
+
+    Unlike a memory map, written pages do not stay in the process's resident memory. Closing
+    before every row was written raises, so a short array is never left looking complete.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype) -> None:
+        self.path, self.shape, self.dtype = Path(path), tuple(int(d) for d in shape), np.dtype(dtype)
+        self.rows = 0
+        self.fh = open(self.path, "wb")
+        np.lib.format.write_array_header_2_0(self.fh, {
+            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+            "shape": self.shape})
+
+    def write(self, row: np.ndarray) -> None:
+        row = np.ascontiguousarray(row, dtype=self.dtype)
+        if row.shape != self.shape[1:]:
+            raise ValueError(f"{self.path}: row of shape {row.shape}, expected {self.shape[1:]}")
+        self.fh.write(row.tobytes())
+        self.rows += 1
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.rows} rows written of {self.shape[0]}")
+
+
 def load_arrays(directory: Path, *names: str, mmap_mode: str | None = None) -> list[np.ndarray]:
     """Load `<name>.npy` arrays (never pickles); `mmap_mode="r"` maps them instead of reading."""
     missing = [n for n in names if not (directory / f"{n}.npy").is_file()]

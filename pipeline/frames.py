@@ -15,8 +15,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.common import (SPLITS, atomic_dir, parallel_map, resolve, save_arrays, stage_cli,
-                             write_json_atomic)
+from pipeline.common import (SPLITS, NpyRowWriter, atomic_dir, parallel_map, resolve,
+                             save_arrays, stage_cli, write_json_atomic)
+from pipeline.video import open_video
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +56,20 @@ def letterbox(frame: np.ndarray, size: int, pad_value: int = 0) -> np.ndarray:
     return out
 
 
-def decode_indices(path: Path, indices: np.ndarray, size: int, pad_value: int
-                   ) -> tuple[dict[int, np.ndarray], int]:
+def decode_indices(path: Path, indices: np.ndarray, size: int, pad_value: int,
+                   threads: int | None = None) -> tuple[dict[int, np.ndarray], int]:
     """Decode a clip front to back, keeping (letterboxed, RGB) only the frames in `indices`.
 
     Frames are grabbed without conversion and only the wanted ones retrieved, so memory holds
     n small frames and one full-size frame whatever the clip's length or resolution.
-    Returns the kept frames and how many frames were decoded.
+    `threads` caps FFmpeg's decoding threads (None: its default). Returns the kept frames and
+    how many frames were decoded.
     """
     wanted = set(indices.tolist())
     last = int(indices.max())
-    cap = cv2.VideoCapture(str(path))
+    cap = open_video(path, threads)
     if not cap.isOpened():
         raise IOError(f"OpenCV cannot open {path}")
-    cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)  # phone footage: apply rotation metadata
     kept: dict[int, np.ndarray] = {}
     decoded = 0
     try:
@@ -85,7 +86,8 @@ def decode_indices(path: Path, indices: np.ndarray, size: int, pad_value: int
 
 
 def sample_frames(path: Path, total: int, n: int, size: int, pad_value: int = 0,
-                  sampling: str = "uniform") -> tuple[np.ndarray, np.ndarray]:
+                  sampling: str = "uniform", threads: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """The n sampled frames of one clip (n x size x size x 3 RGB uint8) and their mask.
 
     `mask[i]` is False where frame i repeats frame i-1 (a clip shorter than n). If the clip
@@ -93,7 +95,7 @@ def sample_frames(path: Path, total: int, n: int, size: int, pad_value: int = 0,
     do decode (and logged); a clip that yields none raises IOError naming it.
     """
     indices = sample_indices(total, n, sampling)
-    kept, decoded = decode_indices(path, indices, size, pad_value)
+    kept, decoded = decode_indices(path, indices, size, pad_value, threads)
     if len(kept) < len(set(indices.tolist())):
         usable = min(decoded, total)
         if usable < 1:
@@ -101,7 +103,7 @@ def sample_frames(path: Path, total: int, n: int, size: int, pad_value: int = 0,
         log.warning("%s: only %d of %d probed frames decode; resampling over those", path,
                     usable, total)
         indices = sample_indices(usable, n, sampling)
-        kept, _ = decode_indices(path, indices, size, pad_value)
+        kept, _ = decode_indices(path, indices, size, pad_value, threads)
         if len(kept) < len(set(indices.tolist())):
             raise IOError(f"{path}: frames {sorted(set(indices.tolist()) - kept.keys())} could "
                           f"not be decoded twice in a row")
@@ -112,17 +114,19 @@ def sample_frames(path: Path, total: int, n: int, size: int, pad_value: int = 0,
 
 
 def sample_frames_task(task: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """One worker task: `sample_frames(*task)` with OpenCV's own threads off (the pool is the
-    parallelism; two layers of threads on two cores only contend)."""
+    """One worker task: `sample_frames(*task)` with one decoding thread and OpenCV's own
+    threads off. The worker processes are the parallelism; nested threads on few cores only
+    contend (measured: 2 processes x 1 thread decode 3 % faster than 2 x FFmpeg's default)."""
     cv2.setNumThreads(1)
-    return sample_frames(*task)
+    return sample_frames(*task, threads=1)
 
 
 def extract_frames(params: dict) -> None:
     """Decode every usable clip once, in parallel, into per-split uint8 arrays on disk.
 
-    Each split's array is written through a memory map as results arrive, so RAM holds a few
-    clips' frames, not the dataset.
+    All clips go through one worker pool (train, then val, then test, so no split waits for
+    another's stragglers); results arrive in order and are streamed to each split's
+    `frames.npy`, so memory holds a few clips' frames, not the dataset.
     """
     cfg = params["frames"]
     classes = list(params["dataset"]["classes"])
@@ -131,21 +135,21 @@ def extract_frames(params: dict) -> None:
     n, size = int(cfg["num_frames"]), int(cfg["size"])
     sampling = cfg.get("sampling", "uniform")
     sample_indices(n, n, sampling)  # fail on a bad frames.sampling before decoding anything
+    parts = {s: splits[splits["split"] == s].reset_index(drop=True) for s in SPLITS}
+    tasks = [(raw / rec.path, int(rec.frames), n, size, int(cfg["pad_value"]), sampling)
+             for s in SPLITS for rec in parts[s].itertuples()]
+    results = parallel_map(sample_frames_task, tasks, params.get("workers"), "frames")
     with atomic_dir(resolve(params["paths"]["frames"])) as tmp:
         for split in SPLITS:
-            rows = splits[splits["split"] == split].reset_index(drop=True)
+            rows = parts[split]
             (tmp / split).mkdir()
-            frames = np.lib.format.open_memmap(tmp / split / "frames.npy", mode="w+",
-                                               dtype=np.uint8, shape=(len(rows), n, size, size, 3))
+            writer = NpyRowWriter(tmp / split / "frames.npy", (len(rows), n, size, size, 3),
+                                  np.uint8)
             masks = np.zeros((len(rows), n), dtype=bool)
-            tasks = [(raw / rec.path, int(rec.frames), n, size, int(cfg["pad_value"]), sampling)
-                     for rec in rows.itertuples()]
-            for i, (clip_frames, clip_mask) in enumerate(
-                    parallel_map(sample_frames_task, tasks, params.get("workers"),
-                                 f"frames {split}")):
-                frames[i], masks[i] = clip_frames, clip_mask
-            frames.flush()
-            del frames
+            for i in range(len(rows)):
+                clip_frames, masks[i] = next(results)
+                writer.write(clip_frames)
+            writer.close()
             labels = np.array([classes.index(l) for l in rows["label"]], dtype=np.int64)
             save_arrays(tmp / split, labels=labels, mask=masks)
             rows[["path", "label", "group"]].to_csv(tmp / split / "clips.csv", index=False)
