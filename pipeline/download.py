@@ -127,9 +127,11 @@ def place_clips(clips: list[tuple[Path, str]], root: Path, out_dir: Path, move: 
     rows, taken = [], set()
     for src, label in tqdm(clips, desc="move clips" if move else "copy clips", unit="clip"):
         rel = src.relative_to(root).as_posix()
-        name = src.name
-        if (label, name) in taken:  # merged classes or nested folders with equal file names
+        name, k = src.name, 1
+        while (label, name) in taken:  # merged classes or nested folders with equal file names
             name = "__".join(src.relative_to(root).parts[-2:])
+            name = name if k == 1 else f"{Path(name).stem}__{k}{src.suffix}"
+            k += 1
         taken.add((label, name))
         (out_dir / label).mkdir(parents=True, exist_ok=True)
         dest = out_dir / label / name

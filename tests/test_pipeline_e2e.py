@@ -174,3 +174,35 @@ def test_data_dvc_points_at_the_regenerated_sample(project, tmp_path):
     run(["dvc", "commit", "-f", "data.dvc"], repo, state["env"])  # hashes the workspace copy
     assert (repo / "data.dvc").read_text() == recorded
     assert "up to date" in run(["dvc", "status", "data.dvc"], repo, state["env"]).lower()
+
+
+def test_changed_footage_reruns_download_by_content(project, tmp_path):
+    """`dataset=folder` on a folder outside the repository: DVC hashes the footage itself, so
+    replacing one clip (same name, same params) reruns download, and then clean."""
+    from conftest import write_numbered_video
+
+    repo, state = project
+    env = state["env"]
+    footage = tmp_path / "footage"
+    for label in ("shot", "passing"):
+        (footage / label).mkdir(parents=True)
+        for k in range(3):
+            write_numbered_video(footage / label / f"{label}_S{k}_act1.avi", 10)
+    committed = (repo / "params.yaml").read_text()
+    overrides = ["dataset=folder", f"dataset.path={footage}", "dataset.classes=[shot,passing]"]
+    (repo / "params.yaml").write_text(dump_params(compose_params(TINY + overrides,
+                                                                 conf_dir=repo / "conf")))
+    try:
+        assert stages_run(run(["dvc", "repro", "download"], repo, env)) == {"download"}
+        assert json.loads(run(["dvc", "status", "--json", "download"], repo, env)) == {}
+
+        write_numbered_video(footage / "shot" / "shot_S1_act1.avi", 14)  # new content, same name
+        status = json.loads(run(["dvc", "status", "--json", "download"], repo, env))
+        changed = status["download"][0]["changed deps"]
+        assert changed == {str(footage): "modified"}, status
+
+        assert stages_run(run(["dvc", "repro", "download"], repo, env)) == {"download"}
+        status = json.loads(run(["dvc", "status", "--json", "clean"], repo, env))
+        assert "clean" in status, status  # the new raw data invalidates the next stage
+    finally:
+        (repo / "params.yaml").write_text(committed)
