@@ -175,8 +175,9 @@ def parallel_map(fn: Callable[[Any], Any], items: list, workers: int | None, des
 
     Results are yielded as they arrive (in order), so a caller can write each one away and
     keep memory bounded by a few items, not the whole list. `fn` must be a module-level
-    function. One worker (or one item) runs in this process.
+    function of an importable module. One worker (or one item) runs in this process.
     """
+    import multiprocessing
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
     from itertools import islice
@@ -191,7 +192,14 @@ def parallel_map(fn: Callable[[Any], Any], items: list, workers: int | None, des
                 yield fn(item)
                 bar.update()
             return
-        with ProcessPoolExecutor(max_workers=n) as pool:
+        # forkserver, not fork: a process that has loaded TensorFlow (tests, notebooks) holds
+        # threads and locks that a forked child would inherit mid-use and deadlock on.
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([fn.__module__])  # workers start with it imported
+        else:
+            context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=n, mp_context=context) as pool:
             # a bounded look-ahead: results never pile up far ahead of the caller
             it = iter(items)
             pending = deque(pool.submit(fn, x) for x in islice(it, 2 * n))

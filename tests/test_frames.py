@@ -76,3 +76,40 @@ def test_sampling_strategies():
     assert sample_indices(3, 5, "center").tolist() == [0, 1, 2, 2, 2]
     with pytest.raises(ValueError, match="frames.sampling"):
         sample_indices(10, 4, "random")
+
+
+def test_rotation_metadata_is_applied(tmp_path):
+    """A phone-style clip stored landscape with a 90-degree display rotation comes out
+    portrait in the probe and in the sampled frames. OpenCV cannot write rotation metadata,
+    so the clip is made with the ffmpeg binary from imageio-ffmpeg (stream copy, no re-encode
+    of the rotation)."""
+    import subprocess
+
+    import cv2
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    from pipeline.clean import probe_clip
+
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    src = tmp_path / "src.avi"
+    writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for _ in range(10):
+        frame = np.zeros((48, 64, 3), np.uint8)
+        frame[:, :32] = 200  # stored: bright left half
+        writer.write(frame)
+    writer.release()
+    plain, rotated = tmp_path / "plain.mp4", tmp_path / "rotated.mp4"
+    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", str(src), "-c:v", "mpeg4",
+                    str(plain)], check=True)
+    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-display_rotation", "90", "-i",
+                    str(plain), "-c", "copy", str(rotated)], check=True)
+
+    assert (probe_clip(plain)["width"], probe_clip(plain)["height"]) == (64, 48)
+    info = probe_clip(rotated)
+    assert (info["width"], info["height"]) == (48, 64) and info["frames"] == 10
+    frames, _ = sample_frames(rotated, total=10, n=2, size=64)
+    # portrait 48x64 letterboxed into 64x64: padding left and right, the bright half now at
+    # the top or bottom rather than the left
+    first = frames[0, :, :, 0].astype(int)
+    assert first[:, :6].max() < 10 and first[:, -6:].max() < 10
+    top, bottom = first[:28, 12:52].mean(), first[36:, 12:52].mean()
+    assert abs(top - bottom) > 150
