@@ -121,7 +121,6 @@ def oversampled_clips(frames: np.ndarray, labels: np.ndarray, batch_size: int,
             is_copy = np.concatenate([np.zeros(len(labels), bool), np.ones(len(extra), bool)])
             perm = rng.permutation(len(order))
             self.order, self.is_copy = order[perm], is_copy[perm]
-            self.rng = rng
 
         def __len__(self):
             return int(np.ceil(len(self.order) / batch_size))
@@ -155,8 +154,7 @@ def oversampled_features(inputs: dict, labels: np.ndarray, features_dir: Path, s
     rng = np.random.default_rng(seed)
     extra = oversample_indices(labels, rng)
     version = rng.integers(0, aug.shape[1], size=len(extra))
-    t = inputs["features"].shape[1]
-    idx = frame_subset(aug.shape[2], t) if aug.shape[2] != t else np.arange(t)
+    idx = frame_subset(aug.shape[2], inputs["features"].shape[1])  # the model's num_frames
     feats = np.concatenate([inputs["features"], aug[extra, version][:, idx]])
     mask = np.concatenate([inputs["mask"], aug_mask[extra, version][:, idx]])
     return {"features": feats, "mask": mask}, np.concatenate([labels, labels[extra]])
@@ -173,6 +171,8 @@ def training_data(params: dict, cfg: dict, x_train, y_train, num_classes: int) -
         return {"x": x_train, "y": y_train, "batch_size": batch_size, "class_weight": weights,
                 "shuffle": True}
     seed = int(params["seed"])
+    if train_cfg["class_weights"]:
+        log.info("train.oversample is on: class weights are not used (classes are balanced)")
     if isinstance(x_train, dict):
         x, y = oversampled_features(x_train, y_train, input_dir(params, cfg), seed)
         log.info("oversampling: %d training clips -> %d with augmented copies", len(y_train),
