@@ -1,7 +1,14 @@
-"""Stage `compare`: one table of all models (DVC plot, Markdown, CSV, PNG, MLflow run).
+"""Stage `compare`: the models side by side, and the best one registered as the champion.
 
-Reads the per-model metrics files that the train stages write (or that DVC restores from its
-run cache), so the table is complete even when no model was retrained.
+Writes `reports/comparison.{md,csv,png}` and `metrics/comparison.json`: per model accuracy,
+balanced accuracy and macro-F1 each with a bootstrap confidence interval over the test clips,
+per-class F1, parameters, training time and inference time per clip. Logs them as an MLflow
+`comparison` run, and registers the best model by `compare.metric` in the MLflow Model
+Registry as `compare.register_as` with the alias `compare.alias`, tagged with what it takes
+to reproduce it (git commit, DVC experiment, dataset hash, the full composed config).
+
+Reads the files the train stages write (or that DVC restores from its run cache), so the
+table is complete even when no model was retrained.
 """
 
 from __future__ import annotations
@@ -15,47 +22,150 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
 
-from pipeline.common import (resolve, stage_cli, write_bytes_atomic,  # noqa: E402
-                             write_text_atomic)
+from pipeline.common import (PipelineError, resolve, stage_cli, write_bytes_atomic,  # noqa: E402
+                             write_json_atomic, write_text_atomic)
+from pipeline.evaluate import bootstrap_intervals  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["model", "accuracy", "balanced_accuracy", "macro_f1", "params", "train_time_s",
-           "epochs", "test_clips"]
 SCORES = ["accuracy", "balanced_accuracy", "macro_f1"]
+COSTS = ["params", "train_time_s", "inference_ms_per_clip", "epochs", "test_clips"]
+
+
+def model_row(params: dict, name: str, classes: list[str]) -> dict:
+    """One model's scores with bootstrap intervals (from its aligned test predictions), its
+    per-class F1 and its costs."""
+    metrics_path = resolve(params["paths"]["metrics"]) / f"{name}.json"
+    reports = resolve(params["paths"]["reports"]) / name
+    for path in (metrics_path, reports / "predictions.csv", reports / "per_class.csv"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run `dvc repro train@{name}` first")
+    metrics = json.loads(metrics_path.read_text())
+    predictions = pd.read_csv(reports / "predictions.csv")
+    index = {c: i for i, c in enumerate(classes)}
+    cfg = params["compare"]
+    intervals = bootstrap_intervals(predictions["actual"].map(index).to_numpy(),
+                                    predictions["predicted"].map(index).to_numpy(), len(classes),
+                                    int(cfg["bootstrap_samples"]), float(cfg["confidence"]),
+                                    int(params["seed"]))
+    per_class = pd.read_csv(reports / "per_class.csv").set_index("class")["f1"]
+    row = {"model": name}
+    for score in SCORES:
+        row[score] = metrics[score]
+        row[f"{score}_low"], row[f"{score}_high"] = intervals[score]
+    row.update({f"f1_{c}": float(per_class.get(c, np.nan)) for c in classes})
+    row.update({k: metrics.get(k, np.nan) for k in COSTS})
+    return row
 
 
 def comparison_table(params: dict) -> pd.DataFrame:
-    metrics_dir = resolve(params["paths"]["metrics"])
-    rows = []
-    for name in params["models"]:
-        path = metrics_dir / f"{name}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run `dvc repro train@{name}` first")
-        rows.append({"model": name, **json.loads(path.read_text())})
-    table = pd.DataFrame(rows)[COLUMNS]
+    classes = list(params["dataset"]["classes"])
     metric = params["compare"]["metric"]
     if metric not in SCORES:
-        raise ValueError(f"compare.metric={metric!r}: one of {SCORES}")
+        raise PipelineError(f"compare.metric={metric!r}: one of {SCORES}")
+    table = pd.DataFrame([model_row(params, name, classes) for name in params["models"]])
     return table.sort_values(metric, ascending=False, kind="stable").reset_index(drop=True)
 
 
-def comparison_figure(table: pd.DataFrame, num_classes: int):
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.axhline(1 / num_classes, color="grey", linestyle="--", linewidth=1,
-               label=f"chance (balanced) 1/{num_classes}")
+def markdown_table(table: pd.DataFrame, classes: list[str], confidence: float) -> str:
+    """Scores as `value [low, high]`, then per-class F1, then costs."""
+    shown = pd.DataFrame({"model": table["model"]})
+    for score in SCORES:
+        shown[f"{score} ({confidence:.0%} CI)"] = [
+            f"{r[score]:.3f} [{r[score + '_low']:.2f}, {r[score + '_high']:.2f}]"
+            for r in table.to_dict("records")]
+    for c in classes:
+        shown[f"F1 {c}"] = table[f"f1_{c}"].map("{:.2f}".format)
+    shown["params"] = table["params"].map("{:,.0f}".format)
+    shown["train s"] = table["train_time_s"].map("{:.0f}".format)
+    shown["ms/clip"] = table["inference_ms_per_clip"].map("{:.0f}".format)
+    shown["test clips"] = table["test_clips"]
+    return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def comparison_figure(table: pd.DataFrame, classes: list[str], confidence: float):
+    """Left: the three scores with their intervals and the chance line; right: F1 per class."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [2, 3]})
+    left.axhline(1 / len(classes), color="grey", linestyle="--", linewidth=1,
+                 label=f"chance (balanced) 1/{len(classes)}")
     width = 0.8 / len(SCORES)
+    x = np.arange(len(table))
     for i, score in enumerate(SCORES):
-        ax.bar([x + i * width for x in range(len(table))], table[score], width, label=score)
-    ax.set_xticks([x + width for x in range(len(table))], table["model"])
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("test score")
-    ax.set_title("Models on the test split")
-    ax.legend(loc="upper right", fontsize=8)
+        err = np.vstack([table[score] - table[f"{score}_low"], table[f"{score}_high"] - table[score]])
+        left.bar(x + i * width, table[score], width, yerr=err.clip(min=0), capsize=3, label=score)
+    left.set_xticks(x + width, table["model"])
+    left.set_ylim(0, 1)
+    left.set_ylabel("test score")
+    left.set_title(f"Test scores ({confidence:.0%} bootstrap intervals)")
+    left.legend(loc="upper right", fontsize=7)
+    width = 0.8 / len(table)
+    cx = np.arange(len(classes))
+    for i, row in enumerate(table.to_dict("records")):
+        right.bar(cx + i * width, [row[f"f1_{c}"] for c in classes], width, label=row["model"])
+    right.set_xticks(cx + width * (len(table) - 1) / 2, classes, rotation=30, ha="right")
+    right.set_ylim(0, 1)
+    right.set_title("F1 per class")
+    right.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def register_champion(params: dict, best: dict, dataset: dict):
+    """Register the best model's logged MLflow model and point `compare.alias` at it.
+
+    Returns the model version, or None when the training run is not in this MLflow store
+    (e.g. reports restored from git next to an empty store), which is logged.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import git_commit
+
+    cfg = params["compare"]
+    name, alias = cfg.get("register_as"), cfg.get("alias") or "champion"
+    if not name:
+        return None
+    ref_file = resolve(params["paths"]["reports"]) / best["model"] / "mlflow.json"
+    ref = json.loads(ref_file.read_text()) if ref_file.is_file() else {}
+    run_id = ref.get("run_id", "")
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+        client.get_logged_model(ref["model_uri"].removeprefix("models:/"))
+    except (MlflowException, KeyError):
+        log.warning("not registering %s: its training run %r or logged model is not in %s "
+                    "(retrain it with `dvc repro -f train@%s`)", best["model"], run_id,
+                    mlflow.get_tracking_uri(), best["model"])
+        return None
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        current = None
+    if current is not None and current.run_id == run_id:
+        log.info("%s@%s is already %s (run %s)", name, alias, best["model"], run_id)
+        return current
+    metric = cfg["metric"]
+    tags = {
+        "model": best["model"],
+        "git_commit": run.data.tags.get("git_commit") or git_commit(),
+        "dvc_exp_name": run.data.tags.get("dvc_exp_name", ""),
+        "dataset_hash": dataset["dataset_hash"],
+        "dataset_name": dataset["name"],
+        "selected_by": metric,
+        metric: f"{best[metric]:.4f}",
+        f"{metric}_ci": f"[{best[metric + '_low']:.4f}, {best[metric + '_high']:.4f}]",
+        "config": yaml.safe_dump(params, sort_keys=False),
+    }
+    version = mlflow.register_model(ref["model_uri"], name, tags=tags)
+    client.set_registered_model_alias(name, alias, version.version)
+    log.info("registered %s (run %s) as %s version %s, alias @%s", best["model"], run_id, name,
+             version.version, alias)
+    return version
 
 
 def compare(params: dict) -> pd.DataFrame:
@@ -63,16 +173,21 @@ def compare(params: dict) -> pd.DataFrame:
 
     from pipeline.tracking import run_tags, use_experiment
 
+    classes = list(params["dataset"]["classes"])
+    confidence = float(params["compare"]["confidence"])
     table = comparison_table(params)
     reports = resolve(params["paths"]["reports"])
-    markdown = table.to_markdown(index=False, floatfmt=".3f")
-    fig = comparison_figure(table, len(params["dataset"]["classes"]))
+    markdown = markdown_table(table, classes, confidence)
+    fig = comparison_figure(table, classes, confidence)
     png = io.BytesIO()
     fig.savefig(png, dpi=100, format="png")
     write_bytes_atomic(reports / "comparison.png", png.getvalue())
     write_text_atomic(reports / "comparison.md", markdown + "\n")
     write_text_atomic(reports / "comparison.csv", table.to_csv(index=False))
-    best = table.iloc[0]
+    write_json_atomic(resolve(params["paths"]["metrics"]) / "comparison.json",
+                      {r["model"]: {k: v for k, v in r.items() if k != "model"}
+                       for r in table.round(4).to_dict("records")})
+    best = table.iloc[0].to_dict()
 
     use_experiment(params["mlflow"]["experiment"])
     dataset = json.loads((resolve(params["paths"]["clean"]) / "dataset.json").read_text())
@@ -81,10 +196,16 @@ def compare(params: dict) -> pd.DataFrame:
         mlflow.log_table(table, "comparison.json")
         mlflow.log_text(markdown, "comparison.md")
         mlflow.log_figure(fig, "comparison.png")
-        mlflow.log_metrics({f"{r['model']}_{s}": float(r[s])
-                            for r in table.to_dict("records") for s in SCORES})
-    log.info("compare: best by %s is %s (%.3f)\n%s", params["compare"]["metric"], best["model"],
-             best[params["compare"]["metric"]], markdown)
+        mlflow.log_metrics({f"{r['model']}_{s}": float(r[s]) for r in table.to_dict("records")
+                            for s in SCORES + [f"{x}_{e}" for x in SCORES for e in ("low", "high")]
+                            + ["inference_ms_per_clip"] if pd.notna(r[s])})
+        version = register_champion(params, best, dataset)
+        if version is not None:
+            mlflow.set_tags({"champion": f"{params['compare']['register_as']}/{version.version}"})
+    metric = params["compare"]["metric"]
+    log.info("compare: best by %s is %s (%.3f, %.0f%% CI %.3f-%.3f)\n%s", metric, best["model"],
+             best[metric], confidence * 100, best[f"{metric}_low"], best[f"{metric}_high"],
+             markdown)
     return table
 
 

@@ -60,3 +60,40 @@ def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
                     color="white" if cm[i, j] > cm.max() / 2 else "black")
     fig.tight_layout()
     return fig
+
+
+def scores_from_confusion(cm: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro-F1 from a confusion matrix (rows: true class),
+    over the classes present in the true labels, as classification_metrics defines them."""
+    support = cm.sum(axis=1)
+    present = support > 0
+    tp = np.diag(cm).astype(float)
+    predicted = cm.sum(axis=0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp),
+                   where=(precision + recall) > 0)
+    return {"accuracy": float(tp.sum() / cm.sum()),
+            "balanced_accuracy": float(recall[present].mean()),
+            "macro_f1": float(f1[present].mean())}
+
+
+def bootstrap_intervals(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int,
+                        samples: int = 1000, confidence: float = 0.95, seed: int = 0
+                        ) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of accuracy, balanced accuracy and macro-F1: test clips
+    are resampled with replacement (pairs kept together) and each score recomputed."""
+    y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
+    if len(y_true) == 0:
+        raise ValueError("no test predictions to bootstrap")
+    rng = np.random.default_rng(seed)
+    pairs = y_true * num_classes + y_pred
+    draws = {k: np.empty(samples) for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+    for b in range(samples):
+        sample = pairs[rng.integers(0, len(pairs), len(pairs))]
+        cm = np.bincount(sample, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+        for key, value in scores_from_confusion(cm).items():
+            draws[key][b] = value
+    tail = (1 - confidence) / 2 * 100
+    return {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail)))
+            for k, v in draws.items()}

@@ -212,6 +212,33 @@ def log_dataset_counts(dataset: dict, train_clips: int, clean_dir: Path) -> None
         mlflow.log_artifact(str(clean_dir / "quarantine.csv"), artifact_path="data")
 
 
+def model_ms_per_clip(model, inputs, batch_size: int) -> float:
+    """Forward time per test clip on this machine (the model is already warm), in ms."""
+    n = len(inputs["features"]) if isinstance(inputs, dict) else len(inputs)
+    start = time.perf_counter()
+    model.predict(inputs, batch_size=batch_size, verbose=0)
+    return (time.perf_counter() - start) / n * 1000
+
+
+def backbone_ms_per_clip(params: dict, num_frames: int) -> float:
+    """For models on cached features: the time the features backbone takes for one clip's
+    frames (one batch of num_frames), which inference on a new clip has to pay too, in ms.
+    Median of 3 after a warm-up; random weights (speed does not depend on them)."""
+    from pipeline.backbones import build_backbone, preprocess_for
+
+    cfg, size = params["features"], int(params["frames"]["size"])
+    backbone = build_backbone(cfg["backbone"], None, (size, size, 3),
+                              config_key="features.weights", pooling="avg")
+    batch = preprocess_for(cfg["backbone"])(np.zeros((num_frames, size, size, 3), np.float32))
+    backbone.predict_on_batch(batch)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        backbone.predict_on_batch(batch)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1000
+
+
 def train_and_evaluate(params: dict, name: str) -> dict:
     import keras
     import mlflow
@@ -264,6 +291,9 @@ def train_and_evaluate(params: dict, name: str) -> dict:
         probs = model.predict(x_test, batch_size=int(train_cfg["batch_size"]), verbose=0)
         y_pred = probs.argmax(axis=1)
         scores = classification_metrics(y_test, y_pred, classes)
+        model_ms = model_ms_per_clip(model, x_test, int(train_cfg["batch_size"]))
+        backbone_ms = (backbone_ms_per_clip(params, x_test["features"].shape[1])
+                       if isinstance(x_test, dict) else 0.0)
         summary = {
             "accuracy": scores["accuracy"],
             "balanced_accuracy": scores["balanced_accuracy"],
@@ -272,11 +302,18 @@ def train_and_evaluate(params: dict, name: str) -> dict:
             "train_time_s": round(train_time, 2),
             "epochs": len(history.history["loss"]),
             "test_clips": int(len(y_test)),
+            # per clip on this machine, from cached frames; cnn_gru adds its feature backbone
+            "inference_ms_per_clip": round(model_ms + backbone_ms, 2),
+            "model_ms_per_clip": round(model_ms, 2),
+            "backbone_ms_per_clip": round(backbone_ms, 2),
         }
         mlflow.log_metrics({f"test_{k}": summary[k] for k in ("accuracy", "balanced_accuracy",
                                                                "macro_f1")})
         mlflow.log_metrics({"num_params": summary["params"], "epochs_trained": summary["epochs"],
-                            "train_time_s": summary["train_time_s"]})
+                            "train_time_s": summary["train_time_s"],
+                            **{k: summary[k] for k in ("inference_ms_per_clip",
+                                                       "model_ms_per_clip",
+                                                       "backbone_ms_per_clip")}})
         mlflow.log_metrics({f"test_f1_{c}": s["f1"] for c, s in scores["per_class"].items()})
 
         fig = confusion_figure(y_test, y_pred, classes, f"{name}: test confusion matrix")
@@ -290,7 +327,6 @@ def train_and_evaluate(params: dict, name: str) -> dict:
             fig.savefig(tmp / "confusion_matrix.png", dpi=100)
             (tmp / "classification_report.txt").write_text(report)
             per_class.to_csv(tmp / "per_class.csv", index=False)
-            (tmp / "mlflow_run_id.txt").write_text(run.info.run_id + "\n")
             predictions.to_csv(tmp / "predictions.csv", index=False)
             hist.drop(columns=["learning_rate"], errors="ignore").to_csv(tmp / "history.csv",
                                                                          index=False)
@@ -305,9 +341,12 @@ def train_and_evaluate(params: dict, name: str) -> dict:
 
         first = ({k: v[:1] for k, v in x_test.items()} if isinstance(x_test, dict)
                  else x_test[:1])
-        mlflow.keras.log_model(
+        info = mlflow.keras.log_model(
             model, name="model", signature=mlflow.models.infer_signature(first, probs[:1]),
             pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+        # where this model lives in the local MLflow store (compare registers the champion)
+        write_json_atomic(reports / "mlflow.json", {"run_id": run.info.run_id,
+                                                    "model_uri": info.model_uri})
     write_json_atomic(resolve(params["paths"]["metrics"]) / f"{name}.json", summary)
     log.info("%s: test accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f after %d epochs "
              "(%.0f s, %d params)", name, summary["accuracy"], summary["balanced_accuracy"],

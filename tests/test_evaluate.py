@@ -41,3 +41,40 @@ def test_report_and_figure_name_every_class():
     fig = confusion_figure(y, y, CLASSES, "t")
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert labels == CLASSES
+
+
+def test_confusion_scores_match_sklearn_definitions():
+    from pipeline.evaluate import classification_metrics, scores_from_confusion
+    from sklearn.metrics import confusion_matrix
+
+    rng = np.random.default_rng(0)
+    classes = list("abcde")
+    y_true = rng.integers(0, 4, 40)  # class e absent from the test labels
+    y_pred = rng.integers(0, 5, 40)
+    expected = classification_metrics(y_true, y_pred, classes)
+    got = scores_from_confusion(confusion_matrix(y_true, y_pred, labels=range(5)))
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert got[key] == pytest.approx(expected[key]), key
+
+
+def test_bootstrap_intervals_bracket_the_score_and_shrink_with_more_clips():
+    from pipeline.evaluate import bootstrap_intervals
+
+    rng = np.random.default_rng(1)
+    perfect = np.arange(20) % 4
+    assert bootstrap_intervals(perfect, perfect, 4, 200) == {
+        k: (1.0, 1.0) for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+
+    def noisy(n):
+        y = rng.integers(0, 4, n)
+        return y, np.where(rng.random(n) < 0.6, y, rng.integers(0, 4, n))
+
+    small, large = bootstrap_intervals(*noisy(20), 4, 500), bootstrap_intervals(*noisy(2000), 4, 500)
+    for key in small:
+        assert small[key][0] <= small[key][1]
+        assert large[key][1] - large[key][0] < small[key][1] - small[key][0]
+    y, p = noisy(300)
+    acc = (y == p).mean()
+    low, high = bootstrap_intervals(y, p, 4, 500, seed=3)["accuracy"]
+    assert low < acc < high
+    assert bootstrap_intervals(y, p, 4, 500, seed=3)["accuracy"] == (low, high)  # seeded

@@ -92,6 +92,56 @@ def test_outputs_metrics_and_reports(project):
     assert all(m in (repo / "reports" / "comparison.md").read_text() for m in MODELS)
 
 
+def test_comparison_has_intervals_per_class_f1_and_costs(project):
+    repo, state = project
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    table = pd.read_csv(repo / "reports" / "comparison.csv").set_index("model")
+    for score in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert (table[f"{score}_low"] <= table[score] + 1e-9).all(), score
+        assert (table[score] <= table[f"{score}_high"] + 1e-9).all(), score
+    for model in MODELS:
+        per_class = pd.read_csv(repo / "reports" / model / "per_class.csv").set_index("class")
+        for c in params["dataset"]["classes"]:
+            assert table.loc[model, f"f1_{c}"] == pytest.approx(per_class.loc[c, "f1"])
+        assert table.loc[model, "inference_ms_per_clip"] > 0
+    # cnn_gru's cost per clip includes the feature backbone it needs on a new clip
+    gru = json.loads((repo / "metrics" / "cnn_gru.json").read_text())
+    assert gru["backbone_ms_per_clip"] > 0
+    assert gru["inference_ms_per_clip"] == pytest.approx(
+        gru["model_ms_per_clip"] + gru["backbone_ms_per_clip"], abs=0.02)
+    # the table is sorted by compare.metric and `dvc metrics show` sees the comparison
+    metric = params["compare"]["metric"]
+    assert list(table[metric]) == sorted(table[metric], reverse=True)
+    shown = run(["dvc", "metrics", "show", "--json"], repo, state["env"])
+    assert "comparison.json" in shown and "macro_f1_low" in shown
+
+
+def test_best_model_is_the_registered_champion(project):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    repo, _ = project
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    cfg = params["compare"]
+    best = pd.read_csv(repo / "reports" / "comparison.csv")["model"].iloc[0]
+    ref = json.loads((repo / "reports" / best / "mlflow.json").read_text())
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version_by_alias(cfg["register_as"], cfg["alias"])
+    assert version.run_id == ref["run_id"]
+    assert version.tags["model"] == best
+    assert version.tags["dataset_hash"] == json.loads(
+        (repo / "data" / "clean" / "dataset.json").read_text())["dataset_hash"]
+    assert version.tags["git_commit"] == subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert "dvc_exp_name" in version.tags
+    assert yaml.safe_load(version.tags["config"]) == params
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{cfg['register_as']}@{cfg['alias']}")
+    assert model.metadata.run_id == ref["run_id"]
+
+
 def test_splits_never_share_a_scene(project):
     repo, _ = project
     splits = pd.read_csv(repo / "data" / "clean" / "splits.csv")
