@@ -1,8 +1,9 @@
 """Stage `compare`: the models side by side, and the best one registered as the champion.
 
 Writes `reports/comparison.{md,csv,png}` and `metrics/comparison.json`: per model accuracy,
-balanced accuracy and macro-F1 each with a bootstrap confidence interval over the test clips,
-per-class F1, parameters, training time and inference time per clip. Logs them as an MLflow
+balanced accuracy and macro-F1 each with a bootstrap confidence interval over the test clips
+(and mean ± std over `train_seeds` when set), per-class F1, parameters, training time and
+inference time per clip. Logs them as an MLflow
 `comparison` run, and registers the best model by `compare.metric` in the MLflow Model
 Registry as `compare.register_as` with the alias `compare.alias`, tagged with what it takes
 to reproduce it (git commit, DVC experiment, dataset hash, the full composed config).
@@ -59,6 +60,9 @@ def model_row(params: dict, name: str, classes: list[str]) -> dict:
         row[f"{score}_low"], row[f"{score}_high"] = intervals[score]
     row.update({f"f1_{c}": float(per_class.get(c, np.nan)) for c in classes})
     row.update({k: metrics.get(k, np.nan) for k in COSTS})
+    # over `train_seeds`, when the model was trained more than once
+    row.update({k: metrics.get(k, np.nan) for k in
+                [f"{s}_{m}" for s in SCORES for m in ("mean", "std")] + ["seeds"]})
     return row
 
 
@@ -78,6 +82,11 @@ def markdown_table(table: pd.DataFrame, classes: list[str], confidence: float) -
         shown[f"{score} ({confidence:.0%} CI)"] = [
             f"{r[score]:.3f} [{r[score + '_low']:.2f}, {r[score + '_high']:.2f}]"
             for r in table.to_dict("records")]
+    if table["seeds"].notna().any():
+        metric = "macro_f1"
+        shown[f"{metric} over seeds"] = [
+            f"{r[metric + '_mean']:.3f} ± {r[metric + '_std']:.3f} ({r['seeds']:.0f})"
+            if pd.notna(r["seeds"]) else "" for r in table.to_dict("records")]
     for c in classes:
         shown[f"F1 {c}"] = table[f"f1_{c}"].map("{:.2f}".format)
     shown["params"] = table["params"].map("{:,.0f}".format)

@@ -239,6 +239,68 @@ def backbone_ms_per_clip(params: dict, num_frames: int) -> float:
     return float(np.median(times)) * 1000
 
 
+def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
+    """Build, compile and fit one model from `seed`: (model, Keras history, seconds).
+
+    `data` holds the train/val arrays. Everything random (init, shuffling, oversampling)
+    follows `seed`; the data and the split do not change with it.
+    """
+    import keras
+
+    cfg = params["models"][name]
+    train_cfg = cfg["train"]
+    seed_everything(seed)
+    x_train, y_train = data["train"]
+    model = build_model(name, cfg, x_train, num_classes)
+    if any(layer.name == "feature_norm" for layer in model.layers):
+        feats, mask = x_train["features"], x_train["mask"]
+        model.get_layer("feature_norm").adapt(feats[mask][None])  # unrepeated frames, as 1 x M x D
+    model.compile(optimizer=make_optimizer(train_cfg), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], jit_compile=bool(train_cfg.get("jit_compile", False)))
+    stop = train_cfg["early_stopping"]
+    callbacks = [keras.callbacks.EarlyStopping(monitor=stop["monitor"], patience=int(stop["patience"]),
+                                               restore_best_weights=True), epoch_logger()]
+    fit_data = training_data({**params, "seed": seed}, cfg, x_train, y_train, num_classes)
+    start = time.perf_counter()
+    history = model.fit(**fit_data, validation_data=data["val"], epochs=int(train_cfg["epochs"]),
+                        callbacks=callbacks, verbose=2)
+    return model, history, time.perf_counter() - start
+
+
+def repeat_over_seeds(params: dict, name: str, data: dict, classes: list[str], first: dict,
+                      tags: dict) -> dict:
+    """Train again with every seed of `train_seeds` other than `seed`, each as a nested MLflow
+    run, and return mean and standard deviation of the test scores over all seeds."""
+    import keras
+    import mlflow
+
+    from pipeline.evaluate import classification_metrics
+
+    seeds = [int(s) for s in params.get("train_seeds") or [] if int(s) != int(params["seed"])]
+    if not seeds:
+        return {}
+    x_test, y_test = data["test"]
+    batch_size = int(params["models"][name]["train"]["batch_size"])
+    rows = [{k: first[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}]
+    for seed in seeds:
+        keras.backend.clear_session()
+        with mlflow.start_run(run_name=f"{name} seed {seed}", nested=True,
+                              tags={**tags, "seed": str(seed)}):
+            mlflow.log_param("seed", seed)
+            model, _, _ = fit_model(params, name, data, len(classes), seed)
+            y_pred = model.predict(x_test, batch_size=batch_size, verbose=0).argmax(axis=1)
+            scores = classification_metrics(y_test, y_pred, classes)
+            rows.append({k: scores[k] for k in rows[0]})
+            mlflow.log_metrics({f"test_{k}": v for k, v in rows[-1].items()})
+        log.info("%s seed %d: test macro-F1 %.3f", name, seed, rows[-1]["macro_f1"])
+    table = pd.DataFrame(rows)
+    out = {"seeds": len(rows)}
+    for key in table:
+        out[f"{key}_mean"] = float(table[key].mean())
+        out[f"{key}_std"] = float(table[key].std(ddof=1))
+    return out
+
+
 def train_and_evaluate(params: dict, name: str) -> dict:
     import keras
     import mlflow
@@ -250,7 +312,6 @@ def train_and_evaluate(params: dict, name: str) -> dict:
         raise ValueError(f"no config for model {name!r} under models: {sorted(params['models'])}")
     cfg = params["models"][name]
     train_cfg = cfg["train"]
-    seed_everything(int(params["seed"]))
     classes = json.loads((input_dir(params, cfg) / "classes.json").read_text())
     dataset = json.loads((resolve(params["paths"]["clean"]) / "dataset.json").read_text())
     x_train, y_train, _ = load_split(params, cfg, "train")
@@ -259,33 +320,22 @@ def train_and_evaluate(params: dict, name: str) -> dict:
     if len(y_val) == 0 or len(y_test) == 0:
         raise ValueError("the validation or test split is empty: the dataset needs more "
                          "recording groups per class (see the clean stage's warnings)")
-
-    model = build_model(name, cfg, x_train, len(classes))
-    if any(layer.name == "feature_norm" for layer in model.layers):
-        feats, mask = x_train["features"], x_train["mask"]
-        model.get_layer("feature_norm").adapt(feats[mask][None])  # unrepeated frames, as 1 x M x D
-    model.compile(optimizer=make_optimizer(train_cfg), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], jit_compile=bool(train_cfg.get("jit_compile", False)))
-    stop = train_cfg["early_stopping"]
-    callbacks = [keras.callbacks.EarlyStopping(monitor=stop["monitor"], patience=int(stop["patience"]),
-                                               restore_best_weights=True)]
-    fit_data = training_data(params, cfg, x_train, y_train, len(classes))
+    data = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
 
     use_experiment(params["mlflow"]["experiment"])
     reports = resolve(params["paths"]["reports"]) / name
-    with mlflow.start_run(run_name=name, tags=run_tags(name, dataset["dataset_hash"])) as run:
+    tags = run_tags(name, dataset["dataset_hash"])
+    with mlflow.start_run(run_name=name, tags=tags) as run:
         mlflow.log_params(flatten({"model": cfg, "frames": params["frames"],
                                    "features": params["features"], "seed": params["seed"],
+                                   "train_seeds": params.get("train_seeds"),
                                    "dataset": {"name": dataset["name"],
                                                "split_source": dataset.get("split_source")}}))
         if train_cfg.get("oversample"):
             mlflow.log_params(flatten({"augment": params["augment"]}))
         log_dataset_counts(dataset, len(y_train), resolve(params["paths"]["clean"]))
-        start = time.perf_counter()
-        history = model.fit(**fit_data, validation_data=(x_val, y_val),
-                            epochs=int(train_cfg["epochs"]),
-                            callbacks=callbacks + [epoch_logger()], verbose=2)
-        train_time = time.perf_counter() - start
+        model, history, train_time = fit_model(params, name, data, len(classes),
+                                               int(params["seed"]))
 
         # Predict in stored order; labels are read from the same arrays, so pairs stay aligned.
         probs = model.predict(x_test, batch_size=int(train_cfg["batch_size"]), verbose=0)
@@ -347,10 +397,17 @@ def train_and_evaluate(params: dict, name: str) -> dict:
         # where this model lives in the local MLflow store (compare registers the champion)
         write_json_atomic(reports / "mlflow.json", {"run_id": run.info.run_id,
                                                     "model_uri": info.model_uri})
+        spread = repeat_over_seeds(params, name, data, classes, summary, tags)
+        if spread:
+            summary.update({k: round(v, 4) for k, v in spread.items()})
+            mlflow.log_metrics({f"test_{k}": v for k, v in spread.items() if k != "seeds"})
+            mlflow.log_metric("seeds", spread["seeds"])
     write_json_atomic(resolve(params["paths"]["metrics"]) / f"{name}.json", summary)
     log.info("%s: test accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f after %d epochs "
-             "(%.0f s, %d params)", name, summary["accuracy"], summary["balanced_accuracy"],
-             summary["macro_f1"], summary["epochs"], train_time, summary["params"])
+             "(%.0f s, %d params)%s", name, summary["accuracy"], summary["balanced_accuracy"],
+             summary["macro_f1"], summary["epochs"], train_time, summary["params"],
+             f"; over {spread['seeds']} seeds macro-F1 {spread['macro_f1_mean']:.3f} ± "
+             f"{spread['macro_f1_std']:.3f}" if spread else "")
     return summary
 
 
