@@ -1,6 +1,7 @@
 """Stage `train@<model>`: train one model on the cached arrays, evaluate it on the test split.
 
-    python -m pipeline.train --model cnn_gru
+    python -m pipeline.train --model cnn_gru                 # the DVC stage
+    python -m pipeline.train -m model=cnn_gru model.dropout=0.1,0.3   # a sweep
 
 Writes `models/<model>/model.keras`, `metrics/<model>.json` (for `dvc metrics show`) and
 `reports/<model>/` (confusion matrix PNG, classification report, per-class scores, test
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -301,7 +303,11 @@ def repeat_over_seeds(params: dict, name: str, data: dict, classes: list[str], f
     return out
 
 
-def train_and_evaluate(params: dict, name: str) -> dict:
+def train_and_evaluate(params: dict, name: str, parent_run_id: str | None = None,
+                       extra_tags: dict | None = None) -> dict:
+    """Train model `name`, evaluate it on validation and test, write its outputs under
+    `paths.*`, log one MLflow run (a child of `parent_run_id` in a sweep) and return the
+    summary that goes to `metrics/<name>.json`."""
     import keras
     import mlflow
 
@@ -324,8 +330,9 @@ def train_and_evaluate(params: dict, name: str) -> dict:
 
     use_experiment(params["mlflow"]["experiment"])
     reports = resolve(params["paths"]["reports"]) / name
-    tags = run_tags(name, dataset["dataset_hash"])
-    with mlflow.start_run(run_name=name, tags=tags) as run:
+    tags = {**run_tags(name, dataset["dataset_hash"]), **(extra_tags or {})}
+    with mlflow.start_run(run_name=name, tags=tags, parent_run_id=parent_run_id,
+                          nested=parent_run_id is not None) as run:
         mlflow.log_params(flatten({"model": cfg, "frames": params["frames"],
                                    "features": params["features"], "seed": params["seed"],
                                    "train_seeds": params.get("train_seeds"),
@@ -341,6 +348,10 @@ def train_and_evaluate(params: dict, name: str) -> dict:
         probs = model.predict(x_test, batch_size=int(train_cfg["batch_size"]), verbose=0)
         y_pred = probs.argmax(axis=1)
         scores = classification_metrics(y_test, y_pred, classes)
+        # validation scores of the final (restored best) weights: what sweeps select on
+        val_pred = model.predict(x_val, batch_size=int(train_cfg["batch_size"]),
+                                 verbose=0).argmax(axis=1)
+        val_scores = classification_metrics(y_val, val_pred, classes)
         model_ms = model_ms_per_clip(model, x_test, int(train_cfg["batch_size"]))
         backbone_ms = (backbone_ms_per_clip(params, x_test["features"].shape[1])
                        if isinstance(x_test, dict) else 0.0)
@@ -352,6 +363,7 @@ def train_and_evaluate(params: dict, name: str) -> dict:
             "train_time_s": round(train_time, 2),
             "epochs": len(history.history["loss"]),
             "test_clips": int(len(y_test)),
+            **{f"val_{k}": val_scores[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
             # per clip on this machine, from cached frames; cnn_gru adds its feature backbone
             "inference_ms_per_clip": round(model_ms + backbone_ms, 2),
             "model_ms_per_clip": round(model_ms, 2),
@@ -365,6 +377,9 @@ def train_and_evaluate(params: dict, name: str) -> dict:
                                                        "model_ms_per_clip",
                                                        "backbone_ms_per_clip")}})
         mlflow.log_metrics({f"test_f1_{c}": s["f1"] for c, s in scores["per_class"].items()})
+        # `eval_val_*`: Keras already logs a per-epoch `val_accuracy` history
+        mlflow.log_metrics({f"eval_val_{k}": val_scores[k]
+                            for k in ("accuracy", "balanced_accuracy", "macro_f1")})
 
         fig = confusion_figure(y_test, y_pred, classes, f"{name}: test confusion matrix")
         report = report_text(y_test, y_pred, classes)
@@ -411,7 +426,20 @@ def train_and_evaluate(params: dict, name: str) -> dict:
     return summary
 
 
+def is_hydra_command(argv: list[str]) -> bool:
+    """`-m`/`--multirun` or bare `key=value` overrides: a Hydra sweep, not the DVC stage."""
+    return any(a in ("-m", "--multirun") or ("=" in a and not a.startswith("-")) for a in argv)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if is_hydra_command(argv):
+        from pipeline.sweep import hydra_main
+
+        sys.argv = [sys.argv[0], *argv]
+        hydra_main()
+        return
+
     def model_option(parser):
         parser.add_argument("--model", required=True, help="frame_cnn | cnn3d | cnn_gru")
 

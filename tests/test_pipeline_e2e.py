@@ -258,6 +258,59 @@ def test_changed_footage_reruns_download_by_content(project, tmp_path):
         (repo / "params.yaml").write_text(committed)
 
 
+def test_hydra_multirun_is_one_parent_run_with_a_child_per_job(project):
+    """`python -m pipeline.train -m`: two jobs on the cached features, one MLflow parent with
+    two finished children carrying their parameters and metrics, the best child named on
+    the parent, outputs under multirun/ and the DVC outputs untouched."""
+    import hashlib
+
+    from mlflow.tracking import MlflowClient
+
+    repo, state = project
+    dvc_outputs = [repo / "metrics" / "cnn_gru.json", repo / "models" / "cnn_gru" / "model.keras"]
+    before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in dvc_outputs]
+    output = run([sys.executable, "-m", "pipeline.train", "-m", "model=cnn_gru", TINY[0],
+                  "model.dropout=0.1,0.3"], repo, state["env"])
+    assert "Launching 2 jobs" in output
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in dvc_outputs] == before
+    jobs = sorted((repo / "multirun").glob("*/*/[0-9]*"))
+    assert len(jobs) == 2 and all((j / "metrics" / "cnn_gru.json").is_file() for j in jobs)
+    assert "multirun" not in run(["git", "status", "--porcelain"], repo, state["env"])
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("handball-actions")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.model = 'sweep:cnn_gru'")
+    assert len(parents) == 1
+    parent = parents[0]
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.data.params["model.dropout"] for c in children) == ["0.1", "0.3"]
+    assert all("eval_val_macro_f1" in c.data.metrics and "test_macro_f1" in c.data.metrics
+               for c in children)
+    best = max(children, key=lambda c: c.data.metrics["eval_val_macro_f1"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["best_child_run_id"] == best.info.run_id
+    assert parent.data.metrics["jobs"] == 2 and parent.data.metrics["jobs_failed"] == 0
+
+
+def test_a_failed_sweep_job_is_recorded_and_the_others_run(project):
+    from mlflow.tracking import MlflowClient
+
+    repo, state = project
+    output = run([sys.executable, "-m", "pipeline.train", "-m", "model=cnn_gru", TINY[0],
+                  "model.train.optimizer=sgd,adam"], repo, state["env"])
+    assert "optimizer 'sgd' is not supported" in output
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("handball-actions")
+    parent = client.search_runs([exp.experiment_id], filter_string="tags.model = 'sweep:cnn_gru'",
+                                order_by=["start_time DESC"])[0]
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
+    assert parent.data.metrics["jobs_failed"] == 1
+
+
 def test_train_seeds_report_mean_and_std_with_a_nested_run_per_seed(project, tmp_path):
     """`train_seeds`: the model is trained again per extra seed (nested MLflow runs) and the
     metrics file gets mean and std over all seeds; compare shows them. Runs the real CLIs on
@@ -291,3 +344,25 @@ def test_train_seeds_report_mean_and_std_with_a_nested_run_per_seed(project, tmp
     table = pd.read_csv(repo / "reports" / "comparison.csv").set_index("model")
     assert table.loc["cnn_gru", "seeds"] == 3
     assert "± " in (repo / "reports" / "comparison.md").read_text()
+
+
+def test_optuna_search_space_runs_as_one_parent_with_trials(project):
+    """conf/hparams_search/cnn_gru_optuna.yaml through Hydra's Optuna sweeper (extra
+    [optuna], installed with [dev]): two trials, one parent run naming the best."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from mlflow.tracking import MlflowClient
+
+    repo, state = project
+    output = run([sys.executable, "-m", "pipeline.train", "-m", "hparams_search=cnn_gru_optuna",
+                  TINY[0], "hydra.sweeper.n_trials=2"], repo, state["env"])
+    assert "Best value" in output
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("handball-actions")
+    parent = client.search_runs([exp.experiment_id], filter_string="tags.model = 'sweep:cnn_gru'",
+                                order_by=["start_time DESC"])[0]
+    assert "hparams_search=cnn_gru_optuna" in parent.data.tags["sweep_overrides"]
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2 and "best_child_run_id" in parent.data.tags
+    dropouts = {c.data.params["model.dropout"] for c in children}
+    assert len(dropouts) == 2  # the sampler drew different points

@@ -1,0 +1,159 @@
+"""Hydra multirun sweeps of one model on the cached frames/features, one MLflow parent run each.
+
+    python -m pipeline.train -m model=cnn_gru model.dropout=0.1,0.3,0.5
+    python -m pipeline.train -m model=cnn3d 'model.train.learning_rate=1e-3,1e-4'
+    python -m pipeline.train -m model=cnn_gru hparams_search=cnn_gru_optuna   # extra [optuna]
+
+Every job trains `model` with the composed config (`conf/sweep.yaml` = `conf/config.yaml` +
+the sweep settings) on the arrays `dvc repro` cached, and writes its model, metrics and
+reports under its own `multirun/<date>/<time>/<job>/` folder (gitignored), never into the DVC
+outputs. A callback opens one MLflow parent run per multirun; each job is a child run with
+its parameters and metrics; when the sweep ends the parent names the best child by the
+validation score (`val_<compare.metric>`: choosing on the test split would leak it). A job
+that fails is recorded as a FAILED child and the sweep goes on. The job's return value is the
+validation score, which Hydra's Optuna sweeper maximises.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.common import PipelineError, load_arrays, repo_root, setup_logging
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "HANDBALL_SWEEP_PARENT_RUN_ID"
+
+
+def objective_name(params: dict) -> str:
+    """The validation score a sweep maximises: `val_<compare.metric>` in the metrics summary,
+    `eval_val_<compare.metric>` in MLflow."""
+    return f"val_{params['compare']['metric']}"
+
+
+class MlflowParentRun(Callback):
+    """Opens the multirun's MLflow parent run and, at the end, names its best child on it."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from pipeline.tracking import run_tags, use_experiment
+
+        exp_id = use_experiment(config.mlflow.experiment)
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        name = config.model.name
+        tags = {**run_tags(f"sweep:{name}", ""), "sweep_dir": str(sweep_dir),
+                "sweep_overrides": " ".join(config.hydra.overrides.task),
+                "mlflow.runName": f"sweep {name} {sweep_dir.name}"}
+        run = MlflowClient().create_run(exp_id, tags=tags)
+        os.environ[PARENT_ENV] = run.info.run_id
+        log.info("sweep: MLflow parent run %s", run.info.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow.tracking import MlflowClient
+
+        parent = os.environ.pop(PARENT_ENV, None)
+        if not parent:
+            return
+        client = MlflowClient()
+        run = client.get_run(parent)
+        key = "eval_" + objective_name(OmegaConf.to_container(config, resolve=False))
+        children = client.search_runs([run.info.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+        finished = [c for c in children if c.info.status == "FINISHED" and key in c.data.metrics]
+        client.log_metric(parent, "jobs", len(children))
+        client.log_metric(parent, "jobs_failed", sum(c.info.status == "FAILED" for c in children))
+        if finished:
+            best = max(finished, key=lambda c: c.data.metrics[key])
+            client.set_tag(parent, "best_child_run_id", best.info.run_id)
+            client.set_tag(parent, "best_child_overrides", best.data.tags.get("sweep_job_overrides", ""))
+            client.log_metric(parent, f"best_{key}", best.data.metrics[key])
+            log.info("sweep: best job by %s = %.4f: %s (run %s)", key, best.data.metrics[key],
+                     best.data.tags.get("sweep_job_overrides", ""), best.info.run_id)
+        client.set_terminated(parent, "FINISHED" if finished else "FAILED")
+
+
+def apply_model_overrides(params: dict, name: str, cfg: DictConfig, overrides: list[str]) -> None:
+    """`model.<key>=value` on the command line sets `models.<name>.<key>`: the `model` node
+    only names the model; its settings come from `models.<name>` (experiment scaling
+    included), with the user's `model.*` overrides on top."""
+    target = OmegaConf.create(params["models"][name])
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("model."):
+            OmegaConf.update(target, key[len("model."):],
+                             OmegaConf.select(cfg, key), merge=False)
+    params["models"][name] = OmegaConf.to_container(target, resolve=True)
+
+
+def check_cached_inputs(params: dict, name: str) -> None:
+    from pipeline.train import input_dir
+
+    if name not in params["models"]:
+        raise PipelineError(f"model={name!r} is not one of {sorted(params['models'])}")
+    directory = input_dir(params, params["models"][name])
+    for split in ("train", "val", "test"):
+        load_arrays(directory / split, "labels")  # names the missing cache and `dvc repro`
+
+
+def sweep_job(cfg: DictConfig) -> float:
+    """One multirun job: train `cfg.model` into this job's folder; returns the validation score
+    (NaN when the job failed, after recording it as a FAILED child run)."""
+    import mlflow
+
+    from pipeline.tracking import run_tags, use_experiment
+    from pipeline.train import train_and_evaluate
+
+    params = OmegaConf.to_container(cfg, resolve=True)
+    name = params.pop("model")["name"]
+    task_overrides = list(HydraConfig.get().overrides.task)
+    apply_model_overrides(params, name, cfg, task_overrides)
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    overrides = " ".join(task_overrides)
+    parent = os.environ.get(PARENT_ENV)
+    params["paths"] = {**params["paths"], **{k: str(job_dir / k)
+                                             for k in ("models", "metrics", "reports")}}
+    try:
+        if parent is None:
+            raise PipelineError("no MLflow parent run: the sweep callback did not start "
+                                "(see Hydra's warnings above)")
+        check_cached_inputs(params, name)
+        summary = train_and_evaluate(params, name, parent_run_id=parent,
+                                     extra_tags={"sweep_job_overrides": overrides})
+        return float(summary[objective_name(params)])
+    except Exception as exc:  # one failed job must not stop the sweep
+        log.error("sweep job %s (%s) failed: %s", job_dir.name, overrides, exc)
+        if parent and mlflow.active_run() is None and not failed_run_recorded(parent, overrides):
+            use_experiment(params["mlflow"]["experiment"])
+            with mlflow.start_run(run_name=f"{name} (failed)", parent_run_id=parent, nested=True,
+                                  tags={**run_tags(name, ""), "sweep_job_overrides": overrides,
+                                        "error": str(exc)[:5000]}) as run:
+                pass
+            mlflow.tracking.MlflowClient().set_terminated(run.info.run_id, "FAILED")
+        return math.nan
+
+
+def failed_run_recorded(parent: str, overrides: str) -> bool:
+    """Whether this job's child run exists already (train_and_evaluate's run ends FAILED)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    return any(r.data.tags.get("sweep_job_overrides") == overrides for r in runs)
+
+
+def hydra_main() -> None:
+    """`python -m pipeline.train -m ...` lands here (sys.argv holds the Hydra arguments)."""
+    setup_logging()
+    conf_dir = str(repo_root() / "conf")
+    hydra.main(config_path=conf_dir, config_name="sweep", version_base="1.3")(sweep_job)()
