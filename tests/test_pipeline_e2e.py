@@ -294,6 +294,7 @@ def test_hydra_multirun_is_one_parent_run_with_a_child_per_job(project):
     assert parent.data.metrics["jobs"] == 2 and parent.data.metrics["jobs_failed"] == 0
 
 
+@pytest.mark.slow  # ~30 s more on top of the shared repro; CI runs it (make test-all)
 def test_a_failed_sweep_job_is_recorded_and_the_others_run(project):
     from mlflow.tracking import MlflowClient
 
@@ -311,6 +312,7 @@ def test_a_failed_sweep_job_is_recorded_and_the_others_run(project):
     assert parent.data.metrics["jobs_failed"] == 1
 
 
+@pytest.mark.slow  # ~30 s more on top of the shared repro; CI runs it (make test-all)
 def test_train_seeds_report_mean_and_std_with_a_nested_run_per_seed(project, tmp_path):
     """`train_seeds`: the model is trained again per extra seed (nested MLflow runs) and the
     metrics file gets mean and std over all seeds; compare shows them. Runs the real CLIs on
@@ -346,6 +348,7 @@ def test_train_seeds_report_mean_and_std_with_a_nested_run_per_seed(project, tmp
     assert "± " in (repo / "reports" / "comparison.md").read_text()
 
 
+@pytest.mark.slow  # ~30 s more on top of the shared repro; CI runs it (make test-all)
 def test_optuna_search_space_runs_as_one_parent_with_trials(project):
     """conf/hparams_search/cnn_gru_optuna.yaml through Hydra's Optuna sweeper (extra
     [optuna], installed with [dev]): two trials, one parent run naming the best."""
