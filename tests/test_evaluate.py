@@ -43,6 +43,7 @@ def test_report_and_figure_name_every_class():
     assert labels == CLASSES
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # on purpose
 def test_confusion_scores_match_sklearn_definitions():
     from pipeline.evaluate import classification_metrics, scores_from_confusion
     from sklearn.metrics import confusion_matrix
