@@ -102,6 +102,14 @@ def safe_extract(archive: str | Path, target: str | Path, max_bytes: int) -> int
             raise UnsafeArchive(f"{archive} unpacks to {declared / 1e9:.2f} GB, more than "
                                 f"dataset.max_unpacked_gb={max_bytes / 1e9:g}")
         written = 0
+
+        def count(chunk: bytes) -> None:  # runs before each chunk is written
+            nonlocal written
+            written += len(chunk)
+            if written > max_bytes:
+                raise UnsafeArchive(f"{archive}: unpacked bytes exceed dataset.max_unpacked_gb="
+                                    f"{max_bytes / 1e9:g} (at entry {entry.name!r})")
+
         for rel, entry in tqdm(plan, desc=f"unpack {archive.name}", unit="file"):
             dest = target.joinpath(*rel.parts) if rel.parts else target
             if target not in (dest, *dest.parents):  # belt and braces after the checks above
@@ -114,13 +122,7 @@ def safe_extract(archive: str | Path, target: str | Path, max_bytes: int) -> int
                 raise UnsafeArchive(f"{archive}: entry {entry.name!r} appears twice")
             try:
                 with entry.open() as src, open(dest, "xb") as out:
-                    while chunk := src.read(1 << 20):
-                        written += len(chunk)
-                        if written > max_bytes:
-                            raise UnsafeArchive(
-                                f"{archive}: unpacked bytes exceed dataset.max_unpacked_gb="
-                                f"{max_bytes / 1e9:g} (at entry {entry.name!r})")
-                        out.write(chunk)
+                    copy_stream(src, out, count)
             except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
                 raise PipelineError(f"{archive} is corrupt at entry {entry.name!r}: {exc}") from exc
     return written

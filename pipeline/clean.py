@@ -267,16 +267,15 @@ def clean(params: dict) -> pd.DataFrame:
     with atomic_dir(resolve(params["paths"]["clean"])) as tmp:
         if ds.get("split_file"):
             probe = apply_split_file(probe, resolve(ds["split_file"]), classes, tmp)
-            usable = probe[probe["status"] == "ok"].copy()
-            check_class_minimum(usable, classes, int(cfg["min_clips_per_class"]))
+        usable = probe[probe["status"] == "ok"].copy()
+        check_class_minimum(usable, classes, int(cfg["min_clips_per_class"]))
+        if ds.get("split_file"):
             leaks = usable.groupby("group")["split"].nunique()
             if (leaks > 1).any():
                 log.warning("split file puts %d recording groups in more than one split (e.g. "
                             "%s): scores may be optimistic", int((leaks > 1).sum()),
                             ", ".join(leaks.index[leaks > 1][:3]))
         else:
-            usable = probe[probe["status"] == "ok"].copy()
-            check_class_minimum(usable, classes, int(cfg["min_clips_per_class"]))
             usable["split"] = split_by_group(usable, cfg["val_fraction"], cfg["test_fraction"],
                                              params["seed"])
         quarantine = probe[probe["status"] == "dropped"]

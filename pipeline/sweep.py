@@ -40,6 +40,12 @@ def objective_name(params: dict) -> str:
     return f"val_{params['compare']['metric']}"
 
 
+def child_runs(client, parent: str) -> list:
+    """The MLflow runs whose parent is run `parent` (the jobs of one sweep)."""
+    experiment = client.get_run(parent).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
 class MlflowParentRun(Callback):
     """Opens the multirun's MLflow parent run and, at the end, names its best child on it."""
 
@@ -65,10 +71,8 @@ class MlflowParentRun(Callback):
         if not parent:
             return
         client = MlflowClient()
-        run = client.get_run(parent)
         key = "eval_" + objective_name(OmegaConf.to_container(config, resolve=False))
-        children = client.search_runs([run.info.experiment_id],
-                                      filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+        children = child_runs(client, parent)
         finished = [c for c in children if c.info.status == "FINISHED" and key in c.data.metrics]
         client.log_metric(parent, "jobs", len(children))
         client.log_metric(parent, "jobs_failed", sum(c.info.status == "FAILED" for c in children))
@@ -146,10 +150,8 @@ def failed_run_recorded(parent: str, overrides: str) -> bool:
     """Whether this job's child run exists already (train_and_evaluate's run ends FAILED)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
-    exp = client.get_run(parent).info.experiment_id
-    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    return any(r.data.tags.get("sweep_job_overrides") == overrides for r in runs)
+    return any(r.data.tags.get("sweep_job_overrides") == overrides
+               for r in child_runs(MlflowClient(), parent))
 
 
 def hydra_main() -> None:

@@ -10,6 +10,7 @@ predictions, learning curves), and logs one MLflow run with all of it plus the m
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -222,16 +223,17 @@ def model_ms_per_clip(model, inputs, batch_size: int) -> float:
     return (time.perf_counter() - start) / n * 1000
 
 
-def backbone_ms_per_clip(params: dict, num_frames: int) -> float:
+@functools.lru_cache(maxsize=None)
+def backbone_ms_per_clip(backbone_name: str, size: int, num_frames: int) -> float:
     """For models on cached features: the time the features backbone takes for one clip's
     frames (one batch of num_frames), which inference on a new clip has to pay too, in ms.
-    Median of 3 after a warm-up; random weights (speed does not depend on them)."""
+    Median of 3 after a warm-up; random weights (speed does not depend on them). Measured
+    once per process and shape: the jobs of a sweep share it."""
     from pipeline.backbones import build_backbone, preprocess_for
 
-    cfg, size = params["features"], int(params["frames"]["size"])
-    backbone = build_backbone(cfg["backbone"], None, (size, size, 3),
+    backbone = build_backbone(backbone_name, None, (size, size, 3),
                               config_key="features.weights", pooling="avg")
-    batch = preprocess_for(cfg["backbone"])(np.zeros((num_frames, size, size, 3), np.float32))
+    batch = preprocess_for(backbone_name)(np.zeros((num_frames, size, size, 3), np.float32))
     backbone.predict_on_batch(batch)
     times = []
     for _ in range(3):
@@ -353,7 +355,9 @@ def train_and_evaluate(params: dict, name: str, parent_run_id: str | None = None
                                  verbose=0).argmax(axis=1)
         val_scores = classification_metrics(y_val, val_pred, classes)
         model_ms = model_ms_per_clip(model, x_test, int(train_cfg["batch_size"]))
-        backbone_ms = (backbone_ms_per_clip(params, x_test["features"].shape[1])
+        backbone_ms = (backbone_ms_per_clip(params["features"]["backbone"],
+                                            int(params["frames"]["size"]),
+                                            x_test["features"].shape[1])
                        if isinstance(x_test, dict) else 0.0)
         summary = {
             "accuracy": scores["accuracy"],
