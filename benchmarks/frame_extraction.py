@@ -31,12 +31,12 @@ DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "real" / "cricket_shots"
 
 
 def prepare(source: Path | None, frames: int, size: int, root: Path) -> dict:
-    """download + clean into `root` (DVC_ROOT) through the real config; returns the params."""
+    """download + clean into the workspace `root` through the real config; returns the params."""
     from pipeline.clean import clean
     from pipeline.download import download
     from pipeline.params import compose_params
 
-    os.environ["DVC_ROOT"] = str(root)
+    os.chdir(root)
     overrides = [f"frames.num_frames={frames}", f"frames.size={size}"]
     if source is not None:
         classes = sorted(d.name for d in source.iterdir() if d.is_dir())
@@ -118,7 +118,7 @@ def run_variant(variant: str, root: Path) -> None:
     from pipeline.common import load_params
 
     logging.disable(logging.WARNING)
-    os.environ["DVC_ROOT"] = str(root)
+    os.chdir(root)
     params = load_params(root / "params.yaml")
     memory = TreeMemory()
     start = time.perf_counter()

@@ -28,8 +28,20 @@ class PipelineError(RuntimeError):
 
 
 def repo_root() -> Path:
-    """The project root: DVC's `DVC_ROOT` when a stage runs under DVC, else the working directory."""
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    """The workspace being run: `params.yaml`, `conf/` and every configured path resolve here.
+
+    This is the working directory. DVC runs each stage in the folder of `dvc.yaml`, which for a
+    queued experiment is a temporary copy of the repository; `DVC_ROOT` then still names the
+    original repository, so it must not be used for inputs and outputs (see `store_root`).
+    """
+    return Path.cwd().resolve()
+
+
+def store_root() -> Path:
+    """Where the results that outlive a workspace live (`mlflow.db`, `mlruns/`): the repository
+    DVC was started in (`DVC_ROOT`, also for queued experiments), else the workspace."""
+    root = os.environ.get("DVC_ROOT")
+    return Path(root).resolve() if root else repo_root()
 
 
 def load_params(path: str | Path | None = None) -> dict[str, Any]:

@@ -5,8 +5,9 @@ balanced accuracy and macro-F1 each with a bootstrap confidence interval over th
 (and mean ± std over `train_seeds` when set), per-class F1, parameters, training time and
 inference time per clip. Logs them as an MLflow
 `comparison` run, and registers the best model by `compare.metric` in the MLflow Model
-Registry as `compare.register_as` with the alias `compare.alias`, tagged with what it takes
-to reproduce it (git commit, DVC experiment, dataset hash, the full composed config).
+Registry as a version of `compare.register_as`, tagged with what it takes to reproduce it
+(git commit, DVC experiment, dataset hash, the full composed config), and moves the alias
+`compare.alias` to it as `compare.promote` says (default: only when it beats the champion).
 
 Reads the files the train stages write (or that DVC restores from its run cache), so the
 table is complete even when no model was retrained.
@@ -26,9 +27,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
-from pipeline.common import (PipelineError, resolve, stage_cli, write_bytes_atomic,  # noqa: E402
-                             write_json_atomic, write_text_atomic)
+from pipeline.common import (PipelineError, resolve, stage_cli, store_root,  # noqa: E402
+                             write_bytes_atomic, write_json_atomic, write_text_atomic)
 from pipeline.evaluate import bootstrap_intervals  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -123,11 +125,36 @@ def comparison_figure(table: pd.DataFrame, classes: list[str], confidence: float
     return fig
 
 
-def register_champion(params: dict, best: dict, dataset: dict):
-    """Register the best model's logged MLflow model and point `compare.alias` at it.
+def promotion_reason(candidate: dict[str, str], current: dict[str, str] | None,
+                     policy: str) -> str | None:
+    """Why the alias should move to `candidate` (version tags), or None to leave it where it is.
 
-    Returns the model version, or None when the training run is not in this MLflow store
-    (e.g. reports restored from git next to an empty store), which is logged.
+    `policy` is `compare.promote`: `always` follows every pipeline run's best model; `better`
+    moves only to a model that beats the current champion by `compare.metric` on the same
+    dataset, so a queued sweep leaves the alias on its best point, not on whichever ran last.
+    """
+    if policy not in ("better", "always"):
+        raise PipelineError(f"compare.promote must be 'better' or 'always', got {policy!r}")
+    if current is None:
+        return "there is no champion yet"
+    if policy == "always":
+        return "compare.promote is 'always'"
+    if current.get("dataset_hash") != candidate["dataset_hash"]:
+        return "the champion was chosen on other data"
+    metric = candidate["selected_by"]
+    if current.get("selected_by") != metric or metric not in current:
+        return f"the champion was not chosen by {metric}"
+    if float(candidate[metric]) > float(current[metric]):
+        return f"{metric} {candidate[metric]} beats the champion's {current[metric]}"
+    return None
+
+
+def register_champion(params: dict, best: dict, dataset: dict):
+    """Register the best model's logged MLflow model as a version of `compare.register_as` and
+    move `compare.alias` to it as `compare.promote` decides.
+
+    Returns the version the alias points at afterwards, or None when the training run is not
+    in this MLflow store (e.g. reports restored next to an empty store), which is logged.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -151,13 +178,6 @@ def register_champion(params: dict, best: dict, dataset: dict):
                     "(retrain it with `dvc repro -f train@%s`)", best["model"], run_id,
                     mlflow.get_tracking_uri(), best["model"])
         return None
-    try:
-        current = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        current = None
-    if current is not None and current.run_id == run_id:
-        log.info("%s@%s is already %s (run %s)", name, alias, best["model"], run_id)
-        return current
     metric = cfg["metric"]
     tags = {
         "model": best["model"],
@@ -170,11 +190,31 @@ def register_champion(params: dict, best: dict, dataset: dict):
         f"{metric}_ci": f"[{best[metric + '_low']:.4f}, {best[metric + '_high']:.4f}]",
         "config": yaml.safe_dump(params, sort_keys=False),
     }
-    version = mlflow.register_model(ref["model_uri"], name, tags=tags)
-    client.set_registered_model_alias(name, alias, version.version)
-    log.info("registered %s (run %s) as %s version %s, alias @%s", best["model"], run_id, name,
-             version.version, alias)
-    return version
+    # Queued experiments finish concurrently: read, decide and move the alias one at a time.
+    with FileLock(store_root() / "mlflow.db.lock"):
+        # A run restored from DVC's run cache is registered once, however often it comes back.
+        existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        version = (existing[0] if existing
+                   else mlflow.register_model(ref["model_uri"], name, tags=tags))
+        try:
+            current = client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            current = None
+        if current is not None and current.version == version.version:
+            log.info("%s@%s is already %s (run %s)", name, alias, best["model"], run_id)
+            return current
+        reason = promotion_reason(version.tags or tags, current.tags if current else None,
+                                  cfg.get("promote", "better"))
+        if reason is None:
+            log.info("%s (run %s, %s %s) is %s version %s; @%s stays on version %s (%s %s, "
+                     "compare.promote=better)", best["model"], run_id, metric, tags[metric],
+                     name, version.version, alias, current.version, metric,
+                     current.tags.get(metric))
+            return current
+        client.set_registered_model_alias(name, alias, version.version)
+    log.info("registered %s (run %s) as %s version %s, alias @%s: %s", best["model"], run_id,
+             name, version.version, alias, reason)
+    return client.get_model_version(name, version.version)
 
 
 def compare(params: dict) -> pd.DataFrame:

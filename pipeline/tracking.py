@@ -9,14 +9,15 @@ import subprocess
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline.common import repo_root
+from pipeline.common import repo_root, store_root
 
 log = logging.getLogger(__name__)
 
 
 def tracking_uri() -> str:
-    """`sqlite:///<repo root>/mlflow.db`, anchored at DVC_ROOT so queued experiments share it."""
-    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+    """`sqlite:///<repository>/mlflow.db`, anchored at DVC_ROOT so queued experiments, which run
+    in temporary copies, log into the repository's own store."""
+    return f"sqlite:///{store_root() / 'mlflow.db'}"
 
 
 def use_experiment(name: str) -> str:
@@ -29,7 +30,7 @@ def use_experiment(name: str) -> str:
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        artifacts = (repo_root() / "mlruns").as_uri()
+        artifacts = (store_root() / "mlruns").as_uri()
         try:
             exp_id = client.create_experiment(name, artifact_location=artifacts)
         except mlflow.exceptions.MlflowException:  # created concurrently by another stage

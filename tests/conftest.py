@@ -24,7 +24,9 @@ def tiny_params() -> dict:
 
 @pytest.fixture
 def in_tmp_root(tmp_path, monkeypatch):
-    """Run a stage with `tmp_path` as the repository root (as DVC sets DVC_ROOT)."""
+    """Run a stage with `tmp_path` as its workspace (the working directory, where DVC runs
+    stages) and as the repository holding the MLflow store (DVC_ROOT)."""
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     return tmp_path
 

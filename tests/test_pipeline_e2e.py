@@ -34,6 +34,17 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
     return proc.stdout + proc.stderr
 
 
+def run_json(cmd: list[str], cwd: Path, env: dict):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-5000:]}"
+    return json.loads(proc.stdout)
+
+
+def head_commit(repo: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
@@ -57,7 +68,7 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-q", "-m", "project"], repo, env)
     output = run(["dvc", "repro"], repo, env)
-    return repo, {"env": env, "first": output}
+    return repo, {"env": env, "first": output, "commit": head_commit(repo)}
 
 
 def test_first_repro_runs_every_stage(project):
@@ -120,7 +131,7 @@ def test_best_model_is_the_registered_champion(project):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    repo, _ = project
+    repo, state = project
     params = yaml.safe_load((repo / "params.yaml").read_text())
     cfg = params["compare"]
     best = pd.read_csv(repo / "reports" / "comparison.csv")["model"].iloc[0]
@@ -132,8 +143,7 @@ def test_best_model_is_the_registered_champion(project):
     assert version.tags["model"] == best
     assert version.tags["dataset_hash"] == json.loads(
         (repo / "data" / "clean" / "dataset.json").read_text())["dataset_hash"]
-    assert version.tags["git_commit"] == subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert version.tags["git_commit"] == state["commit"]
     assert "dvc_exp_name" in version.tags
     assert yaml.safe_load(version.tags["config"]) == params
     mlflow.set_tracking_uri(uri)
@@ -152,7 +162,7 @@ def test_splits_never_share_a_scene(project):
 def test_mlflow_runs_are_comparable(project):
     from mlflow.tracking import MlflowClient
 
-    repo, _ = project
+    repo, state = project
     params = yaml.safe_load((repo / "params.yaml").read_text())
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name(params["mlflow"]["experiment"])
@@ -164,8 +174,7 @@ def test_mlflow_runs_are_comparable(project):
     metric_keys = [set(by_model[m].data.metrics) for m in MODELS]
     assert metric_keys[0] == metric_keys[1] == metric_keys[2]
     dataset_hash = json.loads((repo / "data" / "clean" / "dataset.json").read_text())["dataset_hash"]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                            text=True).stdout.strip()
+    commit = state["commit"]
     for model in MODELS:
         run_ = by_model[model]
         assert run_.info.status == "FINISHED"
@@ -193,6 +202,122 @@ def test_second_repro_does_nothing(project):
     assert stages_run(output) == set()
     # the pipeline's stages; data.dvc alone reports "not in cache" in a clone without `dvc pull`
     assert "up to date" in run(["dvc", "status", "dvc.yaml"], repo, state["env"]).lower()
+
+
+def test_dvc_plots_render_confusion_matrices_and_learning_curves(project, tmp_path):
+    repo, state = project
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo, state["env"])
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "Test confusion matrices" in html and "Learning curves (validation loss)" in html
+    plots = run_json(["dvc", "plots", "show", "--json"], repo, state["env"])["data"]
+    confusion = plots["Test confusion matrices"][0]["content"]["data"]["values"]
+    curves = plots["Learning curves (validation loss)"][0]["content"]["data"]["values"]
+    for model in MODELS:
+        clips = len(pd.read_csv(repo / "reports" / model / "predictions.csv"))
+        epochs = json.loads((repo / "metrics" / f"{model}.json").read_text())["epochs"]
+        assert sum(v["filename"].endswith(f"{model}/predictions.csv") for v in confusion) == clips
+        assert sum(v["filename"].endswith(f"{model}/history.csv") for v in curves) == epochs
+        assert {"actual", "predicted"} <= set(confusion[0])
+
+
+QUEUED_DROPOUTS = ("0.05", "0.15")  # values no other test trains, so nothing is restored early
+
+
+def wait_for_queue(repo: Path, env: dict, names: list[str], timeout_s: float = 900) -> None:
+    """`dvc queue start` hands the experiments to background workers: poll until they end."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = run(["dvc", "queue", "status"], repo, env)
+        rows = {line.split()[1]: line.split()[-1] for line in status.splitlines()
+                if len(line.split()) >= 5 and line.split()[1] in names}
+        if len(rows) == len(names) and all(s in ("Success", "Failed") for s in rows.values()):
+            break
+        assert time.monotonic() < deadline, f"queue still busy after {timeout_s} s:\n{status}"
+        time.sleep(3)
+    for name, result in rows.items():
+        assert result == "Success", run(["dvc", "queue", "logs", name], repo, env)[-5000:]
+
+
+def test_queued_dvc_sweep_logs_each_experiment_into_the_root_store(project):
+    """The README's grid: `dvc exp run --queue -S 'models.cnn_gru.dropout=a,b'` and
+    `dvc queue start -j 2`. Both experiments run in DVC's temporary copies with their own
+    parameters, appear in `dvc exp show`, and log their MLflow runs into the repository's own
+    mlflow.db (artifacts under its mlruns/) tagged with the experiment name; the workspace is
+    left as it was and the registry's champion is the best model it has seen on this data."""
+    import hashlib
+
+    from mlflow.tracking import MlflowClient
+
+    repo, state = project
+    env = state["env"]
+    run(["git", "add", "-A"], repo, env)  # the user commits the pipeline's results first
+    run(["git", "commit", "-q", "-m", "pipeline results"], repo, env)
+    untouched = [repo / "params.yaml", repo / "metrics" / "cnn_gru.json"]
+    before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in untouched]
+
+    output = run(["dvc", "exp", "run", "--queue", "-S", TINY[0],
+                  "-S", f"models.cnn_gru.dropout={','.join(QUEUED_DROPOUTS)}"], repo, env)
+    names = re.findall(r"Queued experiment '([^']+)'", output)
+    assert len(names) == 2, output
+    run(["dvc", "queue", "start", "-j", "2"], repo, env)
+    wait_for_queue(repo, env, names)
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in untouched] == before
+
+    shown = run_json(["dvc", "exp", "show", "--json"], repo, env)
+    experiments = {e["name"]: e["revs"][0]["data"] for baseline in shown
+                   for e in baseline.get("experiments") or []}
+    assert set(names) <= set(experiments), list(experiments)
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("handball-actions").experiment_id
+    dropouts = set()
+    for name in names:
+        data = experiments[name]
+        dropout = data["params"]["params.yaml"]["data"]["models"]["cnn_gru"]["dropout"]
+        macro_f1 = data["metrics"]["metrics/cnn_gru.json"]["data"]["macro_f1"]
+        dropouts.add(str(dropout))
+        runs = client.search_runs([exp_id], filter_string=f"tags.dvc_exp_name = '{name}'")
+        by_model = {r.data.tags["model"]: r for r in runs}
+        assert set(by_model) == {"cnn_gru", "comparison"}, sorted(by_model)  # only what changed
+        trained = by_model["cnn_gru"]
+        assert trained.info.status == "FINISHED"
+        assert trained.data.params["model.dropout"] == str(dropout)  # its own params.yaml
+        assert trained.data.metrics["test_macro_f1"] == pytest.approx(macro_f1, abs=1e-4)
+        assert trained.info.artifact_uri.startswith((repo / "mlruns").as_uri())
+    assert dropouts == set(QUEUED_DROPOUTS)
+
+    # the champion is the best version registered on this data, whichever experiment ended last
+    versions = client.search_model_versions("name = 'handball-action-classifier'")
+    champion = client.get_model_version_by_alias("handball-action-classifier", "champion")
+    assert float(champion.tags["macro_f1"]) == max(float(v.tags["macro_f1"]) for v in versions)
+
+
+def test_a_stage_restored_from_the_run_cache_leaves_compare_complete(project):
+    """Coming back to a queued point: DVC restores train@cnn_gru (model, reports, metrics) from
+    its run cache instead of training; no new MLflow training run is logged, and compare still
+    tables all three models, with cnn_gru's restored scores."""
+    from mlflow.tracking import MlflowClient
+
+    repo, state = project
+    env = state["env"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("handball-actions").experiment_id
+    trained_before = client.search_runs([exp_id], filter_string="tags.model = 'cnn_gru'")
+    queued = next(r for r in trained_before if r.data.params["model.dropout"] == QUEUED_DROPOUTS[0])
+
+    output = run(["dvc", "exp", "run", "-S", TINY[0],
+                  "-S", f"models.cnn_gru.dropout={QUEUED_DROPOUTS[0]}"], repo, env)
+    assert "Stage 'train@cnn_gru' is cached - skipping run" in output, output[-3000:]
+    assert stages_run(output) == {"compare"}, output[-3000:]
+    assert len(client.search_runs([exp_id], filter_string="tags.model = 'cnn_gru'")) == len(
+        trained_before)
+    restored = json.loads((repo / "reports" / "cnn_gru" / "mlflow.json").read_text())
+    assert restored["run_id"] == queued.info.run_id
+    table = pd.read_csv(repo / "reports" / "comparison.csv").set_index("model")
+    assert sorted(table.index) == sorted(MODELS)
+    assert table.loc["cnn_gru", "macro_f1"] == pytest.approx(
+        queued.data.metrics["test_macro_f1"], abs=1e-4)
 
 
 def test_one_cnn_gru_parameter_reruns_only_that_model_and_compare(project):

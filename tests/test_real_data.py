@@ -37,6 +37,7 @@ def cricket_run(tmp_path_factory):
                              f"dataset.classes=[{','.join(CLASSES)}]", "frames.num_frames=8",
                              "frames.size=112"], conf_dir=ROOT / "conf")
     mp = pytest.MonkeyPatch()
+    mp.chdir(root)
     mp.setenv("DVC_ROOT", str(root))
     try:
         manifest = download(params)
