@@ -36,3 +36,38 @@ def test_sample_default_runs_offline():
     assert params["features"]["weights"] is None
     assert params["models"]["frame_cnn"]["backbone"]["weights"] is None
     assert len(params["dataset"]["classes"]) == 7
+
+
+def readme_exp_run_overrides() -> list[list[str]]:
+    """The `-S` overrides of every `dvc exp run` command in the README's bash blocks."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    script = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.S)).replace("\\\n", " ")
+    script = re.sub(r"\$\([^)]*\)", "0" * 64, script).replace("$HOME", "/home/user")
+    commands = []
+    for line in script.splitlines():
+        tokens = shlex.split(line, comments=True)
+        if tokens[1:3] == ["exp", "run"] and tokens[0].endswith("dvc"):
+            commands.append([tokens[i + 1] for i, t in enumerate(tokens) if t == "-S"])
+    return commands
+
+
+def test_readme_dvc_exp_run_commands_compose():
+    """Each README `dvc exp run -S ...` (every point of a queued grid) names real config keys
+    and values: Hydra composes it as DVC would, so copy-pasted commands do not fail on a typo."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    commands = readme_exp_run_overrides()
+    assert len(commands) >= 6 and any("," in o for c in commands for o in c)
+    parser = OverridesParser.create()
+    for overrides in commands:
+        choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+                   if o.is_sweep_override() else [o.input_line]
+                   for o in parser.parse_overrides(overrides)]
+        for point in itertools.product(*choices):
+            params = compose_params(list(point), conf_dir=ROOT / "conf")
+            assert params["models"].keys() == {"frame_cnn", "cnn3d", "cnn_gru"}, point
