@@ -32,6 +32,7 @@ from filelock import FileLock  # noqa: E402
 from pipeline.common import (PipelineError, resolve, stage_cli, store_root,  # noqa: E402
                              write_bytes_atomic, write_json_atomic, write_text_atomic)
 from pipeline.evaluate import bootstrap_intervals  # noqa: E402
+from pipeline.inference import MODEL_FORMAT  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,9 @@ def promotion_reason(candidate: dict[str, str], current: dict[str, str] | None,
         return "there is no champion yet"
     if policy == "always":
         return "compare.promote is 'always'"
+    if current.get("format") != candidate.get("format"):
+        return (f"the champion's model format {current.get('format', 'keras (no preprocessing)')}"
+                f" is not {candidate.get('format')}")
     if current.get("dataset_hash") != candidate["dataset_hash"]:
         return "the champion was chosen on other data"
     metric = candidate["selected_by"]
@@ -186,6 +190,7 @@ def register_champion(params: dict, best: dict, dataset: dict):
         "dataset_hash": dataset["dataset_hash"],
         "dataset_name": dataset["name"],
         "selected_by": metric,
+        "format": MODEL_FORMAT,
         metric: f"{best[metric]:.4f}",
         f"{metric}_ci": f"[{best[metric + '_low']:.4f}, {best[metric + '_high']:.4f}]",
         "config": yaml.safe_dump(params, sort_keys=False),
@@ -203,7 +208,7 @@ def register_champion(params: dict, best: dict, dataset: dict):
         if current is not None and current.version == version.version:
             log.info("%s@%s is already %s (run %s)", name, alias, best["model"], run_id)
             return current
-        reason = promotion_reason(version.tags or tags, current.tags if current else None,
+        reason = promotion_reason(tags, current.tags if current else None,
                                   cfg.get("promote", "better"))
         if reason is None:
             log.info("%s (run %s, %s %s) is %s version %s; @%s stays on version %s (%s %s, "
@@ -240,7 +245,11 @@ def compare(params: dict) -> pd.DataFrame:
 
     use_experiment(params["mlflow"]["experiment"])
     dataset = json.loads((resolve(params["paths"]["clean"]) / "dataset.json").read_text())
-    tags = {**run_tags("comparison", dataset["dataset_hash"]), "best_model": best["model"]}
+    best_ref = resolve(params["paths"]["reports"]) / best["model"] / "mlflow.json"
+    tags = {**run_tags("comparison", dataset["dataset_hash"]), "best_model": best["model"],
+            # what `pipeline.predict` uses when no champion is registered
+            "best_model_uri": json.loads(best_ref.read_text()).get("model_uri", "")
+            if best_ref.is_file() else ""}
     with mlflow.start_run(run_name="comparison", tags=tags):
         mlflow.log_table(table, "comparison.json")
         mlflow.log_text(markdown, "comparison.md")

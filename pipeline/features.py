@@ -25,7 +25,8 @@ def frame_features(backbone, preprocess, frames: np.ndarray, batch_size: int,
     """(clips x N x H x W x 3 uint8) -> (clips x N x D float32), batch_size frames at a time.
 
     `frames` may be a memory map and `out` a preallocated (memory-mapped) result: only one
-    batch of frames is in memory at a time.
+    batch of frames is in memory at a time. An empty `desc` hides the progress bar (callers
+    with their own bar over clips).
     """
     clips, n = frames.shape[:2]
     flat = frames.reshape((clips * n,) + frames.shape[2:])
@@ -34,7 +35,7 @@ def frame_features(backbone, preprocess, frames: np.ndarray, batch_size: int,
         out = np.zeros((clips, n, dim), dtype=np.float32)
     flat_out = out.reshape(clips * n, dim)
     batch = np.zeros((batch_size,) + flat.shape[1:], dtype=np.float32)
-    for start in tqdm(range(0, len(flat), batch_size), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(flat), batch_size), desc=desc, unit="batch", disable=not desc):
         chunk = flat[start:start + batch_size]
         batch[:len(chunk)] = chunk  # a fixed batch shape avoids retracing for the last batch
         batch[len(chunk):] = 0

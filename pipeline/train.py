@@ -310,10 +310,10 @@ def train_and_evaluate(params: dict, name: str, parent_run_id: str | None = None
     """Train model `name`, evaluate it on validation and test, write its outputs under
     `paths.*`, log one MLflow run (a child of `parent_run_id` in a sweep) and return the
     summary that goes to `metrics/<name>.json`."""
-    import keras
     import mlflow
 
     from pipeline.evaluate import (classification_metrics, confusion_figure, report_text)
+    from pipeline.inference import log_video_classifier, preprocessing_config
     from pipeline.tracking import flatten, run_tags, use_experiment
 
     if name not in params["models"]:
@@ -404,15 +404,12 @@ def train_and_evaluate(params: dict, name: str, parent_run_id: str | None = None
         mlflow.log_dict(scores, "test_metrics.json")
         mlflow.log_artifact(str(reports / "predictions.csv"))
 
-        with atomic_dir(resolve(params["paths"]["models"]) / name) as tmp:
+        model_dir = resolve(params["paths"]["models"]) / name
+        with atomic_dir(model_dir) as tmp:
             model.save(tmp / "model.keras")
-        import tensorflow as tf
-
-        first = ({k: v[:1] for k, v in x_test.items()} if isinstance(x_test, dict)
-                 else x_test[:1])
-        info = mlflow.keras.log_model(
-            model, name="model", signature=mlflow.models.infer_signature(first, probs[:1]),
-            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+        # the MLflow model classifies video files: it carries this run's preprocessing
+        info = log_video_classifier(model_dir / "model.keras",
+                                    preprocessing_config(params, name, classes))
         # where this model lives in the local MLflow store (compare registers the champion)
         write_json_atomic(reports / "mlflow.json", {"run_id": run.info.run_id,
                                                     "model_uri": info.model_uri})

@@ -1,18 +1,18 @@
 """End to end: a real `dvc repro` of the whole pipeline in a temporary git repository.
 
-The project is copied as git would clone it (tracked and untracked-but-not-ignored files), with
-`params.yaml` composed from `conf/` plus `experiment=tiny`. Then: outputs and MLflow runs are
-checked, a second `dvc repro` must do nothing, and changing one `cnn_gru` parameter must rerun
-only `train@cnn_gru` and `compare`, both through `dvc status` and a real `dvc exp run -S`.
+The `project` fixture (conftest.py) copies the project as git would clone it, composes
+`params.yaml` with `experiment=tiny` and runs `dvc repro` once. Then: outputs, comparison,
+champion and MLflow runs are checked, a second `dvc repro` must do nothing, `dvc plots show`
+renders, a queued two-point `dvc exp run --queue` grid runs in DVC's temporary copies and
+logs into the project's MLflow store, a point of it comes back from the run cache, one
+`cnn_gru` parameter invalidates only its stage, and Hydra multiruns record parent and child
+runs. The tests run in file order on the same project.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,53 +22,7 @@ import yaml
 
 from pipeline.params import compose_params, dump_params
 
-from conftest import ROOT
-
-MODELS = ["frame_cnn", "cnn3d", "cnn_gru"]
-TINY = ["experiment=tiny"]
-
-
-def run(cmd: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout + proc.stderr
-
-
-def run_json(cmd: list[str], cwd: Path, env: dict):
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-5000:]}"
-    return json.loads(proc.stdout)
-
-
-def head_commit(repo: Path) -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
-def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict]:
-    repo = tmp_path_factory.mktemp("project")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, repo / rel)
-    (repo / "params.yaml").write_text(dump_params(compose_params(TINY, conf_dir=repo / "conf")))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop("DVC_ROOT", None)
-    run(["git", "init", "-q", "-b", "main"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-q", "-m", "project"], repo, env)
-    output = run(["dvc", "repro"], repo, env)
-    return repo, {"env": env, "first": output, "commit": head_commit(repo)}
+from conftest import MODELS, TINY, run, run_json, stages_run
 
 
 def test_first_repro_runs_every_stage(project):
@@ -362,6 +316,7 @@ def test_changed_footage_reruns_download_by_content(project, tmp_path):
         for k in range(3):
             write_numbered_video(footage / label / f"{label}_S{k}_act1.avi", 10)
     committed = (repo / "params.yaml").read_text()
+    lock = (repo / "dvc.lock").read_text()
     overrides = ["dataset=folder", f"dataset.path={footage}", "dataset.classes=[shot,passing]"]
     (repo / "params.yaml").write_text(dump_params(compose_params(TINY + overrides,
                                                                  conf_dir=repo / "conf")))
@@ -377,8 +332,11 @@ def test_changed_footage_reruns_download_by_content(project, tmp_path):
         assert stages_run(run(["dvc", "repro", "download"], repo, env)) == {"download"}
         status = json.loads(run(["dvc", "status", "--json", "clean"], repo, env))
         assert "clean" in status, status  # the new raw data invalidates the next stage
-    finally:
+    finally:  # back to the sample's raw data for the tests after this one
         (repo / "params.yaml").write_text(committed)
+        (repo / "dvc.lock").write_text(lock)
+        run(["dvc", "checkout", "download"], repo, env)
+    assert json.loads(run(["dvc", "status", "--json", "download", "clean"], repo, env)) == {}
 
 
 def test_hydra_multirun_is_one_parent_run_with_a_child_per_job(project):

@@ -1,0 +1,108 @@
+"""Inference latency and throughput per model on this CPU, from video file to probabilities.
+
+    .venv/bin/python benchmarks/inference_latency.py [--clips 12] [--repeats 3] [--model URI ...]
+
+For each model the pipeline logged (reports/<model>/mlflow.json, after `dvc repro`), or each
+`--model` URI, on the first `--clips` test clips (data/raw):
+
+- latency of one clip, end to end (`classify_clips` on one file): decode + preprocess (frame
+  count, sampling, letterbox), feature backbone (cnn_gru) and model, each timed separately;
+- throughput of a batch of files (`classify_clips` on all of them, 8 clips per forward pass);
+- the raw forward pass on already preprocessed inputs, batch 1, measured in the same run:
+  the reference the end-to-end figures are compared with.
+
+Timings are medians over `--repeats` passes after one warm-up pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """Median seconds of `fn()` over `repeats` calls after one warm-up call, and its result."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def measure(uri: str, clips: list[Path], repeats: int) -> dict:
+    import numpy as np
+
+    from pipeline.inference import clip_frames, load_video_classifier
+
+    classifier, _ = load_video_classifier(uri)
+    one = clips[:1]
+    decode_s, (frames, mask) = timed(lambda: clip_frames(one[0], classifier.pre), repeats)
+    frames, mask = frames[None], mask[None]
+    prep_s, inputs = timed(lambda: classifier.model_inputs(frames, mask), repeats)
+    forward_s, _ = timed(lambda: classifier.model.predict_on_batch(inputs), repeats)
+    latency_s, _ = timed(lambda: list(classifier.classify_clips(one)), repeats)
+    batch_s, results = timed(lambda: list(classifier.classify_clips(clips)), repeats)
+    assert all(probs is not None for _, probs, _ in results), "a benchmark clip did not decode"
+    return {
+        "model": classifier.pre["model"],
+        "decode_ms": 1000 * decode_s,
+        "backbone_ms": 1000 * prep_s if "features" in classifier.pre else 0.0,
+        "forward_ms": 1000 * forward_s,
+        "latency_ms": 1000 * latency_s,
+        "clips_per_s": len(clips) / batch_s,
+        "forward_share": forward_s / latency_s,
+        "frames": int(np.asarray(frames).shape[1]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", action="append", help="MLflow model URI (repeatable)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.chdir(ROOT)
+
+    import pandas as pd
+
+    from pipeline.common import load_params, resolve
+    from pipeline.predict import use_project_store
+
+    use_project_store()
+    params = load_params()
+    reports = resolve(params["paths"]["reports"])
+    uris = args.model or [json.loads((reports / m / "mlflow.json").read_text())["model_uri"]
+                          for m in params["models"] if (reports / m / "mlflow.json").is_file()]
+    if not uris:
+        sys.exit("no logged models: run `dvc repro` first or pass --model URI")
+    test = pd.read_csv(resolve(params["paths"]["clean"]) / "splits.csv").query("split == 'test'")
+    clips = [resolve(params["paths"]["raw"]) / p for p in test["path"].head(args.clips)]
+    print(f"{len(clips)} test clips from {params['paths']['raw']}, median of {args.repeats} "
+          f"passes, {os.cpu_count()} CPUs")
+    print(f"{'model':10} {'frames':>6} {'decode':>9} {'backbone':>9} {'forward':>9} "
+          f"{'latency':>9} {'forward/latency':>15} {'batched':>12}")
+    for uri in uris:
+        r = measure(uri, clips, args.repeats)
+        print(f"{r['model']:10} {r['frames']:6d} {r['decode_ms']:7.1f}ms {r['backbone_ms']:7.1f}ms "
+              f"{r['forward_ms']:7.1f}ms {r['latency_ms']:7.1f}ms {r['forward_share']:15.0%} "
+              f"{r['clips_per_s']:7.2f} clip/s")
+    print("decode: count + sample + letterbox one clip; backbone: cnn_gru's ResNet101V2 features; "
+          "forward: the model alone on preprocessed input (batch 1, the reference); latency: one "
+          "file end to end; batched: files/s through classify_clips (8 per forward pass)")
+
+
+if __name__ == "__main__":
+    main()

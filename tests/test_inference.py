@@ -1,0 +1,94 @@
+"""Inference preprocessing without a model: windows over long recordings and request input."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.frames import sample_frames
+from pipeline.inference import (VideoError, clip_frames, request_videos, video_paths,
+                                window_bounds, window_frames)
+
+from conftest import write_numbered_video
+
+PRE = {"frames": {"num_frames": 4, "size": 32, "pad_value": 0, "sampling": "uniform"}}
+
+
+def grey_levels(frames: np.ndarray) -> list[int]:
+    """The frame numbers a numbered video's frames show (grey level 10 * i, centre pixel)."""
+    return [round(int(f[16, 16, 0]) / 10) for f in frames]
+
+
+def test_windows_cover_the_whole_recording():
+    assert window_bounds(100, 10.0, 2.0, 1.0)[:3] == [(0, 20), (10, 30), (20, 40)]
+    bounds = window_bounds(105, 10.0, 2.0, 1.0)
+    assert bounds[-1] == (85, 105)  # the last window is aligned to the end
+    assert window_bounds(15, 10.0, 2.0, 1.0) == [(0, 15)]  # shorter than one window
+    with pytest.raises(ValueError, match="positive"):
+        window_bounds(100, 10.0, 0, 1.0)
+    with pytest.raises(VideoError, match="frame rate"):
+        window_bounds(100, 0.0, 2.0, 1.0)
+
+
+def test_windows_sample_their_own_span_in_one_pass(tmp_path):
+    video = tmp_path / "long.avi"
+    write_numbered_video(video, 24, fps=4.0)
+    bounds = window_bounds(24, 4.0, 2.0, 1.0)  # 8-frame windows every 4 frames
+    windows = list(window_frames(video, PRE, bounds))
+    assert len(windows) == len(bounds) == 5
+    for (start, end), (frames, mask) in zip(bounds, windows):
+        # uniform sampling inside the window, exactly as a cut clip of that span is sampled
+        assert grey_levels(frames) == [start + 1, start + 3, start + 5, start + 7]
+        assert mask.all() and frames.shape == (4, 32, 32, 3)
+
+
+def test_a_clip_is_sampled_as_the_frames_stage_samples_it(tmp_path):
+    video = tmp_path / "clip.avi"
+    write_numbered_video(video, 10)
+    frames, mask = clip_frames(video, PRE)
+    expected, expected_mask = sample_frames(video, 10, 4, 32, 0, "uniform")
+    assert np.array_equal(frames, expected) and np.array_equal(mask, expected_mask)
+
+
+def test_unreadable_files_raise_a_video_error(tmp_path):
+    text = tmp_path / "notes.avi"
+    text.write_text("not a video")
+    with pytest.raises(VideoError, match="notes.avi"):
+        clip_frames(text, PRE)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(VideoError, match="empty"):
+        clip_frames(tmp_path / "empty.mp4", PRE)
+
+
+def test_video_paths_finds_videos_in_folders(tmp_path):
+    (tmp_path / "a").mkdir()
+    write_numbered_video(tmp_path / "a" / "x.avi", 3)
+    (tmp_path / "a" / "notes.txt").write_text("-")
+    assert video_paths(tmp_path) == [tmp_path / "a" / "x.avi"]
+    with pytest.raises(FileNotFoundError):
+        video_paths(tmp_path / "missing")
+
+
+def test_request_rows_base64_or_path_with_clear_refusals(tmp_path, monkeypatch):
+    clip = tmp_path / "clip.avi"
+    write_numbered_video(clip, 5)
+    encoded = base64.b64encode(clip.read_bytes()).decode()
+    [(row, path, temporary)] = list(request_videos(pd.DataFrame({"video": [encoded]})))
+    assert row == 0 and temporary and path.read_bytes() == clip.read_bytes()
+    path.unlink()
+    assert list(request_videos(pd.DataFrame({"path": [str(clip)]}))) == [(0, clip, False)]
+
+    def refused(frame: pd.DataFrame, match: str):
+        with pytest.raises(VideoError, match=match):
+            list(request_videos(frame))
+
+    refused(pd.DataFrame({"clip": [encoded]}), "needs a `video` field")
+    refused(pd.DataFrame({"video": ["***"]}), "not valid base64")
+    refused(pd.DataFrame({"video": [""]}), "both missing or empty")
+    refused(pd.DataFrame({"path": [str(tmp_path / "nope.avi")]}), "not a readable file")
+    monkeypatch.setenv("HANDBALL_MAX_VIDEO_MB", "0.001")
+    refused(pd.DataFrame({"video": [encoded]}), "over the 0.001 MB limit")
+    refused(pd.DataFrame({"path": [str(clip)]}), "over the 0.001 MB limit")

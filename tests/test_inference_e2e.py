@@ -1,0 +1,184 @@
+"""Inference on the models the end-to-end `dvc repro` trained (the shared `project` fixture):
+`python -m pipeline.predict` and `mlflow models serve` on real video files."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import cv2
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import MODELS
+
+
+def predict_cli(repo: Path, env: dict, *args: str) -> tuple[subprocess.CompletedProcess, object]:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.predict", *args, "--format", "json"],
+                          cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc, json.loads(proc.stdout)
+
+
+def test_predict_reproduces_the_evaluation_predictions(project, tmp_path):
+    """Each model, through the preprocessing logged with it, gives every test clip the label
+    and probability the evaluation gave it; the champion is the default model; an unreadable
+    file among the inputs is reported and skipped."""
+    repo, state = project
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    bad = tmp_path / "notes.avi"
+    bad.write_text("not a video")
+    champion = pd.read_csv(repo / "reports" / "comparison.csv")["model"].iloc[0]
+    for model in MODELS:
+        expected = pd.read_csv(repo / "reports" / model / "predictions.csv")
+        clips = [str(repo / "data" / "raw" / p) for p in expected["path"]]
+        ref = json.loads((repo / "reports" / model / "mlflow.json").read_text())
+        # both URI forms of a logged model: the model's own id, and the run that logged it
+        uri = ref["model_uri"] if model == "frame_cnn" else f"runs:/{ref['run_id']}/model"
+        default = model == champion
+        args = [*clips, str(bad)] if default else [*clips, "--model", uri]
+        proc, rows = predict_cli(repo, state["env"], *args, "--top-k", "2")
+        by_path = {Path(r["path"]).relative_to(repo / "data" / "raw").as_posix(): r
+                   for r in rows if "error" not in r or not r["error"]}
+        for clip in expected.itertuples():
+            row = by_path[clip.path]
+            assert row["action_1"] == clip.predicted, (model, clip.path)
+            assert row["probability_1"] == pytest.approx(clip.confidence, abs=2e-3)
+            assert row["probability_2"] <= row["probability_1"]
+        if default:
+            name = params["compare"]["register_as"]
+            assert f"the registered {name}@champion" in proc.stderr
+            assert [r["error"] for r in rows if r.get("error")] and "notes.avi" in proc.stderr
+            assert f"{len(clips)} of {len(clips) + 1} files classified" in proc.stderr
+
+
+def write_recording(path: Path, clips: list[Path], fps: float = 10.0) -> float:
+    """Several clips one after another in one .avi (a 'practice recording'); its length in s."""
+    writer, frames = None, 0
+    for clip in clips:
+        cap = cv2.VideoCapture(str(clip))
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if writer is None:
+                h, w = frame.shape[:2]
+                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+            writer.write(frame)
+            frames += 1
+        cap.release()
+    writer.release()
+    return frames / fps
+
+
+def test_sliding_windows_give_a_timeline_and_a_png_strip(project, tmp_path):
+    repo, state = project
+    clips = sorted((repo / "data" / "raw").rglob("*.avi"))[:3]
+    recording = tmp_path / "practice.avi"
+    length = write_recording(recording, clips)
+    png = tmp_path / "strip.png"
+    _, rows = predict_cli(repo, state["env"], str(recording), "--window", "1.0", "--stride",
+                          "0.5", "--timeline-png", str(png))
+    assert len(rows) >= 2 * length - 2
+    starts = [r["start_s"] for r in rows]
+    assert starts == sorted(starts) and starts[0] == 0
+    assert rows[-1]["end_s"] == pytest.approx(length, abs=0.11)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert all(r["action_1"] in params["dataset"]["classes"] and 0 < r["probability_1"] <= 1
+               for r in rows)
+    strip = cv2.imread(str(png))
+    assert strip is not None and strip.shape[1] > strip.shape[0] > 50
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, payload: dict) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.fixture
+def served_champion(project):
+    """`mlflow models serve -m models:/<name>@champion` on 127.0.0.1, as the README starts it
+    (local environment: this machine cannot build a fresh one offline), 1 MB request cap."""
+    repo, state = project
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    port = free_port()
+    env = {**state["env"], "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
+           "HANDBALL_MAX_VIDEO_MB": "1"}
+    log = open(repo / "serve.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+         f"models:/{params['compare']['register_as']}@champion", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)], cwd=repo, env=env, stdout=log,
+        stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail("the server did not start:\n" + (repo / "serve.log").read_text()[-4000:])
+        time.sleep(1)
+    try:
+        yield url, repo, params
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_served_champion_classifies_posted_video_and_refuses_bad_requests(served_champion):
+    url, repo, params = served_champion
+    champion = pd.read_csv(repo / "reports" / "comparison.csv")["model"].iloc[0]
+    expected = pd.read_csv(repo / "reports" / champion / "predictions.csv").iloc[0]
+    clip = repo / "data" / "raw" / expected["path"]
+    video = base64.b64encode(clip.read_bytes()).decode()
+    classes = params["dataset"]["classes"]
+
+    def classify() -> dict:
+        status, body = post(f"{url}/invocations", {"dataframe_records": [{"video": video}]})
+        assert status == 200, body
+        [answer] = json.loads(body)["predictions"]
+        return answer
+
+    answer = classify()
+    assert answer["top_action"] == expected["predicted"]
+    assert answer["top_probability"] == pytest.approx(expected["confidence"], abs=2e-3)
+    assert sum(answer[c] for c in classes) == pytest.approx(1.0, abs=1e-4)
+
+    big = base64.b64encode(os.urandom(1_200_000)).decode()
+    for payload, message in [
+        ({"dataframe_records": [{"video": base64.b64encode(b"just text").decode()}]},
+         "not a readable video"),
+        ({"dataframe_records": [{"video": ""}]}, "both missing or empty"),
+        ({"dataframe_records": [{"video": big}]}, "over the 1 MB limit"),
+        ({"dataframe_records": [{"video": "%%% not base64"}]}, "not valid base64"),
+        ({"dataframe_records": [{"clip": video}]}, "video"),
+    ]:
+        status, body = post(f"{url}/invocations", payload)
+        assert 400 <= status < 500 and message in body, (status, body[:500])
+    assert classify() == answer  # still serving, same answer
