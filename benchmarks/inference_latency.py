@@ -1,9 +1,11 @@
 """Inference latency and throughput per model on this CPU, from video file to probabilities.
 
     .venv/bin/python benchmarks/inference_latency.py [--clips 12] [--repeats 3] [--model URI ...]
+        [--videos FOLDER]
 
 For each model the pipeline logged (reports/<model>/mlflow.json, after `dvc repro`), or each
-`--model` URI, on the first `--clips` test clips (data/raw):
+`--model` URI, on the first `--clips` test clips (data/raw), or on the first `--clips` videos
+of FOLDER (e.g. real broadcast footage, ../shared/data/real/cricket_shots):
 
 - latency of one clip, end to end (`classify_clips` on one file): decode + preprocess (frame
   count, sampling, letterbox), feature backbone (cnn_gru) and model, each timed separately;
@@ -72,7 +74,9 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", action="append", help="MLflow model URI (repeatable)")
+    parser.add_argument("--videos", type=Path, help="a folder of videos to time instead")
     args = parser.parse_args()
+    videos = args.videos.resolve() if args.videos else None  # before moving to the project
     logging.basicConfig(level=logging.WARNING)
     os.chdir(ROOT)
 
@@ -88,10 +92,18 @@ def main() -> None:
                           for m in params["models"] if (reports / m / "mlflow.json").is_file()]
     if not uris:
         sys.exit("no logged models: run `dvc repro` first or pass --model URI")
-    test = pd.read_csv(resolve(params["paths"]["clean"]) / "splits.csv").query("split == 'test'")
-    clips = [resolve(params["paths"]["raw"]) / p for p in test["path"].head(args.clips)]
-    print(f"{len(clips)} test clips from {params['paths']['raw']}, median of {args.repeats} "
-          f"passes, {os.cpu_count()} CPUs")
+    if videos:
+        from pipeline.inference import video_paths
+
+        clips = video_paths(videos)[:args.clips]
+        source = str(args.videos)
+    else:
+        test = pd.read_csv(resolve(params["paths"]["clean"]) / "splits.csv").query(
+            "split == 'test'")
+        clips = [resolve(params["paths"]["raw"]) / p for p in test["path"].head(args.clips)]
+        source = f"the test split in {params['paths']['raw']}"
+    print(f"{len(clips)} clips from {source}, median of {args.repeats} passes, "
+          f"{os.cpu_count()} CPUs")
     print(f"{'model':10} {'frames':>6} {'decode':>9} {'backbone':>9} {'forward':>9} "
           f"{'latency':>9} {'forward/latency':>15} {'batched':>12}")
     for uri in uris:

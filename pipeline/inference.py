@@ -200,14 +200,24 @@ class VideoClassifier:
         from pipeline.features import frame_features
 
         backbone, preprocess = self.backbone()
-        feats = frame_features(backbone, preprocess, frames,
-                               int(self.pre["features"]["batch_size"]), desc="")
+        # The features stage's batch size, but no larger than the frames at hand: one clip's
+        # 8 frames padded to a batch of 32 took 4.8x as long, for features that agree with
+        # the cached ones to 3e-7 (relative) either way.
+        batch = min(int(self.pre["features"]["batch_size"]), frames.shape[0] * frames.shape[1])
+        feats = frame_features(backbone, preprocess, frames, batch, desc="")
         return {"features": feats[:, idx], "mask": masks[:, idx]}
 
     def probabilities(self, frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        """(B x classes) class probabilities for a batch of sampled clips."""
-        return self.model.predict(self.model_inputs(frames, masks),
-                                  batch_size=int(self.pre["batch_size"]), verbose=0)
+        """(B x classes) class probabilities for a batch of sampled clips, in the training
+        batch size (`predict_on_batch`: Keras' `predict` adds ~0.1 s per call here)."""
+        inputs = self.model_inputs(frames, masks)
+        step = int(self.pre["batch_size"])
+        parts = []
+        for start in range(0, len(frames), step):
+            part = ({k: v[start:start + step] for k, v in inputs.items()}
+                    if isinstance(inputs, dict) else inputs[start:start + step])
+            parts.append(np.asarray(self.model.predict_on_batch(part)))
+        return np.concatenate(parts)
 
     def classify_clips(self, paths: list[Path], chunk: int = 8
                        ) -> Iterator[tuple[Path, np.ndarray | None, str]]:

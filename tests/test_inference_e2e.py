@@ -1,5 +1,10 @@
 """Inference on the models the end-to-end `dvc repro` trained (the shared `project` fixture):
-`python -m pipeline.predict` and `mlflow models serve` on real video files."""
+`python -m pipeline.predict` and `mlflow models serve` on real video files.
+
+These tests read the project as the first `dvc repro` left it (its champion is the best model
+of reports/comparison.csv); pytest runs this module before test_pipeline_e2e.py, whose
+experiments move the workspace and the champion on. `first_repro_state` checks that.
+"""
 
 from __future__ import annotations
 
@@ -29,11 +34,54 @@ def predict_cli(repo: Path, env: dict, *args: str) -> tuple[subprocess.Completed
     return proc, json.loads(proc.stdout)
 
 
-def test_predict_reproduces_the_evaluation_predictions(project, tmp_path):
+@pytest.fixture
+def first_repro_state(project):
+    """The project, checked to be as the first `dvc repro` left it."""
+    from mlflow.tracking import MlflowClient
+
+    repo, state = project
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    champion = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
+        params["compare"]["register_as"], "champion")
+    best = pd.read_csv(repo / "reports" / "comparison.csv")["model"].iloc[0]
+    assert champion.run_id == json.loads(
+        (repo / "reports" / best / "mlflow.json").read_text())["run_id"], (
+        "the project moved on before the inference tests (run this module first)")
+    return repo, state
+
+
+def download_model(repo: Path, uri: str, dst: Path) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+
+
+def test_default_model_is_the_champion_else_the_latest_comparisons_best(first_repro_state,
+                                                                        monkeypatch):
+    from pipeline.predict import default_model, use_project_store
+
+    repo, _ = first_repro_state
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    store = use_project_store()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    name = params["compare"]["register_as"]
+    uri, why = default_model(params, store)
+    assert uri == f"models:/{name}@champion" and f"the registered {name}@champion" in why
+    params["compare"]["register_as"] = "never-registered"
+    uri, why = default_model(params, store)
+    best = pd.read_csv(repo / "reports" / "comparison.csv")["model"].iloc[0]
+    assert uri == json.loads((repo / "reports" / best / "mlflow.json").read_text())["model_uri"]
+    assert "no never-registered@champion is registered" in why and best in why
+
+
+def test_predict_reproduces_the_evaluation_predictions(first_repro_state, tmp_path):
     """Each model, through the preprocessing logged with it, gives every test clip the label
     and probability the evaluation gave it; the champion is the default model; an unreadable
     file among the inputs is reported and skipped."""
-    repo, state = project
+    repo, state = first_repro_state
     params = yaml.safe_load((repo / "params.yaml").read_text())
     bad = tmp_path / "notes.avi"
     bad.write_text("not a video")
@@ -42,8 +90,10 @@ def test_predict_reproduces_the_evaluation_predictions(project, tmp_path):
         expected = pd.read_csv(repo / "reports" / model / "predictions.csv")
         clips = [str(repo / "data" / "raw" / p) for p in expected["path"]]
         ref = json.loads((repo / "reports" / model / "mlflow.json").read_text())
-        # both URI forms of a logged model: the model's own id, and the run that logged it
-        uri = ref["model_uri"] if model == "frame_cnn" else f"runs:/{ref['run_id']}/model"
+        if model == "frame_cnn":  # a model folder on disk, as `mlflow artifacts download` gives
+            uri = download_model(repo, ref["model_uri"], tmp_path / "frame_cnn_model")
+        else:  # the run that logged it
+            uri = f"runs:/{ref['run_id']}/model"
         default = model == champion
         args = [*clips, str(bad)] if default else [*clips, "--model", uri]
         proc, rows = predict_cli(repo, state["env"], *args, "--top-k", "2")
@@ -116,10 +166,10 @@ def post(url: str, payload: dict) -> tuple[int, str]:
 
 
 @pytest.fixture
-def served_champion(project):
+def served_champion(first_repro_state):
     """`mlflow models serve -m models:/<name>@champion` on 127.0.0.1, as the README starts it
     (local environment: this machine cannot build a fresh one offline), 1 MB request cap."""
-    repo, state = project
+    repo, state = first_repro_state
     params = yaml.safe_load((repo / "params.yaml").read_text())
     port = free_port()
     env = {**state["env"], "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",

@@ -142,12 +142,16 @@ def test_mlflow_runs_are_comparable(project):
         assert run_.data.params["model.name"] == model
         artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
         assert {"confusion_matrix.png", "classification_report.txt"} <= artifacts
-        # the logged model loads back and is a Keras model with the right output
+        # the logged model loads back as a video classifier around the trained Keras model
         import mlflow
 
+        from pipeline.inference import load_video_classifier
+
         mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-        loaded = mlflow.keras.load_model(f"runs:/{run_.info.run_id}/model")
-        assert loaded.output_shape == (None, len(params["dataset"]["classes"]))
+        classifier, _ = load_video_classifier(f"runs:/{run_.info.run_id}/model")
+        assert classifier.model.output_shape == (None, len(params["dataset"]["classes"]))
+        assert classifier.pre["model"] == model and classifier.classes == params["dataset"]["classes"]
+        assert classifier.pre["frames"] == {k: params["frames"][k] for k in classifier.pre["frames"]}
 
 
 def test_second_repro_does_nothing(project):
@@ -194,6 +198,7 @@ def wait_for_queue(repo: Path, env: dict, names: list[str], timeout_s: float = 9
         assert result == "Success", run(["dvc", "queue", "logs", name], repo, env)[-5000:]
 
 
+@pytest.mark.slow  # ~80 s; CI runs it (make test-all)
 def test_queued_dvc_sweep_logs_each_experiment_into_the_root_store(project):
     """The README's grid: `dvc exp run --queue -S 'models.cnn_gru.dropout=a,b'` and
     `dvc queue start -j 2`. Both experiments run in DVC's temporary copies with their own
@@ -247,6 +252,7 @@ def test_queued_dvc_sweep_logs_each_experiment_into_the_root_store(project):
     assert float(champion.tags["macro_f1"]) == max(float(v.tags["macro_f1"]) for v in versions)
 
 
+@pytest.mark.slow  # comes back to a point of the queued grid above; CI runs it
 def test_a_stage_restored_from_the_run_cache_leaves_compare_complete(project):
     """Coming back to a queued point: DVC restores train@cnn_gru (model, reports, metrics) from
     its run cache instead of training; no new MLflow training run is logged, and compare still
