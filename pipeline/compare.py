@@ -126,6 +126,14 @@ def comparison_figure(table: pd.DataFrame, classes: list[str], confidence: float
     return fig
 
 
+PROMOTE_POLICIES = ("better", "always")
+
+
+def check_promote_policy(policy: str) -> None:
+    if policy not in PROMOTE_POLICIES:
+        raise PipelineError(f"compare.promote={policy!r}: one of {PROMOTE_POLICIES}")
+
+
 def promotion_reason(candidate: dict[str, str], current: dict[str, str] | None,
                      policy: str) -> str | None:
     """Why the alias should move to `candidate` (version tags), or None to leave it where it is.
@@ -134,8 +142,7 @@ def promotion_reason(candidate: dict[str, str], current: dict[str, str] | None,
     moves only to a model that beats the current champion by `compare.metric` on the same
     dataset, so a queued sweep leaves the alias on its best point, not on whichever ran last.
     """
-    if policy not in ("better", "always"):
-        raise PipelineError(f"compare.promote must be 'better' or 'always', got {policy!r}")
+    check_promote_policy(policy)
     if current is None:
         return "there is no champion yet"
     if policy == "always":
@@ -229,6 +236,7 @@ def compare(params: dict) -> pd.DataFrame:
 
     classes = list(params["dataset"]["classes"])
     confidence = float(params["compare"]["confidence"])
+    check_promote_policy(params["compare"].get("promote", "better"))  # before any work
     table = comparison_table(params)
     reports = resolve(params["paths"]["reports"])
     markdown = markdown_table(table, classes, confidence)

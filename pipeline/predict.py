@@ -167,7 +167,13 @@ def predict(targets: list[Path], model_uri: str | None = None, k: int = 3,
     if model_uri:
         description = model_uri
     else:
-        model_uri, description = default_model(load_params(params_path), store)
+        try:
+            params = load_params(params_path)
+        except FileNotFoundError as exc:
+            raise PipelineError(f"no --model given, and the champion's name comes from the "
+                                f"project's params.yaml: {exc}. Run from the project folder "
+                                f"or pass --model URI") from exc
+        model_uri, description = default_model(params, store)
     log.info("model: %s (%s)", model_uri, description)
     classifier, _ = load_video_classifier(model_uri)
     log.info("model: %s trained on %d classes, %d frames of %dx%d (%s sampling)%s",
