@@ -107,10 +107,14 @@ def sample_frames(path: Path, total: int, n: int, size: int, pad_value: int = 0,
         if len(kept) < len(set(indices.tolist())):
             raise IOError(f"{path}: frames {sorted(set(indices.tolist()) - kept.keys())} could "
                           f"not be decoded twice in a row")
-    frames = np.stack([kept[i] for i in indices])
-    mask = np.ones(n, dtype=bool)
+    return np.stack([kept[i] for i in indices]), repeat_mask(indices)
+
+
+def repeat_mask(indices: np.ndarray) -> np.ndarray:
+    """False where a sampled frame repeats the one before it (a clip shorter than the sample)."""
+    mask = np.ones(len(indices), dtype=bool)
     mask[1:] = indices[1:] != indices[:-1]
-    return frames, mask
+    return mask
 
 
 def sample_frames_task(task: tuple) -> tuple[np.ndarray, np.ndarray]:

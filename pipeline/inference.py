@@ -75,14 +75,47 @@ def count_frames(path: Path) -> tuple[int, float]:
 
 
 def clip_frames(path: Path, pre: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(N x S x S x 3 uint8, N mask) of one clip, sampled as the frames stage sampled it."""
-    from pipeline.frames import sample_frames
+    """(N x S x S x 3 uint8, N mask) of one clip: the frames the frames stage would cache.
+
+    The clean stage counts a clip's frames by decoding all of them and the frames stage then
+    samples on that count. Here this takes one pass when the container's frame count is right
+    (the usual case): the frames at the positions sampled for that count are kept while every
+    frame is counted. If the count turns out to differ, the positions are redrawn on the true
+    count and the clip decoded again, so the result is always the stage's.
+    """
+    import cv2
+
+    from pipeline.frames import letterbox, repeat_mask, sample_frames, sample_indices
+    from pipeline.video import open_video
 
     cfg = pre["frames"]
-    total, _ = count_frames(path)
+    n, size, pad, sampling = (int(cfg["num_frames"]), int(cfg["size"]), int(cfg["pad_value"]),
+                              cfg["sampling"])
+    if not path.is_file() or path.stat().st_size == 0:
+        raise VideoError(f"{path}: empty or missing file")
+    cap = open_video(path)
+    if not cap.isOpened():
+        raise VideoError(f"{path}: OpenCV cannot open it (not a video, or an unsupported codec)")
+    hint = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    wanted = set(sample_indices(hint, n, sampling).tolist()) if hint > 0 else set()
+    kept: dict[int, np.ndarray] = {}
+    total = 0
     try:
-        return sample_frames(path, total, int(cfg["num_frames"]), int(cfg["size"]),
-                             int(cfg["pad_value"]), cfg["sampling"])
+        while cap.grab():
+            if total in wanted:
+                ok, frame = cap.retrieve()
+                if ok:
+                    kept[total] = letterbox(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), size, pad)
+            total += 1
+    finally:
+        cap.release()
+    if total == 0:
+        raise VideoError(f"{path}: no decodable frames")
+    indices = sample_indices(total, n, sampling)
+    if set(indices.tolist()) <= kept.keys():
+        return np.stack([kept[i] for i in indices]), repeat_mask(indices)
+    try:  # the container's count was off
+        return sample_frames(path, total, n, size, pad, sampling)
     except IOError as exc:
         raise VideoError(str(exc)) from exc
 
@@ -117,7 +150,7 @@ def window_frames(path: Path, pre: dict, bounds: list[tuple[int, int]]
     """
     import cv2
 
-    from pipeline.frames import letterbox, sample_indices
+    from pipeline.frames import letterbox, repeat_mask, sample_indices
     from pipeline.video import open_video
 
     cfg = pre["frames"]
@@ -141,9 +174,7 @@ def window_frames(path: Path, pre: dict, bounds: list[tuple[int, int]]
                 kept[frame_no] = letterbox(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), size, pad)
             while next_window < len(plans) and int(plans[next_window].max()) <= frame_no:
                 idx = plans[next_window]
-                mask = np.ones(n, dtype=bool)
-                mask[1:] = idx[1:] != idx[:-1]
-                yield np.stack([kept[i] for i in idx.tolist()]), mask
+                yield np.stack([kept[i] for i in idx.tolist()]), repeat_mask(idx)
                 for i in set(idx.tolist()):
                     if last_use[i] == next_window:
                         del kept[i]
