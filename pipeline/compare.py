@@ -160,9 +160,16 @@ def promotion_reason(candidate: dict[str, str], current: dict[str, str] | None,
     return None
 
 
-def register_champion(params: dict, best: dict, dataset: dict):
-    """Register the best model's logged MLflow model as a version of `compare.register_as` and
-    move `compare.alias` to it as `compare.promote` decides.
+def model_ref(params: dict, model: str) -> dict:
+    """Where model's latest training run lives in MLflow (`reports/<model>/mlflow.json`:
+    run_id, model_uri), or {} when the file is absent."""
+    ref_file = resolve(params["paths"]["reports"]) / model / "mlflow.json"
+    return json.loads(ref_file.read_text()) if ref_file.is_file() else {}
+
+
+def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
+    """Register the best model's logged MLflow model (`ref`: its `model_ref`) as a version of
+    `compare.register_as` and move `compare.alias` to it as `compare.promote` decides.
 
     Returns the version the alias points at afterwards, or None when the training run is not
     in this MLflow store (e.g. reports restored next to an empty store), which is logged.
@@ -177,8 +184,6 @@ def register_champion(params: dict, best: dict, dataset: dict):
     name, alias = cfg.get("register_as"), cfg.get("alias") or "champion"
     if not name:
         return None
-    ref_file = resolve(params["paths"]["reports"]) / best["model"] / "mlflow.json"
-    ref = json.loads(ref_file.read_text()) if ref_file.is_file() else {}
     run_id = ref.get("run_id", "")
     client = MlflowClient()
     try:
@@ -253,11 +258,10 @@ def compare(params: dict) -> pd.DataFrame:
 
     use_experiment(params["mlflow"]["experiment"])
     dataset = json.loads((resolve(params["paths"]["clean"]) / "dataset.json").read_text())
-    best_ref = resolve(params["paths"]["reports"]) / best["model"] / "mlflow.json"
+    best_ref = model_ref(params, best["model"])
     tags = {**run_tags("comparison", dataset["dataset_hash"]), "best_model": best["model"],
             # what `pipeline.predict` uses when no champion is registered
-            "best_model_uri": json.loads(best_ref.read_text()).get("model_uri", "")
-            if best_ref.is_file() else ""}
+            "best_model_uri": best_ref.get("model_uri", "")}
     with mlflow.start_run(run_name="comparison", tags=tags):
         mlflow.log_table(table, "comparison.json")
         mlflow.log_text(markdown, "comparison.md")
@@ -265,7 +269,7 @@ def compare(params: dict) -> pd.DataFrame:
         mlflow.log_metrics({f"{r['model']}_{s}": float(r[s]) for r in table.to_dict("records")
                             for s in SCORES + [f"{x}_{e}" for x in SCORES for e in ("low", "high")]
                             + ["inference_ms_per_clip"] if pd.notna(r[s])})
-        version = register_champion(params, best, dataset)
+        version = register_champion(params, best, best_ref, dataset)
         if version is not None:
             mlflow.set_tags({"champion": f"{params['compare']['register_as']}/{version.version}"})
     metric = params["compare"]["metric"]

@@ -56,33 +56,44 @@ def letterbox(frame: np.ndarray, size: int, pad_value: int = 0) -> np.ndarray:
     return out
 
 
-def decode_indices(path: Path, indices: np.ndarray, size: int, pad_value: int,
-                   threads: int | None = None) -> tuple[dict[int, np.ndarray], int]:
-    """Decode a clip front to back, keeping (letterboxed, RGB) only the frames in `indices`.
+def display_frame(frame: np.ndarray, size: int, pad_value: int) -> np.ndarray:
+    """A decoded (BGR) frame as cached: RGB, letterboxed into size x size."""
+    return letterbox(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), size, pad_value)
+
+
+def read_indices(cap: cv2.VideoCapture, indices: np.ndarray, size: int, pad_value: int,
+                 count_all: bool = False) -> tuple[dict[int, np.ndarray], int]:
+    """Read an open capture front to back, keeping (letterboxed, RGB) only the frames in
+    `indices`. Stops after the last of them, or with `count_all` at the end of the video, so
+    the count returned is then every decodable frame. Returns the kept frames and the count.
 
     Frames are grabbed without conversion and only the wanted ones retrieved, so memory holds
     n small frames and one full-size frame whatever the clip's length or resolution.
-    `threads` caps FFmpeg's decoding threads (None: its default). Returns the kept frames and
-    how many frames were decoded.
     """
     wanted = set(indices.tolist())
-    last = int(indices.max())
+    last = int(indices.max()) if len(indices) else -1
+    kept: dict[int, np.ndarray] = {}
+    decoded = 0
+    while (count_all or decoded <= last) and cap.grab():
+        if decoded in wanted:
+            ok, frame = cap.retrieve()
+            if ok:
+                kept[decoded] = display_frame(frame, size, pad_value)
+        decoded += 1
+    return kept, decoded
+
+
+def decode_indices(path: Path, indices: np.ndarray, size: int, pad_value: int,
+                   threads: int | None = None) -> tuple[dict[int, np.ndarray], int]:
+    """`read_indices` on the clip at `path`; `threads` caps FFmpeg's decoding threads (None:
+    its default). Returns the kept frames and how many frames were decoded."""
     cap = open_video(path, threads)
     if not cap.isOpened():
         raise IOError(f"OpenCV cannot open {path}")
-    kept: dict[int, np.ndarray] = {}
-    decoded = 0
     try:
-        while decoded <= last and cap.grab():
-            if decoded in wanted:
-                ok, frame = cap.retrieve()
-                if ok:
-                    kept[decoded] = letterbox(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), size,
-                                              pad_value)
-            decoded += 1
+        return read_indices(cap, indices, size, pad_value)
     finally:
         cap.release()
-    return kept, decoded
 
 
 def sample_frames(path: Path, total: int, n: int, size: int, pad_value: int = 0,

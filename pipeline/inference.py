@@ -85,7 +85,7 @@ def clip_frames(path: Path, pre: dict) -> tuple[np.ndarray, np.ndarray]:
     """
     import cv2
 
-    from pipeline.frames import letterbox, repeat_mask, sample_frames, sample_indices
+    from pipeline.frames import read_indices, repeat_mask, sample_frames, sample_indices
     from pipeline.video import open_video
 
     cfg = pre["frames"]
@@ -97,16 +97,9 @@ def clip_frames(path: Path, pre: dict) -> tuple[np.ndarray, np.ndarray]:
     if not cap.isOpened():
         raise VideoError(f"{path}: OpenCV cannot open it (not a video, or an unsupported codec)")
     hint = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-    wanted = set(sample_indices(hint, n, sampling).tolist()) if hint > 0 else set()
-    kept: dict[int, np.ndarray] = {}
-    total = 0
+    wanted = sample_indices(hint, n, sampling) if hint > 0 else np.array([], dtype=int)
     try:
-        while cap.grab():
-            if total in wanted:
-                ok, frame = cap.retrieve()
-                if ok:
-                    kept[total] = letterbox(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), size, pad)
-            total += 1
+        kept, total = read_indices(cap, wanted, size, pad, count_all=True)
     finally:
         cap.release()
     if total == 0:
@@ -148,9 +141,7 @@ def window_frames(path: Path, pre: dict, bounds: list[tuple[int, int]]
     Frames are kept only until the last window that needs them has been yielded, so memory
     holds the frames of the windows that overlap, not the whole recording.
     """
-    import cv2
-
-    from pipeline.frames import letterbox, repeat_mask, sample_indices
+    from pipeline.frames import display_frame, repeat_mask, sample_indices
     from pipeline.video import open_video
 
     cfg = pre["frames"]
@@ -171,7 +162,7 @@ def window_frames(path: Path, pre: dict, bounds: list[tuple[int, int]]
                 ok, frame = cap.retrieve()
                 if not ok:
                     raise VideoError(f"{path}: frame {frame_no} does not decode")
-                kept[frame_no] = letterbox(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), size, pad)
+                kept[frame_no] = display_frame(frame, size, pad)
             while next_window < len(plans) and int(plans[next_window].max()) <= frame_no:
                 idx = plans[next_window]
                 yield np.stack([kept[i] for i in idx.tolist()]), repeat_mask(idx)
@@ -388,8 +379,6 @@ class VideoClassifierModel(mlflow.pyfunc.PythonModel):
             self.classifier.probabilities(np.stack(frames), np.stack(masks)))
 
 
-
-
 def model_signature(classes: list[str]):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -426,8 +415,6 @@ def log_video_classifier(model_file: Path, pre: dict):
 
 def load_video_classifier(uri: str) -> tuple[VideoClassifier, object]:
     """(VideoClassifier, PyFuncModel) of an MLflow model URI or local model folder."""
-    import mlflow.pyfunc
-
     from mlflow.exceptions import MlflowException
 
     model = mlflow.pyfunc.load_model(uri)
