@@ -287,10 +287,15 @@ def clean(params: dict) -> pd.DataFrame:
             "".join(f"{p}\t{l}\t{h}\n" for p, l, h in
                     sorted(zip(usable["path"], usable["label"], usable["sha256"]))).encode()
         ).hexdigest()
+        # which clip is in which split: scores (and champions) compare only on the same one
+        split_hash = hashlib.sha256(
+            "".join(f"{p}\t{s}\n" for p, s in sorted(zip(splits["path"], splits["split"])))
+            .encode()).hexdigest()
         summary = {
             "name": ds["name"],
             "classes": classes,
             "dataset_hash": dataset_hash,
+            "split_hash": split_hash,
             "clips": int(len(probe)),
             "usable": int(len(usable)),
             "quarantined": int(len(quarantine)),

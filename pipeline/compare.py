@@ -1,13 +1,19 @@
 """Stage `compare`: the models side by side, and the best one registered as the champion.
 
-Writes `reports/comparison.{md,csv,png}` and `metrics/comparison.json`: per model accuracy,
-balanced accuracy and macro-F1 each with a bootstrap confidence interval over the test clips
-(and mean ± std over `train_seeds` when set), per-class F1, parameters, training time and
-inference time per clip. Logs them as an MLflow
-`comparison` run, and registers the best model by `compare.metric` in the MLflow Model
-Registry as a version of `compare.register_as`, tagged with what it takes to reproduce it
-(git commit, DVC experiment, dataset hash, the full composed config), and moves the alias
-`compare.alias` to it as `compare.promote` says (default: only when it beats the champion).
+Writes `reports/comparison.{md,csv,png}` and `metrics/comparison.json`: per model its
+validation score, test accuracy, balanced accuracy and macro-F1 each with a bootstrap
+confidence interval over the test clips (and mean ± std over `train_seeds` when set),
+per-class F1, parameters, training time and inference time per clip; below the models, the
+baseline rows (stage `baseline`), and a flag on every model that does not beat the logistic
+regression baseline on test or predicts one class for every test clip. Logs them as an MLflow
+`comparison` run.
+
+Models are ranked, and the champion chosen, by the **validation** score
+`val_<compare.metric>`; test scores are reported and never used to choose. The best model is
+registered in the MLflow Model Registry as a version of `compare.register_as`, tagged with what
+it takes to reproduce it (git commit, DVC experiment, dataset and split hashes, the full
+composed config), and the alias `compare.alias` moves to it as `compare.promote` says (default:
+only when its validation score beats the champion's on the same data and split).
 
 Reads the files the train stages write (or that DVC restores from its run cache), so the
 table is complete even when no model was retrained.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from pathlib import Path
 
 import matplotlib
 
@@ -40,15 +47,13 @@ SCORES = ["accuracy", "balanced_accuracy", "macro_f1"]
 COSTS = ["params", "train_time_s", "inference_ms_per_clip", "epochs", "test_clips"]
 
 
-def model_row(params: dict, name: str, classes: list[str]) -> dict:
-    """One model's scores with bootstrap intervals (from its aligned test predictions), its
-    per-class F1 and its costs."""
-    metrics_path = resolve(params["paths"]["metrics"]) / f"{name}.json"
-    reports = resolve(params["paths"]["reports"]) / name
-    for path in (metrics_path, reports / "predictions.csv", reports / "per_class.csv"):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run `dvc repro train@{name}` first")
-    metrics = json.loads(metrics_path.read_text())
+# the `baseline` stage's classifiers and their rows' names
+BASELINE_STAGE_ROWS = {"majority": "baseline_majority", "motion_logreg": "baseline_motion_logreg"}
+
+
+def score_row(params: dict, name: str, metrics: dict, reports: Path, classes: list[str]) -> dict:
+    """One row: test scores with bootstrap intervals (from the aligned test predictions in
+    `reports`), validation scores, per-class F1, costs, and how many classes it predicts."""
     predictions = pd.read_csv(reports / "predictions.csv")
     index = {c: i for i, c in enumerate(classes)}
     cfg = params["compare"]
@@ -59,8 +64,10 @@ def model_row(params: dict, name: str, classes: list[str]) -> dict:
     per_class = pd.read_csv(reports / "per_class.csv").set_index("class")["f1"]
     row = {"model": name}
     for score in SCORES:
+        row[f"val_{score}"] = metrics.get(f"val_{score}", np.nan)
         row[score] = metrics[score]
         row[f"{score}_low"], row[f"{score}_high"] = intervals[score]
+    row["predicted_classes"] = int(predictions["predicted"].nunique())
     row.update({f"f1_{c}": float(per_class.get(c, np.nan)) for c in classes})
     row.update({k: metrics.get(k, np.nan) for k in COSTS})
     # over `train_seeds`, when the model was trained more than once
@@ -69,18 +76,71 @@ def model_row(params: dict, name: str, classes: list[str]) -> dict:
     return row
 
 
+def model_row(params: dict, name: str, classes: list[str]) -> dict:
+    """A trained model's row, from `metrics/<name>.json` and `reports/<name>/`."""
+    metrics_path = resolve(params["paths"]["metrics"]) / f"{name}.json"
+    reports = resolve(params["paths"]["reports"]) / name
+    for path in (metrics_path, reports / "predictions.csv", reports / "per_class.csv"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run `dvc repro train@{name}` first")
+    return {**score_row(params, name, json.loads(metrics_path.read_text()), reports, classes),
+            "kind": "model"}
+
+
+def baseline_rows(params: dict, classes: list[str]) -> list[dict]:
+    """The rows of the `baseline` stage (majority class, motion logistic regression)."""
+    path = resolve(params["paths"]["metrics"]) / "baseline.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `dvc repro baseline` first")
+    metrics = json.loads(path.read_text())
+    reports = resolve(params["paths"]["reports"]) / "baseline"
+    return [{**score_row(params, label, metrics[key], reports / key, classes), "kind": "baseline"}
+            for key, label in BASELINE_STAGE_ROWS.items()]
+
+
+def selection_order(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Models by validation `metric` (then validation accuracy and balanced accuracy, which
+    break the ties a small validation split makes common), best first; never by test."""
+    keys = [f"val_{metric}"] + [f"val_{s}" for s in SCORES if s != metric]
+    return table.sort_values(keys, ascending=False, kind="stable", na_position="last")
+
+
 def comparison_table(params: dict) -> pd.DataFrame:
+    """Models ranked by validation score, then the baseline rows; `flags` says which model
+    does not beat the logistic regression baseline on test or predicts a single class."""
     classes = list(params["dataset"]["classes"])
     metric = params["compare"]["metric"]
     if metric not in SCORES:
         raise PipelineError(f"compare.metric={metric!r}: one of {SCORES}")
-    table = pd.DataFrame([model_row(params, name, classes) for name in params["models"]])
-    return table.sort_values(metric, ascending=False, kind="stable").reset_index(drop=True)
+    models = selection_order(pd.DataFrame([model_row(params, name, classes)
+                                           for name in params["models"]]), metric)
+    baselines = pd.DataFrame(baseline_rows(params, classes))
+    bar = float(baselines.loc[baselines["model"] == BASELINE_STAGE_ROWS["motion_logreg"],
+                              metric].iloc[0])
+    models["flags"] = [", ".join(f for f, on in (
+        ("predicts one class", r["predicted_classes"] <= 1),
+        (f"does not beat the baseline ({metric} {r[metric]:.3f} <= {bar:.3f})", r[metric] <= bar),
+    ) if on) for r in models.to_dict("records")]
+    baselines["flags"] = ""
+    return pd.concat([models, baselines], ignore_index=True)
 
 
-def markdown_table(table: pd.DataFrame, classes: list[str], confidence: float) -> str:
-    """Scores as `value [low, high]`, then per-class F1, then costs."""
+def json_safe(value):
+    """NaN (a score a row does not have) as null: strict JSON parsers reject NaN."""
+    return None if isinstance(value, float) and np.isnan(value) else value
+
+
+def number(fmt: str):
+    """A cell formatter that shows a missing value (a baseline's costs) as a dash."""
+    return lambda v: "—" if pd.isna(v) else fmt.format(v)
+
+
+def markdown_table(table: pd.DataFrame, classes: list[str], confidence: float,
+                   metric: str = "macro_f1") -> str:
+    """Validation score (the ranking), test scores as `value [low, high]`, per-class F1,
+    costs, flags."""
     shown = pd.DataFrame({"model": table["model"]})
+    shown[f"val {metric} (ranks)"] = table[f"val_{metric}"].map(number("{:.3f}"))
     for score in SCORES:
         shown[f"{score} ({confidence:.0%} CI)"] = [
             f"{r[score]:.3f} [{r[score + '_low']:.2f}, {r[score + '_high']:.2f}]"
@@ -92,10 +152,11 @@ def markdown_table(table: pd.DataFrame, classes: list[str], confidence: float) -
             if pd.notna(r["seeds"]) else "" for r in table.to_dict("records")]
     for c in classes:
         shown[f"F1 {c}"] = table[f"f1_{c}"].map("{:.2f}".format)
-    shown["params"] = table["params"].map("{:,.0f}".format)
-    shown["train s"] = table["train_time_s"].map("{:.0f}".format)
-    shown["ms/clip"] = table["inference_ms_per_clip"].map("{:.0f}".format)
+    shown["params"] = table["params"].map(number("{:,.0f}"))
+    shown["train s"] = table["train_time_s"].map(number("{:.0f}"))
+    shown["ms/clip"] = table["inference_ms_per_clip"].map(number("{:.0f}"))
     shown["test clips"] = table["test_clips"]
+    shown["flags"] = table["flags"]
     return shown.to_markdown(index=False, disable_numparse=True)
 
 
@@ -139,8 +200,9 @@ def promotion_reason(candidate: dict[str, str], current: dict[str, str] | None,
     """Why the alias should move to `candidate` (version tags), or None to leave it where it is.
 
     `policy` is `compare.promote`: `always` follows every pipeline run's best model; `better`
-    moves only to a model that beats the current champion by `compare.metric` on the same
-    dataset, so a queued sweep leaves the alias on its best point, not on whichever ran last.
+    moves only to a model that beats the current champion's validation score
+    (`selected_by`, e.g. `val_macro_f1`) on the same dataset and split, so a queued sweep
+    leaves the alias on its best point, not on whichever ran last. Test scores never decide.
     """
     check_promote_policy(policy)
     if current is None:
@@ -152,6 +214,8 @@ def promotion_reason(candidate: dict[str, str], current: dict[str, str] | None,
                 f" is not {candidate.get('format')}")
     if current.get("dataset_hash") != candidate["dataset_hash"]:
         return "the champion was chosen on other data"
+    if current.get("split_hash") != candidate.get("split_hash"):
+        return "the champion was chosen on another split of the data"
     metric = candidate["selected_by"]
     if current.get("selected_by") != metric or metric not in current:
         return f"the champion was not chosen by {metric}"
@@ -195,16 +259,20 @@ def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
                     mlflow.get_tracking_uri(), best["model"])
         return None
     metric = cfg["metric"]
+    selected_by = f"val_{metric}"
     tags = {
         "model": best["model"],
         "git_commit": run.data.tags.get("git_commit") or git_commit(),
         "dvc_exp_name": run.data.tags.get("dvc_exp_name", ""),
         "dataset_hash": dataset["dataset_hash"],
+        "split_hash": dataset.get("split_hash", ""),
         "dataset_name": dataset["name"],
-        "selected_by": metric,
+        "selected_by": selected_by,
         "format": MODEL_FORMAT,
-        metric: f"{best[metric]:.4f}",
-        f"{metric}_ci": f"[{best[metric + '_low']:.4f}, {best[metric + '_high']:.4f}]",
+        selected_by: f"{best[selected_by]:.4f}",
+        # reported, never used to choose
+        f"test_{metric}": f"{best[metric]:.4f}",
+        f"test_{metric}_ci": f"[{best[metric + '_low']:.4f}, {best[metric + '_high']:.4f}]",
         "config": yaml.safe_dump(params, sort_keys=False),
     }
     # Queued experiments finish concurrently: read, decide and move the alias one at a time.
@@ -224,9 +292,9 @@ def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
                                   cfg.get("promote", "better"))
         if reason is None:
             log.info("%s (run %s, %s %s) is %s version %s; @%s stays on version %s (%s %s, "
-                     "compare.promote=better)", best["model"], run_id, metric, tags[metric],
-                     name, version.version, alias, current.version, metric,
-                     current.tags.get(metric))
+                     "compare.promote=better)", best["model"], run_id, selected_by,
+                     tags[selected_by], name, version.version, alias, current.version,
+                     selected_by, current.tags.get(selected_by))
             return current
         client.set_registered_model_alias(name, alias, version.version)
     log.info("registered %s (run %s) as %s version %s, alias @%s: %s", best["model"], run_id,
@@ -244,7 +312,8 @@ def compare(params: dict) -> pd.DataFrame:
     check_promote_policy(params["compare"].get("promote", "better"))  # before any work
     table = comparison_table(params)
     reports = resolve(params["paths"]["reports"])
-    markdown = markdown_table(table, classes, confidence)
+    metric = params["compare"]["metric"]
+    markdown = markdown_table(table, classes, confidence, metric)
     fig = comparison_figure(table, classes, confidence)
     png = io.BytesIO()
     fig.savefig(png, dpi=100, format="png")
@@ -252,14 +321,14 @@ def compare(params: dict) -> pd.DataFrame:
     write_text_atomic(reports / "comparison.md", markdown + "\n")
     write_text_atomic(reports / "comparison.csv", table.to_csv(index=False))
     write_json_atomic(resolve(params["paths"]["metrics"]) / "comparison.json",
-                      {r["model"]: {k: v for k, v in r.items() if k != "model"}
+                      {r["model"]: {k: json_safe(v) for k, v in r.items() if k != "model"}
                        for r in table.round(4).to_dict("records")})
-    best = table.iloc[0].to_dict()
+    best = table.iloc[0].to_dict()  # the first model row: best by validation score
 
     use_experiment(params["mlflow"]["experiment"])
     dataset = json.loads((resolve(params["paths"]["clean"]) / "dataset.json").read_text())
     best_ref = model_ref(params, best["model"])
-    tags = {**run_tags("comparison", dataset["dataset_hash"]), "best_model": best["model"],
+    tags = {**run_tags("comparison", dataset), "best_model": best["model"],
             # what `pipeline.predict` uses when no champion is registered
             "best_model_uri": best_ref.get("model_uri", "")}
     with mlflow.start_run(run_name="comparison", tags=tags):
@@ -268,14 +337,14 @@ def compare(params: dict) -> pd.DataFrame:
         mlflow.log_figure(fig, "comparison.png")
         mlflow.log_metrics({f"{r['model']}_{s}": float(r[s]) for r in table.to_dict("records")
                             for s in SCORES + [f"{x}_{e}" for x in SCORES for e in ("low", "high")]
-                            + ["inference_ms_per_clip"] if pd.notna(r[s])})
+                            + [f"val_{x}" for x in SCORES] + ["inference_ms_per_clip"]
+                            if pd.notna(r[s])})
         version = register_champion(params, best, best_ref, dataset)
         if version is not None:
             mlflow.set_tags({"champion": f"{params['compare']['register_as']}/{version.version}"})
-    metric = params["compare"]["metric"]
-    log.info("compare: best by %s is %s (%.3f, %.0f%% CI %.3f-%.3f)\n%s", metric, best["model"],
-             best[metric], confidence * 100, best[f"{metric}_low"], best[f"{metric}_high"],
-             markdown)
+    log.info("compare: best by validation %s is %s (val %.3f; test %.3f, %.0f%% CI %.3f-%.3f)"
+             "\n%s", metric, best["model"], best[f"val_{metric}"], best[metric], confidence * 100,
+             best[f"{metric}_low"], best[f"{metric}_high"], markdown)
     return table
 
 

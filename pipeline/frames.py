@@ -128,6 +128,26 @@ def repeat_mask(indices: np.ndarray) -> np.ndarray:
     return mask
 
 
+def right_align(values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame values (B x T x ...) with each row's valid frames moved to the front, in
+    order, and its masked-out frames (repeats) after them: a right-padded mask, the only
+    layout cuDNN's recurrent layers accept. Padding positions repeat the last valid frame."""
+    values, mask = np.asarray(values), np.asarray(mask, dtype=bool)
+    if values.shape[:2] != mask.shape:
+        raise ValueError(f"values {values.shape} and mask {mask.shape} do not match")
+    counts = mask.sum(axis=1)
+    if (counts == 0).any():
+        raise ValueError(f"{int((counts == 0).sum())} clip(s) have no valid frame in the mask")
+    t = mask.shape[1]
+    # the k-th valid frame of each row at position k; after the last, the last valid frame
+    order = np.argsort(~mask, axis=1, kind="stable")
+    pos = np.minimum(np.arange(t)[None, :], counts[:, None] - 1)
+    src = np.take_along_axis(order, pos, axis=1)
+    aligned = np.take_along_axis(values, src.reshape(src.shape + (1,) * (values.ndim - 2)),
+                                 axis=1)
+    return aligned, np.arange(t)[None, :] < counts[:, None]
+
+
 def sample_frames_task(task: tuple) -> tuple[np.ndarray, np.ndarray]:
     """One worker task: `sample_frames(*task)` with one decoding thread and OpenCV's own
     threads off. The worker processes are the parallelism; nested threads on few cores only

@@ -60,7 +60,8 @@ def preprocessing_config(params: dict, name: str, classes: list[str]) -> dict:
     if cfg["input"] == "features":
         feats = params["features"]
         pre["features"] = {"backbone": feats["backbone"], "weights": feats["weights"],
-                           "batch_size": int(feats["batch_size"]), "seed": int(params["seed"])}
+                           "batch_size": int(feats["batch_size"]), "seed": int(params["seed"]),
+                           "motion": bool(feats.get("motion"))}
     return pre
 
 
@@ -214,11 +215,10 @@ class VideoClassifier:
 
     def model_inputs(self, frames: np.ndarray, masks: np.ndarray):
         """Model inputs for a batch of sampled clips (B x N x S x S x 3 uint8, B x N)."""
-        from pipeline.train import frame_subset
+        from pipeline.train import frame_subset, sequence_inputs
 
-        idx = frame_subset(frames.shape[1], self.pre.get("model_frames"))
         if self.pre["input"] == "frames":
-            return frames[:, idx]
+            return frames[:, frame_subset(frames.shape[1], self.pre.get("model_frames"))]
         from pipeline.features import frame_features
 
         backbone, preprocess = self.backbone()
@@ -226,8 +226,9 @@ class VideoClassifier:
         # 8 frames padded to a batch of 32 took 4.8x as long, for features that agree with
         # the cached ones to 3e-7 (relative) either way.
         batch = min(int(self.pre["features"]["batch_size"]), frames.shape[0] * frames.shape[1])
-        feats = frame_features(backbone, preprocess, frames, batch, desc="")
-        return {"features": feats[:, idx], "mask": masks[:, idx]}
+        feats = frame_features(backbone, preprocess, frames, batch, desc="",
+                               motion=bool(self.pre["features"].get("motion")))
+        return sequence_inputs(feats, masks, self.pre.get("model_frames"))
 
     def probabilities(self, frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """(B x classes) class probabilities for a batch of sampled clips, in the training

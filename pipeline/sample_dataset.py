@@ -1,8 +1,10 @@
 """The embedded sample: synthetic handball clips that differ by motion, not by appearance.
 
-Each scene draws its own court (floor colour, texture, lines, goal side), two players (sizes,
-jersey colours) and a ball; the clips of a scene (`_act1`, `_act2`, ...) share all of that and
-vary start position, speed, length, brightness and noise. The class decides only *how* things
+Each recording session (`KS`, `GR`, ...) has its own court (floor colour, texture, lines, goal
+side), shared by every action recorded in it, as UNIRI-HBD's clips come from a few halls; each
+scene draws its own two players (sizes, jersey colours) and a ball; the clips of a scene
+(`_act1`, `_act2`, ...) share all of that and vary start position, speed, length, brightness
+and noise. So neither the court nor the players tell the action apart. The class decides only *how* things
 move: a runner crosses the court, a dribbler bounces the ball, a passer throws to the teammate,
 a shooter throws at the goal, a jump-shooter runs, jumps and throws, two players cross paths
 with a hand-off, a defender shuffles sideways with raised arms. Every frame holds the same
@@ -50,24 +52,27 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(0, 256, size=3))
 
 
-def make_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
-    floor = rng.integers(40, 220, size=3).astype(np.float32)
+def make_scene(court_rng: np.random.Generator, rng: np.random.Generator, width: int,
+               height: int) -> Scene:
+    """A scene on the court drawn from `court_rng` (one per session) with players, ball and
+    camera details drawn from `rng` (one per scene)."""
+    floor = court_rng.integers(40, 220, size=3).astype(np.float32)
     # Low-frequency texture: a coarse random grid upsampled, so scenes look distinct.
-    coarse = rng.normal(0.0, 8.0, size=(4, 5, 3)).astype(np.float32)
+    coarse = court_rng.normal(0.0, 8.0, size=(4, 5, 3)).astype(np.float32)
     texture = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
     background = np.clip(floor + texture, 0, 255).astype(np.uint8)
-    line_colour = _colour(rng)
-    for _ in range(int(rng.integers(1, 4))):
-        y = int(rng.integers(height // 3, height))
+    line_colour = _colour(court_rng)
+    for _ in range(int(court_rng.integers(1, 4))):
+        y = int(court_rng.integers(height // 3, height))
         cv2.line(background, (0, y), (width - 1, y), line_colour, 1)
-    cx = int(rng.integers(width // 4, 3 * width // 4))
+    cx = int(court_rng.integers(width // 4, 3 * width // 4))
     cv2.ellipse(background, (cx, height), (width // 3, height // 3), 0, 180, 360, line_colour, 1)
-    goal_left = bool(rng.integers(0, 2))
-    goal_y = int(rng.integers(height // 3, height // 2))
+    goal_left = bool(court_rng.integers(0, 2))
+    goal_y = int(court_rng.integers(height // 3, height // 2))
     gx0, gx1 = (0, width // 12) if goal_left else (width - width // 12 - 1, width - 1)
     cv2.rectangle(background, (gx0, goal_y - height // 6), (gx1, goal_y + height // 6),
                   (235, 235, 235), 2)
-    base = int(height * rng.uniform(0.45, 0.6))
+    base = int(height * rng.uniform(0.6, 0.75))
     return Scene(
         background=background,
         goal_left=goal_left,
@@ -114,7 +119,8 @@ def render_clip(action: str, scene: Scene, rng: np.random.Generator, length: int
     direction = 1 if rng.integers(0, 2) else -1
     start_x = rng.uniform(0.25, 0.75) * width
     floor = scene.floor_y * height
-    mate_x = rng.uniform(0.1, 0.9) * width
+    # the teammate stands well away from the main player, so a pass crosses the court
+    mate_x = (start_x + rng.choice([-1, 1]) * rng.uniform(0.3, 0.45) * width) % width
     mate_floor = floor - rng.uniform(0.0, 0.1) * height
     loose_ball = (rng.uniform(0.1, 0.9) * width, floor - rng.uniform(0.0, 0.1) * height)
     goal = (0.03 * width if scene.goal_left else 0.97 * width, float(scene.goal_y))
@@ -129,14 +135,14 @@ def render_clip(action: str, scene: Scene, rng: np.random.Generator, length: int
         leg, raise_, forward, mate_raise = phase0, 0.0, 0.0, 0.0
         ball = None  # None: in the main player's hand
         if action == "running":
-            px = start_x + direction * speed * 0.45 * width * (t - 0.5)
+            px = start_x + direction * speed * 0.7 * width * (t - 0.5)
             leg = phase0 + 10 * np.pi * speed * t
             ball = loose_ball
         elif action == "dribbling":
             px = start_x + direction * speed * 0.15 * width * (t - 0.5)
             leg = phase0 + 4 * np.pi * speed * t
             bounce = abs(np.sin(phase0 + 3 * np.pi * speed * t))
-            ball = (px + direction * 0.25 * h, _lerp(floor, floor - 0.45 * h, bounce))
+            ball = (px + direction * 0.25 * h, _lerp(floor, floor - 0.6 * h, bounce))
             forward = 0.3
         elif action == "passing":
             throw = (t - 0.35) / 0.3
@@ -169,7 +175,7 @@ def render_clip(action: str, scene: Scene, rng: np.random.Generator, length: int
             if t > 0.5:
                 ball = (mx + 0.2 * mh, my - 0.5 * mh)
         elif action == "defence":
-            px = start_x + 0.12 * width * np.sin(phase0 + 4 * np.pi * speed * t)
+            px = start_x + 0.2 * width * np.sin(phase0 + 4 * np.pi * speed * t)
             leg = phase0 + 8 * np.pi * speed * t
             raise_, forward = 1.0, 0.6
             ball = loose_ball
@@ -181,7 +187,7 @@ def render_clip(action: str, scene: Scene, rng: np.random.Generator, length: int
         hand = draw_player(img, px, py, h, scene.player_colour, scene.skin_colour,
                            leg_phase=leg, arm_raise=raise_, arm_forward=forward)
         bx, by = ball if ball is not None else hand
-        cv2.circle(img, (int(bx), int(by)), max(3, h // 8), scene.ball_colour, -1)
+        cv2.circle(img, (int(bx), int(by)), max(4, h // 6), scene.ball_colour, -1)
         noisy = img.astype(np.float32) + brightness + rng.normal(0, noise, img.shape)
         frames.append(np.clip(noisy, 0, 255).astype(np.uint8))
     return frames
@@ -224,7 +230,8 @@ def generate_sample(out_dir: Path, cfg: dict, classes: list[str]) -> list[dict]:
         if (action, scene_idx) not in scenes:
             srng = _rng(cfg["seed"], action, scene_idx, "scene")
             session = SESSIONS[int(srng.integers(len(SESSIONS)))]
-            scenes[(action, scene_idx)] = (make_scene(srng, width, height), session)
+            court = _rng(cfg["seed"], session, "court")
+            scenes[(action, scene_idx)] = (make_scene(court, srng, width, height), session)
         scene, session = scenes[(action, scene_idx)]
         crng = _rng(cfg["seed"], action, scene_idx, act, "clip")
         length = int(crng.integers(cfg["min_length"], cfg["max_length"] + 1))

@@ -57,7 +57,7 @@ class MlflowParentRun(Callback):
         exp_id = use_experiment(config.mlflow.experiment)
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         name = config.model.name
-        tags = {**run_tags(f"sweep:{name}", ""), "sweep_dir": str(sweep_dir),
+        tags = {**run_tags(f"sweep:{name}"), "sweep_dir": str(sweep_dir),
                 "sweep_overrides": " ".join(config.hydra.overrides.task),
                 "mlflow.runName": f"sweep {name} {sweep_dir.name}"}
         run = MlflowClient().create_run(exp_id, tags=tags)
@@ -139,7 +139,7 @@ def sweep_job(cfg: DictConfig) -> float:
         if parent and mlflow.active_run() is None and not failed_run_recorded(parent, overrides):
             use_experiment(params["mlflow"]["experiment"])
             with mlflow.start_run(run_name=f"{name} (failed)", parent_run_id=parent, nested=True,
-                                  tags={**run_tags(name, ""), "sweep_job_overrides": overrides,
+                                  tags={**run_tags(name), "sweep_job_overrides": overrides,
                                         "error": str(exc)[:5000]}) as run:
                 pass
             mlflow.tracking.MlflowClient().set_terminated(run.info.run_id, "FAILED")

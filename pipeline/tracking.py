@@ -49,11 +49,16 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_tags(model: str, dataset_hash: str) -> dict[str, str]:
+def run_tags(model: str, dataset: dict | None = None) -> dict[str, str]:
+    """Tags of a run on `dataset` (the clean stage's dataset.json; None when the run has no
+    data of its own): what it is, from which commit and DVC experiment, on which data and
+    split."""
+    dataset = dataset or {}
     return {
         "model": model,
         "git_commit": git_commit(),
-        "dataset_hash": dataset_hash,
+        "dataset_hash": dataset.get("dataset_hash", ""),
+        "split_hash": dataset.get("split_hash", ""),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc_stage": os.environ.get("DVC_STAGE", ""),
     }

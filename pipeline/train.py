@@ -36,6 +36,21 @@ def frame_subset(total: int, n: int | None) -> np.ndarray:
     return np.linspace(0, total - 1, int(n)).round().astype(int)
 
 
+def sequence_inputs(feats: np.ndarray, mask: np.ndarray, num_frames: int | None) -> dict:
+    """A sequence model's inputs from cached per-frame features and their repeat mask:
+    `num_frames` evenly spaced frames, valid frames first (a right-padded mask)."""
+    from pipeline.frames import right_align
+
+    idx = frame_subset(feats.shape[1], num_frames)
+    # a frame is valid in the subset when it is the first of its source frame there (the
+    # cache's mask marks repeats of the previous position, which a subset may drop)
+    source = np.cumsum(mask, axis=1)[:, idx]
+    valid = np.ones(source.shape, dtype=bool)
+    valid[:, 1:] = source[:, 1:] != source[:, :-1]
+    aligned, aligned_mask = right_align(feats[:, idx], valid)
+    return {"features": aligned, "mask": aligned_mask}
+
+
 def input_dir(params: dict, model_cfg: dict) -> Path:
     """The cache a model reads: `paths.frames` or `paths.features`."""
     kind = model_cfg["input"]
@@ -54,8 +69,7 @@ def load_split(params: dict, model_cfg: dict, split: str):
         inputs = frames[:, idx]
     else:
         feats, labels, mask = load_arrays(directory, "features", "labels", "mask")
-        idx = frame_subset(feats.shape[1], model_cfg.get("num_frames"))
-        inputs = {"features": feats[:, idx], "mask": mask[:, idx]}
+        inputs = sequence_inputs(feats, mask, model_cfg.get("num_frames"))
     clips = pd.read_csv(directory / "clips.csv")
     if len(clips) != len(labels):
         raise ValueError(f"{directory}: {len(labels)} labels but {len(clips)} rows in clips.csv")
@@ -74,17 +88,45 @@ def build_model(name: str, cfg: dict, inputs, num_classes: int):
     return BUILDERS[name](cfg, t, size, num_classes)
 
 
-def make_optimizer(train_cfg: dict):
+OPTIMIZERS = ("adam", "adamw")
+
+
+def learning_rate(train_cfg: dict, steps_per_epoch: int):
+    """The configured learning rate: constant, exponential decay (`lr_decay: {decay_steps,
+    decay_rate}`, the reference) or `lr_decay: cosine` to 0 over `epochs`, after a linear
+    warm-up of `warmup_epochs` (0: none) from a tenth of the rate."""
     import keras
 
     lr = float(train_cfg["learning_rate"])
     decay = train_cfg.get("lr_decay")
-    if decay:
-        lr = keras.optimizers.schedules.ExponentialDecay(
+    warmup = int(float(train_cfg.get("warmup_epochs") or 0) * steps_per_epoch)
+    if decay == "cosine":
+        total = max(1, int(train_cfg["epochs"]) * steps_per_epoch - warmup)
+        return keras.optimizers.schedules.CosineDecay(
+            lr / 10 if warmup else lr, decay_steps=total, warmup_target=lr if warmup else None,
+            warmup_steps=warmup)
+    if warmup:
+        raise ValueError("train.warmup_epochs needs train.lr_decay: cosine")
+    if isinstance(decay, dict):
+        return keras.optimizers.schedules.ExponentialDecay(
             lr, decay_steps=int(decay["decay_steps"]), decay_rate=float(decay["decay_rate"]))
-    if train_cfg["optimizer"] != "adam":
-        raise ValueError(f"optimizer {train_cfg['optimizer']!r} is not supported; use adam")
-    return keras.optimizers.Adam(learning_rate=lr)
+    if decay is not None:
+        raise ValueError(f"train.lr_decay={decay!r}: null, cosine or {{decay_steps, decay_rate}}")
+    return lr
+
+
+def make_optimizer(train_cfg: dict, steps_per_epoch: int = 1):
+    """Adam (the reference) or AdamW with `weight_decay`, at `learning_rate(...)`."""
+    import keras
+
+    lr = learning_rate(train_cfg, steps_per_epoch)
+    name = train_cfg["optimizer"]
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=lr)
+    if name == "adamw":
+        return keras.optimizers.AdamW(learning_rate=lr,
+                                      weight_decay=float(train_cfg.get("weight_decay", 0.004)))
+    raise ValueError(f"train.optimizer={name!r} is not supported; one of {OPTIMIZERS}")
 
 
 def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -157,10 +199,10 @@ def oversampled_features(inputs: dict, labels: np.ndarray, features_dir: Path, s
     rng = np.random.default_rng(seed)
     extra = oversample_indices(labels, rng)
     version = rng.integers(0, aug.shape[1], size=len(extra))
-    idx = frame_subset(aug.shape[2], inputs["features"].shape[1])  # the model's num_frames
-    feats = np.concatenate([inputs["features"], aug[extra, version][:, idx]])
-    mask = np.concatenate([inputs["mask"], aug_mask[extra, version][:, idx]])
-    return {"features": feats, "mask": mask}, np.concatenate([labels, labels[extra]])
+    copies = sequence_inputs(aug[extra, version], aug_mask[extra, version],
+                             inputs["features"].shape[1])  # the model's num_frames
+    return ({k: np.concatenate([inputs[k], copies[k]]) for k in ("features", "mask")},
+            np.concatenate([labels, labels[extra]]))
 
 
 def training_data(params: dict, cfg: dict, x_train, y_train, num_classes: int) -> dict:
@@ -189,14 +231,16 @@ def training_data(params: dict, cfg: dict, x_train, y_train, num_classes: int) -
 
 
 def epoch_logger():
-    """A Keras callback logging every epoch's train/val loss and accuracy to the active run."""
+    """A Keras callback logging every epoch's train/val loss and accuracy to the active run
+    (none outside a run: fitting from a notebook or a test opens no stray MLflow run)."""
     import keras
     import mlflow
 
     class MlflowEpochLogger(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()
-                                if k != "learning_rate"}, step=epoch)
+            if mlflow.active_run() is not None:
+                mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()
+                                    if k != "learning_rate"}, step=epoch)
 
     return MlflowEpochLogger()
 
@@ -259,12 +303,15 @@ def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
     if any(layer.name == "feature_norm" for layer in model.layers):
         feats, mask = x_train["features"], x_train["mask"]
         model.get_layer("feature_norm").adapt(feats[mask][None])  # unrepeated frames, as 1 x M x D
-    model.compile(optimizer=make_optimizer(train_cfg), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], jit_compile=bool(train_cfg.get("jit_compile", False)))
+    fit_data = training_data({**params, "seed": seed}, cfg, x_train, y_train, num_classes)
+    steps = (len(fit_data["x"]) if "y" not in fit_data
+             else int(np.ceil(len(fit_data["y"]) / fit_data["batch_size"])))
+    model.compile(optimizer=make_optimizer(train_cfg, steps), metrics=["accuracy"],
+                  loss="sparse_categorical_crossentropy",
+                  jit_compile=bool(train_cfg.get("jit_compile", False)))
     stop = train_cfg["early_stopping"]
     callbacks = [keras.callbacks.EarlyStopping(monitor=stop["monitor"], patience=int(stop["patience"]),
                                                restore_best_weights=True), epoch_logger()]
-    fit_data = training_data({**params, "seed": seed}, cfg, x_train, y_train, num_classes)
     start = time.perf_counter()
     history = model.fit(**fit_data, validation_data=data["val"], epochs=int(train_cfg["epochs"]),
                         callbacks=callbacks, verbose=2)
@@ -332,7 +379,7 @@ def train_and_evaluate(params: dict, name: str, parent_run_id: str | None = None
 
     use_experiment(params["mlflow"]["experiment"])
     reports = resolve(params["paths"]["reports"]) / name
-    tags = {**run_tags(name, dataset["dataset_hash"]), **(extra_tags or {})}
+    tags = {**run_tags(name, dataset), **(extra_tags or {})}
     with mlflow.start_run(run_name=name, tags=tags, parent_run_id=parent_run_id,
                           nested=parent_run_id is not None) as run:
         mlflow.log_params(flatten({"model": cfg, "frames": params["frames"],
@@ -355,9 +402,10 @@ def train_and_evaluate(params: dict, name: str, parent_run_id: str | None = None
                                  verbose=0).argmax(axis=1)
         val_scores = classification_metrics(y_val, val_pred, classes)
         model_ms = model_ms_per_clip(model, x_test, int(train_cfg["batch_size"]))
+        streams = 2 if params["features"].get("motion") else 1  # appearance (+ motion)
         backbone_ms = (backbone_ms_per_clip(params["features"]["backbone"],
                                             int(params["frames"]["size"]),
-                                            x_test["features"].shape[1])
+                                            x_test["features"].shape[1] * streams)
                        if isinstance(x_test, dict) else 0.0)
         summary = {
             "accuracy": scores["accuracy"],

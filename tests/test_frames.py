@@ -113,3 +113,50 @@ def test_rotation_metadata_is_applied(tmp_path):
     assert first[:, :6].max() < 10 and first[:, -6:].max() < 10
     top, bottom = first[:28, 12:52].mean(), first[36:, 12:52].mean()
     assert abs(top - bottom) > 150
+
+
+def is_right_padded(mask: np.ndarray) -> bool:
+    """cuDNN's condition: every row is some True steps followed only by False steps."""
+    return bool(all(not np.any(row[np.argmin(row):]) if not row.all() else True
+                    for row in mask))
+
+
+def test_right_align_moves_repeats_behind_the_valid_frames_in_order():
+    from pipeline.frames import repeat_mask, right_align
+
+    # a 3-frame clip sampled 8 times ([0 0 0 1 1 2 2 2]) and a long clip (no repeats)
+    short = repeat_mask(sample_indices(3, 8))
+    assert not is_right_padded(short[None])  # repeats sit in the middle
+    mask = np.stack([short, np.ones(8, bool)])
+    values = np.arange(16, dtype=np.float32).reshape(2, 8) * 10  # value = 10 x position
+    values = np.stack([values, -values], axis=-1)               # 2 x 8 x 2 (a feature axis)
+    aligned, aligned_mask = right_align(values, mask)
+    assert is_right_padded(aligned_mask)
+    np.testing.assert_array_equal(aligned_mask[0], [1, 1, 1, 0, 0, 0, 0, 0])
+    # the valid frames keep their order; padding repeats the last valid frame
+    np.testing.assert_array_equal(aligned[0, :, 0], [0, 30, 50, 50, 50, 50, 50, 50])
+    np.testing.assert_array_equal(aligned[0, :, 1], -aligned[0, :, 0])
+    np.testing.assert_array_equal(aligned[1], values[1])         # nothing to move
+    np.testing.assert_array_equal(aligned_mask[1], mask[1])
+
+
+def test_right_align_refuses_a_clip_without_valid_frames():
+    from pipeline.frames import right_align
+
+    with pytest.raises(ValueError, match="no valid frame"):
+        right_align(np.zeros((1, 4, 3)), np.zeros((1, 4), bool))
+
+
+def test_sequence_model_inputs_are_right_padded_after_a_frame_subset():
+    """What cnn_gru gets in training and in serving (`train.sequence_inputs`): the cache's
+    repeat masks (repeats inside the clip) turned into right-padded ones."""
+    from pipeline.frames import repeat_mask
+    from pipeline.train import sequence_inputs
+
+    masks = np.stack([repeat_mask(sample_indices(total, 8)) for total in (2, 5, 8, 30)])
+    feats = np.random.default_rng(0).normal(size=(4, 8, 3)).astype(np.float32)
+    for n in (None, 4):
+        inputs = sequence_inputs(feats, masks, n)
+        assert inputs["features"].shape == (4, n or 8, 3)
+        assert is_right_padded(inputs["mask"])
+    assert inputs["mask"].sum(axis=1).tolist() == [2, 4, 4, 4]

@@ -14,7 +14,8 @@ def test_frame_cnn_shapes_and_frozen_backbone(tiny_params):
     assert model.output_shape == (None, 7)
     backbone = model.get_layer("efficientnetb0")
     trainable = [layer for layer in backbone.layers if layer.trainable]
-    assert len(trainable) == cfg["backbone"]["trainable_layers"]
+    expected = cfg["backbone"]["trainable_layers"]
+    assert len(trainable) == (len(backbone.layers) if expected == "all" else expected)
     probs = model.predict(np.zeros((2, 3, 32, 32, 3), np.float32), verbose=0)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 

@@ -13,21 +13,40 @@ def test_params_yaml_equals_composition_of_conf():
         "params.yaml is stale: run `python -m pipeline.params`")
 
 
-def test_model_configs_hold_reference_architectures():
-    """The model group files hold DESIGN.md §3; only experiment configs scale them."""
-    ref = compose_params(["experiment=uniri_hbd"], conf_dir=ROOT / "conf")
+def test_reference_settings_are_one_override_away():
+    """`recipe=reference` with the reference sizes gives DESIGN.md §3's architectures and
+    training; the default recipe keeps the architectures and changes only training settings
+    and inputs (documented in conf/model/*.yaml and conf/inputs/)."""
+    ref = compose_params(["experiment=uniri_hbd", "dataset=uniri_hbd", "recipe=reference"],
+                         conf_dir=ROOT / "conf")
     assert ref["frames"] == {"num_frames": 16, "size": 224, "pad_value": 0, "sampling": "uniform"}
     assert ref["features"]["weights"] == "imagenet"
     fc, c3, gru = (ref["models"][m] for m in ("frame_cnn", "cnn3d", "cnn_gru"))
-    assert fc["backbone"] == {"name": "efficientnetb0", "weights": "imagenet", "trainable_layers": 3}
+    assert fc["backbone"] == {"name": "efficientnetb0", "weights": "imagenet",
+                              "trainable_layers": 3, "batchnorm_momentum": None}
+    assert fc["motion"] == c3["motion"] == "rgb" and ref["features"]["motion"] is False
+    assert fc["temporal_pooling"] == c3["temporal_pooling"] == "mean"
     assert fc["head"] == {"units": [256, 128, 64], "dropout": [0.4, 0.3, 0.5]}
     assert fc["train"]["batch_size"] == 4 and fc["train"]["early_stopping"]["patience"] == 4
+    assert fc["train"]["optimizer"] == c3["train"]["optimizer"] == "adam"
+    assert fc["train"]["lr_decay"] is None and fc["train"]["epochs"] == 20
     assert c3["num_frames"] == 10 and c3["conv"]["filters"] == [64, 64, 128, 256, 512]
     assert c3["conv"]["padding"] == ["same", "same", "same", "valid", "valid"]
     assert c3["head"]["units"] == [1024, 256, 32] and c3["train"]["learning_rate"] == 1e-4
     assert c3["train"]["early_stopping"] == {"monitor": "val_accuracy", "patience": 15}
     assert gru["gru_units"] == [16, 10] and gru["dense_units"] == [7, 6]
+    assert c3["train"]["lr_decay"] == {"decay_steps": 1000, "decay_rate": 0.96}
+    assert c3["train"]["batch_size"] == 4 and c3["train"]["epochs"] == 100
     assert gru["train"]["epochs"] == 150
+    # the default recipe: same architectures, the whole EfficientNet trained from scratch
+    default = compose_params(["experiment=uniri_hbd", "dataset=uniri_hbd"], conf_dir=ROOT / "conf")
+    for name in ("frame_cnn", "cnn3d"):
+        assert default["models"][name]["head"] == ref["models"][name]["head"]
+    assert default["models"]["cnn3d"]["conv"] == c3["conv"]
+    # ImageNet weights: fine-tune the top only, as the reference did
+    assert default["models"]["frame_cnn"]["backbone"]["trainable_layers"] == 3
+    offline = compose_params(["dataset=folder"], conf_dir=ROOT / "conf")
+    assert offline["models"]["frame_cnn"]["backbone"]["trainable_layers"] == "all"
 
 
 def test_sample_default_runs_offline():

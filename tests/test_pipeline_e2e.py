@@ -24,10 +24,13 @@ from pipeline.params import compose_params, dump_params
 
 from conftest import MODELS, TINY, run, run_json, stages_run
 
+BASELINES = ["baseline_majority", "baseline_motion_logreg"]
+
 
 def test_first_repro_runs_every_stage(project):
     repo, state = project
-    expected = {"download", "clean", "frames", "features", "compare"} | {f"train@{m}" for m in MODELS}
+    expected = ({"download", "clean", "frames", "features", "baseline", "compare"}
+                | {f"train@{m}" for m in MODELS})
     assert stages_run(state["first"]) == expected
     assert not (repo / "data" / "source").exists()  # data.dvc's target is absent, repro still ran
 
@@ -53,8 +56,8 @@ def test_outputs_metrics_and_reports(project):
         assert (predictions.set_index("path")["actual"]
                 == test.set_index("path")["label"].loc[predictions["path"]]).all()
     table = pd.read_csv(repo / "reports" / "comparison.csv")
-    assert sorted(table["model"]) == sorted(MODELS)
-    assert all(m in (repo / "reports" / "comparison.md").read_text() for m in MODELS)
+    assert sorted(table["model"]) == sorted(MODELS + BASELINES)
+    assert all(m in (repo / "reports" / "comparison.md").read_text() for m in MODELS + BASELINES)
 
 
 def test_comparison_has_intervals_per_class_f1_and_costs(project):
@@ -74,11 +77,39 @@ def test_comparison_has_intervals_per_class_f1_and_costs(project):
     assert gru["backbone_ms_per_clip"] > 0
     assert gru["inference_ms_per_clip"] == pytest.approx(
         gru["model_ms_per_clip"] + gru["backbone_ms_per_clip"], abs=0.02)
-    # the table is sorted by compare.metric and `dvc metrics show` sees the comparison
+    # models are ranked by their validation score (never test), the baselines follow them
     metric = params["compare"]["metric"]
-    assert list(table[metric]) == sorted(table[metric], reverse=True)
+    assert list(table.index[:3]) != BASELINES and list(table.index[3:]) == BASELINES
+    val = table.loc[MODELS, f"val_{metric}"]
+    assert list(table[f"val_{metric}"].iloc[:3]) == sorted(val, reverse=True)
+    for model in MODELS:
+        saved = json.loads((repo / "metrics" / f"{model}.json").read_text())
+        assert table.loc[model, f"val_{metric}"] == pytest.approx(saved[f"val_{metric}"])
+    # `dvc metrics show` sees the comparison; its JSON is strict (no NaN for a baseline's costs)
     shown = run(["dvc", "metrics", "show", "--json"], repo, state["env"])
     assert "comparison.json" in shown and "macro_f1_low" in shown
+    comparison = json.loads((repo / "metrics" / "comparison.json").read_text(),
+                            parse_constant=lambda c: pytest.fail(f"{c} in comparison.json"))
+    assert comparison["baseline_majority"]["params"] is None
+
+
+def test_baseline_rows_and_flags(project):
+    """The baseline stage's two rows (fitted on train, C chosen on validation) are in the
+    comparison with intervals; a model that does not beat the logistic regression on test,
+    or predicts one class, is flagged."""
+    repo, _ = project
+    baseline = json.loads((repo / "metrics" / "baseline.json").read_text())
+    logreg = baseline["motion_logreg"]
+    assert logreg["C"] in yaml.safe_load((repo / "params.yaml").read_text())["baseline"]["C"]
+    assert logreg["val_macro_f1"] == max(logreg["val_macro_f1_by_C"].values())
+    table = pd.read_csv(repo / "reports" / "comparison.csv").set_index("model")
+    bar = table.loc["baseline_motion_logreg", "macro_f1"]
+    assert table.loc["baseline_motion_logreg", "macro_f1"] == pytest.approx(logreg["macro_f1"])
+    assert table.loc["baseline_majority", "predicted_classes"] == 1
+    for model in MODELS:
+        flags = str(table.loc[model, "flags"]) if pd.notna(table.loc[model, "flags"]) else ""
+        assert ("does not beat the baseline" in flags) == (table.loc[model, "macro_f1"] <= bar)
+        assert ("predicts one class" in flags) == (table.loc[model, "predicted_classes"] == 1)
 
 
 def test_best_model_is_the_registered_champion(project):
@@ -95,8 +126,16 @@ def test_best_model_is_the_registered_champion(project):
     version = client.get_model_version_by_alias(cfg["register_as"], cfg["alias"])
     assert version.run_id == ref["run_id"]
     assert version.tags["model"] == best
-    assert version.tags["dataset_hash"] == json.loads(
-        (repo / "data" / "clean" / "dataset.json").read_text())["dataset_hash"]
+    dataset = json.loads((repo / "data" / "clean" / "dataset.json").read_text())
+    assert version.tags["dataset_hash"] == dataset["dataset_hash"]
+    assert version.tags["split_hash"] == dataset["split_hash"]
+    # chosen on validation; the test score is reported next to it
+    assert version.tags["selected_by"] == f"val_{cfg['metric']}"
+    best_row = pd.read_csv(repo / "reports" / "comparison.csv").iloc[0]
+    assert float(version.tags[f"val_{cfg['metric']}"]) == pytest.approx(
+        best_row[f"val_{cfg['metric']}"], abs=1e-4)
+    assert float(version.tags[f"test_{cfg['metric']}"]) == pytest.approx(
+        best_row[cfg["metric"]], abs=1e-4)
     assert version.tags["git_commit"] == state["commit"]
     assert "dvc_exp_name" in version.tags
     assert yaml.safe_load(version.tags["config"]) == params
