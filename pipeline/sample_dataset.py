@@ -72,7 +72,7 @@ def make_scene(court_rng: np.random.Generator, rng: np.random.Generator, width: 
     gx0, gx1 = (0, width // 12) if goal_left else (width - width // 12 - 1, width - 1)
     cv2.rectangle(background, (gx0, goal_y - height // 6), (gx1, goal_y + height // 6),
                   (235, 235, 235), 2)
-    base = int(height * rng.uniform(0.6, 0.75))
+    base = int(height * rng.uniform(0.45, 0.6))
     return Scene(
         background=background,
         goal_left=goal_left,
