@@ -107,10 +107,35 @@ def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root
     extract_features(params)
     train_dir = in_tmp_root / "data" / "features" / "train"
     aug = np.load(train_dir / "aug_features.npy")
-    assert aug.shape == (4, 2, 4, 2048)
+    streams = 2 if params["features"]["motion"] else 1  # the sample's inputs=motion: 2
+    assert aug.shape == (4, 2, 4, 2048 * streams)
     assert not (in_tmp_root / "data/features/val/aug_features.npy").exists()
     assert not np.allclose(aug[:, 0], x["features"])  # copies are features of altered frames
     fit = training_data(params, cfg, x, labels["train"], 2)
     assert np.bincount(fit["y"]).tolist() == [3, 3]
     assert np.array_equal(fit["x"]["features"][:4], x["features"])
     assert fit["class_weight"] is None
+
+
+def test_motion_stream_features_are_the_features_of_frame_changes():
+    """`features.motion`: each frame's own features, then the same backbone's features of its
+    change since the previous frame (mid-grey = no change); frames of one clip only."""
+    from pipeline.backbones import build_backbone, preprocess_for
+    from pipeline.common import seed_everything
+    from pipeline.features import frame_changes, frame_features
+
+    frames = clips(3, t=4, size=32)
+    changes = frame_changes(frames)
+    assert changes.shape == frames.shape and np.all(changes[:, 0] == 127.5)
+    np.testing.assert_allclose(changes[:, 1], (frames[:, 1] - frames[:, 0].astype(float)) / 2
+                               + 127.5)
+    seed_everything(0)
+    backbone = build_backbone("resnet101v2", None, (32, 32, 3), "features.weights",
+                              pooling="avg")
+    pre = preprocess_for("resnet101v2")
+    both = frame_features(backbone, pre, frames, 5, desc="", motion=True)  # 5: passes span clips
+    assert both.shape == (3, 4, 4096)
+    np.testing.assert_allclose(both[..., :2048], frame_features(backbone, pre, frames, 5, desc=""),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(both[..., 2048:], frame_features(backbone, pre, changes, 5, desc=""),
+                               rtol=1e-4, atol=1e-5)
