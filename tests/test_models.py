@@ -87,3 +87,38 @@ def test_imagenet_download_failure_names_the_config_key(tmp_path, monkeypatch):
         assert "=null" in message
     else:
         pytest.skip("ImageNet weights were downloadable here; the offline error path is untested")
+
+
+@pytest.mark.filterwarnings("ignore:This model usually expects 1 or 3 input channels")
+def test_input_and_pooling_options_build_save_and_load(tiny_params, tmp_path):
+    """The options in conf/ (motion inputs, temporal pooling, in-model clip augmentation,
+    feature motion) build, keep their documented shapes, and survive save/load with the same
+    predictions (served models are the saved files)."""
+    import keras
+
+    frames = np.random.default_rng(0).integers(0, 256, (2, 6, 80, 80, 3)).astype(np.float32)
+    cfg = {**tiny_params["models"]["cnn3d"], "motion": "rgb_diff", "temporal_pooling": "mean_max",
+           "clip_augment": {"flip": True, "hue": 0.5, "saturation": 0.5, "brightness": 0.2,
+                            "contrast": 0.2}}
+    model = build_cnn3d(cfg, num_frames=6, size=80, num_classes=4)
+    path = tmp_path / "cnn3d.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(model.predict(frames, verbose=0), loaded.predict(frames, verbose=0),
+                               rtol=1e-5, atol=1e-6)  # augmentation is off at inference
+    fc = {**tiny_params["models"]["frame_cnn"], "motion": "rgb_diff",
+          "temporal_pooling": "temporal_conv",
+          "backbone": {**tiny_params["models"]["frame_cnn"]["backbone"], "weights": None}}
+    assert build_frame_cnn(fc, num_frames=3, size=32, num_classes=4).output_shape == (None, 4)
+    with pytest.raises(ValueError, match="6 input channels"):
+        build_frame_cnn({**fc, "backbone": {**fc["backbone"], "weights": "imagenet"}},
+                        num_frames=3, size=32, num_classes=4)
+    with pytest.raises(ValueError, match="temporal_pooling"):
+        build_frame_cnn({**fc, "temporal_pooling": "attention"}, num_frames=3, size=32,
+                        num_classes=4)
+    gru = {**tiny_params["models"]["cnn_gru"], "feature_motion": "concat", "input_dropout": 0.1}
+    model = build_cnn_gru(gru, num_frames=4, feature_dim=16, num_classes=5)
+    assert model.output_shape == (None, 5)
+    with pytest.raises(ValueError, match="feature_motion"):
+        build_cnn_gru({**gru, "feature_motion": "both"}, num_frames=4, feature_dim=16,
+                      num_classes=5)
