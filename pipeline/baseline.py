@@ -20,12 +20,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.common import SPLITS, atomic_dir, load_arrays, resolve, stage_cli, write_json_atomic
-from pipeline.evaluate import classification_metrics
+from pipeline.evaluate import SCORES, classification_metrics
 
 log = logging.getLogger(__name__)
 
 BASELINES = ("majority", "motion_logreg")
-SCORES = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
 def motion_statistics(frames: np.ndarray, size: int) -> np.ndarray:

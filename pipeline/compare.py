@@ -38,12 +38,11 @@ from filelock import FileLock  # noqa: E402
 
 from pipeline.common import (PipelineError, resolve, stage_cli, store_root,  # noqa: E402
                              write_bytes_atomic, write_json_atomic, write_text_atomic)
-from pipeline.evaluate import bootstrap_intervals  # noqa: E402
+from pipeline.evaluate import SCORES, bootstrap_intervals  # noqa: E402
 from pipeline.inference import MODEL_FORMAT  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-SCORES = ["accuracy", "balanced_accuracy", "macro_f1"]
 COSTS = ["params", "train_time_s", "inference_ms_per_clip", "epochs", "test_clips"]
 
 

@@ -12,6 +12,10 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classifica
                              confusion_matrix, f1_score, precision_recall_fscore_support)
 
 
+# the headline scores `classification_metrics` returns (and the comparison reports)
+SCORES = ["accuracy", "balanced_accuracy", "macro_f1"]
+
+
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
     """Accuracy, balanced accuracy, macro-F1 and per-class precision/recall/F1/support.
 

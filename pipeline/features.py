@@ -33,6 +33,11 @@ def frame_changes(frames: np.ndarray) -> np.ndarray:
     return change * 0.5 + 127.5
 
 
+def feature_width(backbone, motion: bool) -> int:
+    """The width of one frame's features: the backbone's, twice that with the motion stream."""
+    return backbone.output_shape[-1] * (2 if motion else 1)
+
+
 def frame_features(backbone, preprocess, frames: np.ndarray, batch_size: int,
                    desc: str = "features", out: np.ndarray | None = None,
                    motion: bool = False) -> np.ndarray:
@@ -81,7 +86,7 @@ def augmented_features(backbone, preprocess, frames: np.ndarray, mask: np.ndarra
 
     clips, n = frames.shape[:2]
     motion = bool(params["features"].get("motion"))
-    dim = backbone.output_shape[-1] * (2 if motion else 1)
+    dim = feature_width(backbone, motion)
     out = np.lib.format.open_memmap(directory / "aug_features.npy", mode="w+", dtype=np.float32,
                                     shape=(clips, copies, n, dim))
     masks = np.zeros((clips, copies, n), dtype=bool)
@@ -107,7 +112,7 @@ def extract_features(params: dict) -> None:
     preprocess = preprocess_for(cfg["backbone"])
     frames_dir = resolve(params["paths"]["frames"])
     motion = bool(cfg.get("motion"))
-    dim = backbone.output_shape[-1] * (2 if motion else 1)
+    dim = feature_width(backbone, motion)
     total = 0
     with atomic_dir(resolve(params["paths"]["features"])) as tmp:
         for split in SPLITS:

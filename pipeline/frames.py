@@ -122,9 +122,10 @@ def sample_frames(path: Path, total: int, n: int, size: int, pad_value: int = 0,
 
 
 def repeat_mask(indices: np.ndarray) -> np.ndarray:
-    """False where a sampled frame repeats the one before it (a clip shorter than the sample)."""
-    mask = np.ones(len(indices), dtype=bool)
-    mask[1:] = indices[1:] != indices[:-1]
+    """False where a sampled frame repeats the one before it (a clip shorter than the sample),
+    along the last axis (one clip's indices, or one row per clip)."""
+    mask = np.ones(indices.shape, dtype=bool)
+    mask[..., 1:] = indices[..., 1:] != indices[..., :-1]
     return mask
 
 

@@ -25,6 +25,12 @@ def dense_head(x, units: list[int], dropout: list[float]):
     return x
 
 
+def change_since_previous(x):
+    """B,T,... -> B,T,...: each step minus the one before it (0 for the first step)."""
+    change = x[:, 1:] - x[:, :-1]                                        # B,T-1,...
+    return ops.concatenate([ops.zeros_like(x[:, :1]), change], axis=1)
+
+
 def motion_input(frames, motion: str, key: str):
     """What the network sees of a clip (B,T,S,S,3 RGB in 0..255): the frames (`rgb`, the
     reference), the change from the previous frame (`diff`, centred on mid-grey, 0 for the
@@ -33,9 +39,7 @@ def motion_input(frames, motion: str, key: str):
         raise ValueError(f"{key}={motion!r}: one of {MOTIONS}")
     if motion == "rgb":
         return frames                                                    # B,T,S,S,3
-    change = frames[:, 1:] - frames[:, :-1]                              # B,T-1,S,S,3
-    change = ops.concatenate([ops.zeros_like(frames[:, :1]), change], axis=1)
-    diff = change * 0.5 + 127.5                                          # B,T,S,S,3 in 0..255
+    diff = change_since_previous(frames) * 0.5 + 127.5                   # B,T,S,S,3 in 0..255
     return diff if motion == "diff" else ops.concatenate([frames, diff], axis=-1)  # B,T,S,S,6
 
 
@@ -160,8 +164,7 @@ def build_cnn_gru(cfg: dict, num_frames: int, feature_dim: int, num_classes: int
     if motion != "none":
         # each frame's change of features since the previous frame: what moved, without
         # the scene's constant look
-        change = x[:, 1:] - x[:, :-1]                                   # B,T-1,2048
-        change = ops.concatenate([ops.zeros_like(x[:, :1]), change], axis=1)
+        change = change_since_previous(x)                               # B,T,2048
         x = change if motion == "diff" else layers.Concatenate()([x, change])  # B,T,2048|4096
     if cfg.get("input_dropout"):
         x = layers.Dropout(float(cfg["input_dropout"]))(x)

@@ -39,15 +39,13 @@ def frame_subset(total: int, n: int | None) -> np.ndarray:
 def sequence_inputs(feats: np.ndarray, mask: np.ndarray, num_frames: int | None) -> dict:
     """A sequence model's inputs from cached per-frame features and their repeat mask:
     `num_frames` evenly spaced frames, valid frames first (a right-padded mask)."""
-    from pipeline.frames import right_align
+    from pipeline.frames import repeat_mask, right_align
 
     idx = frame_subset(feats.shape[1], num_frames)
     # a frame is valid in the subset when it is the first of its source frame there (the
     # cache's mask marks repeats of the previous position, which a subset may drop)
     source = np.cumsum(mask, axis=1)[:, idx]
-    valid = np.ones(source.shape, dtype=bool)
-    valid[:, 1:] = source[:, 1:] != source[:, :-1]
-    aligned, aligned_mask = right_align(feats[:, idx], valid)
+    aligned, aligned_mask = right_align(feats[:, idx], repeat_mask(source))
     return {"features": aligned, "mask": aligned_mask}
 
 
