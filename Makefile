@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test test-real test-all params clean-outputs
+.PHONY: setup repro lint test test-real test-all params clean-outputs
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -25,14 +25,21 @@ repro: setup
 	@echo "  cat reports/comparison.md"
 	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   # then open http://127.0.0.1:5000"
 
-test: setup
+# Style and architecture: ruff (pyproject.toml [tool.ruff]) and the import contracts
+# (pyproject.toml [tool.importlinter]: layers, serving without training code, no cycles).
+lint: setup
+	$(BIN)/ruff check pipeline tests benchmarks
+	$(BIN)/ruff format --check pipeline tests benchmarks
+	$(BIN)/lint-imports
+
+test: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not real_data"
 
 # Opt-in tests on real footage (../shared/data/real); they skip when it is absent.
 test-real: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m real_data
 
-test-all: setup
+test-all: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 params: setup

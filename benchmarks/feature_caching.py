@@ -6,7 +6,7 @@ Same ResNet101V2 (`pooling="avg"`, random init: speed does not depend on the wei
 frames, same batch size (`features.batch_size`):
 - reference: `backbone.predict_on_batch(preprocess(batch))` over an in-memory float array,
   batch after batch, results kept in memory (the fastest plain Keras loop);
-- stage: `pipeline.features.frame_features` as the stage calls it, reading the uint8 frames
+- stage: `pipeline.models.backbones.frame_features` as the stage calls it, reading the uint8 frames
   through a memory map and writing features into a memory-mapped `.npy`.
 Both are warmed up (graph traced) first; best of `--repeats`. Target: stage >= 0.9x.
 """
@@ -37,14 +37,14 @@ def main() -> None:
 
     import numpy as np
 
-    from pipeline.backbones import build_backbone, preprocess_for
     from pipeline.common import seed_everything
-    from pipeline.features import frame_features
+    from pipeline.models.backbones import build_backbone, frame_features, preprocess_for
 
     seed_everything(0)
     shape = (args.size, args.size, 3)
-    backbone = build_backbone("resnet101v2", None, shape, config_key="features.weights",
-                              pooling="avg")
+    backbone = build_backbone(
+        "resnet101v2", None, shape, config_key="features.weights", pooling="avg"
+    )
     preprocess = preprocess_for("resnet101v2")
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (args.clips, args.frames) + shape, dtype=np.uint8)
@@ -55,9 +55,9 @@ def main() -> None:
         outs = []
         for start in range(0, total, bs):
             batch = np.zeros((bs,) + shape, np.float32)
-            chunk = flat[start:start + bs]
-            batch[:len(chunk)] = chunk
-            outs.append(backbone.predict_on_batch(preprocess(batch))[:len(chunk)])
+            chunk = flat[start : start + bs]
+            batch[: len(chunk)] = chunk
+            outs.append(backbone.predict_on_batch(preprocess(batch))[: len(chunk)])
         return np.concatenate(outs)
 
     with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp:
@@ -65,9 +65,12 @@ def main() -> None:
         mapped = np.load(Path(tmp) / "frames.npy", mmap_mode="r")
 
         def stage() -> np.ndarray:
-            out = np.lib.format.open_memmap(Path(tmp) / "features.npy", mode="w+",
-                                            dtype=np.float32, shape=(args.clips, args.frames,
-                                                                     backbone.output_shape[-1]))
+            out = np.lib.format.open_memmap(
+                Path(tmp) / "features.npy",
+                mode="w+",
+                dtype=np.float32,
+                shape=(args.clips, args.frames, backbone.output_shape[-1]),
+            )
             frame_features(backbone, preprocess, mapped, bs, out=out)
             out.flush()
             return out
@@ -81,12 +84,16 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         same = np.allclose(np.asarray(result).reshape(total, -1), reference(), atol=1e-4)
 
-    print(f"feature caching: ResNet101V2 avg-pool, {total} frames of {args.size}x{args.size}, "
-          f"batch {bs}; {os.cpu_count()} CPUs; outputs equal: {same}")
+    print(
+        f"feature caching: ResNet101V2 avg-pool, {total} frames of {args.size}x{args.size}, "
+        f"batch {bs}; {os.cpu_count()} CPUs; outputs equal: {same}"
+    )
     print(f"{'':34}{'seconds':>9}{'frames/s':>10}")
     best = {k: min(v) for k, v in times.items()}
-    for name, label in (("reference", "raw batched forward pass (ref.)"),
-                        ("stage", "features stage loop")):
+    for name, label in (
+        ("reference", "raw batched forward pass (ref.)"),
+        ("stage", "features stage loop"),
+    ):
         print(f"{label:34}{best[name]:9.2f}{total / best[name]:10.1f}")
     print(f"ratio: {best['reference'] / best['stage']:.2f}x of the reference (target >= 0.9x)")
 

@@ -6,7 +6,7 @@ Both sides decode the same clips and produce the same uint8 arrays (same frame i
 letterbox):
 - reference: one process, `cv2.VideoCapture.read()` of every frame in order, the sampled ones
   letterboxed and kept as they pass (how a notebook does it);
-- stage: `pipeline.frames.extract_frames`, exactly as `dvc repro` runs it (worker processes,
+- stage: `pipeline.stages.frames.extract_frames`, exactly as `dvc repro` runs it (worker processes,
   grab-without-convert for skipped frames, results written through a memory map).
 Each side runs in its own fresh process; peak memory is the largest sum of resident memory
 of that process and all its worker processes (sampled every 50 ms); the best of `--repeats`
@@ -17,6 +17,7 @@ H.264), else a generated sample. Target: stage >= 1.5x the reference on 2 cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -32,16 +33,19 @@ DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "real" / "cricket_shots"
 
 def prepare(source: Path | None, frames: int, size: int, root: Path) -> dict:
     """download + clean into the workspace `root` through the real config; returns the params."""
-    from pipeline.clean import clean
-    from pipeline.download import download
     from pipeline.params import compose_params
+    from pipeline.stages.clean import clean
+    from pipeline.stages.download import download
 
     os.chdir(root)
     overrides = [f"frames.num_frames={frames}", f"frames.size={size}"]
     if source is not None:
         classes = sorted(d.name for d in source.iterdir() if d.is_dir())
-        overrides += ["dataset=folder", f"dataset.path={source}",
-                      f"dataset.classes=[{','.join(classes)}]"]
+        overrides += [
+            "dataset=folder",
+            f"dataset.path={source}",
+            f"dataset.classes=[{','.join(classes)}]",
+        ]
     params = compose_params(overrides, conf_dir=ROOT / "conf")
     download(params)
     clean(params)
@@ -55,7 +59,7 @@ def reference_decode(params: dict) -> int:
     import pandas as pd
 
     from pipeline.common import resolve
-    from pipeline.frames import letterbox, sample_indices
+    from pipeline.data.video import letterbox, sample_indices
 
     n, size = int(params["frames"]["num_frames"]), int(params["frames"]["size"])
     raw = resolve(params["paths"]["raw"])
@@ -99,10 +103,8 @@ class TreeMemory:
         while not self.done.wait(0.05):
             total = 0
             for proc in [self.me, *self.me.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):
                     total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
             self.peak = max(self.peak, total)
 
     def stop(self) -> float:
@@ -125,7 +127,7 @@ def run_variant(variant: str, root: Path) -> None:
     if variant == "reference":
         reference_decode(params)
     else:
-        from pipeline.frames import extract_frames
+        from pipeline.stages.frames import extract_frames
 
         extract_frames(params)
     seconds = time.perf_counter() - start
@@ -134,15 +136,24 @@ def run_variant(variant: str, root: Path) -> None:
 
 def measure(variant: str, root: Path) -> dict:
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    out = subprocess.run([sys.executable, __file__, "--variant", variant, "--root", str(root)],
-                         check=True, capture_output=True, text=True, env=env).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--variant", variant, "--root", str(root)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, default=None,
-                        help="folder-per-class videos (default: cricket_shots if present)")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="folder-per-class videos (default: cricket_shots if present)",
+    )
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=2)
@@ -171,19 +182,27 @@ def main() -> None:
 
         workers = worker_count(params.get("workers"))
         reference_decode(params)  # warm the page cache so neither side pays the first read
-        results = {v: min((measure(v, root) for _ in range(args.repeats)),
-                          key=lambda r: r["seconds"]) for v in ("reference", "stage")}
-    print(f"frame extraction: {clips} clips ({source_frames} source frames, "
-          f"{splits['width'].max()}x{splits['height'].max()} max) from "
-          f"{source or 'the generated sample'}; {args.frames} frames of {args.size}x{args.size} "
-          f"per clip; {os.cpu_count()} CPUs, stage workers {workers}")
-    print(f"{'':28}{'seconds':>9}{'clips/s':>9}{'src frames/s':>14}{'out frames/s':>14}"
-          f"{'peak MB (all processes)':>25}")
+        results = {
+            v: min((measure(v, root) for _ in range(args.repeats)), key=lambda r: r["seconds"])
+            for v in ("reference", "stage")
+        }
+    print(
+        f"frame extraction: {clips} clips ({source_frames} source frames, "
+        f"{splits['width'].max()}x{splits['height'].max()} max) from "
+        f"{source or 'the generated sample'}; {args.frames} frames of {args.size}x{args.size} "
+        f"per clip; {os.cpu_count()} CPUs, stage workers {workers}"
+    )
+    print(
+        f"{'':28}{'seconds':>9}{'clips/s':>9}{'src frames/s':>14}{'out frames/s':>14}"
+        f"{'peak MB (all processes)':>25}"
+    )
     for name, label in (("reference", "sequential OpenCV (ref.)"), ("stage", "frames stage")):
         r = results[name]
-        print(f"{label:28}{r['seconds']:9.2f}{clips / r['seconds']:9.2f}"
-              f"{source_frames / r['seconds']:14.1f}{clips * args.frames / r['seconds']:14.1f}"
-              f"{r['peak_mb']:25.0f}")
+        print(
+            f"{label:28}{r['seconds']:9.2f}{clips / r['seconds']:9.2f}"
+            f"{source_frames / r['seconds']:14.1f}{clips * args.frames / r['seconds']:14.1f}"
+            f"{r['peak_mb']:25.0f}"
+        )
     speedup = results["reference"]["seconds"] / results["stage"]["seconds"]
     print(f"speed-up: {speedup:.2f}x (target >= 1.5x)")
 

@@ -46,7 +46,8 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 def measure(uri: str, clips: list[Path], repeats: int) -> dict:
     import numpy as np
 
-    from pipeline.inference import clip_frames, load_video_classifier
+    from pipeline.serving.clips import clip_frames
+    from pipeline.serving.pyfunc import load_video_classifier
 
     classifier, _ = load_video_classifier(uri)
     one = clips[:1]
@@ -83,37 +84,48 @@ def main() -> None:
     import pandas as pd
 
     from pipeline.common import load_params, resolve
-    from pipeline.predict import use_project_store
+    from pipeline.serving.predict import use_project_store
 
     use_project_store()
     params = load_params()
     reports = resolve(params["paths"]["reports"])
-    uris = args.model or [json.loads((reports / m / "mlflow.json").read_text())["model_uri"]
-                          for m in params["models"] if (reports / m / "mlflow.json").is_file()]
+    uris = args.model or [
+        json.loads((reports / m / "mlflow.json").read_text())["model_uri"]
+        for m in params["models"]
+        if (reports / m / "mlflow.json").is_file()
+    ]
     if not uris:
         sys.exit("no logged models: run `dvc repro` first or pass --model URI")
     if videos:
-        from pipeline.inference import video_paths
+        from pipeline.serving.clips import video_paths
 
-        clips = video_paths(videos)[:args.clips]
+        clips = video_paths(videos)[: args.clips]
         source = str(args.videos)
     else:
         test = pd.read_csv(resolve(params["paths"]["clean"]) / "splits.csv").query(
-            "split == 'test'")
+            "split == 'test'"
+        )
         clips = [resolve(params["paths"]["raw"]) / p for p in test["path"].head(args.clips)]
         source = f"the test split in {params['paths']['raw']}"
-    print(f"{len(clips)} clips from {source}, median of {args.repeats} passes, "
-          f"{os.cpu_count()} CPUs")
-    print(f"{'model':10} {'frames':>6} {'decode':>9} {'backbone':>9} {'forward':>9} "
-          f"{'latency':>9} {'forward/latency':>15} {'batched':>12}")
+    print(
+        f"{len(clips)} clips from {source}, median of {args.repeats} passes, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'model':10} {'frames':>6} {'decode':>9} {'backbone':>9} {'forward':>9} "
+        f"{'latency':>9} {'forward/latency':>15} {'batched':>12}"
+    )
     for uri in uris:
         r = measure(uri, clips, args.repeats)
-        print(f"{r['model']:10} {r['frames']:6d} {r['decode_ms']:7.1f}ms {r['backbone_ms']:7.1f}ms "
-              f"{r['forward_ms']:7.1f}ms {r['latency_ms']:7.1f}ms {r['forward_share']:15.0%} "
-              f"{r['clips_per_s']:7.2f} clip/s")
-    print("decode: count + sample + letterbox one clip; backbone: cnn_gru's ResNet101V2 features; "
-          "forward: the model alone on preprocessed input (batch 1, the reference); latency: one "
-          "file end to end; batched: files/s through classify_clips (8 per forward pass)")
+        print(
+            f"{r['model']:10} {r['frames']:6d} {r['decode_ms']:7.1f}ms {r['backbone_ms']:7.1f}ms "
+            f"{r['forward_ms']:7.1f}ms {r['latency_ms']:7.1f}ms {r['forward_share']:15.0%} "
+            f"{r['clips_per_s']:7.2f} clip/s"
+        )
+    print(
+        "decode: count + sample + letterbox one clip; backbone: cnn_gru's ResNet101V2 features; "
+        "forward: the model alone on preprocessed input (batch 1, the reference); latency: one "
+        "file end to end; batched: files/s through classify_clips (8 per forward pass)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Small helpers shared by the stages: params, paths, logging, atomic writes, seeding."""
+"""Small helpers shared by every layer: params, paths, logging, atomic writes, seeding."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import yaml
@@ -126,51 +127,6 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def save_arrays(directory: Path, **arrays: np.ndarray) -> None:
-    """Save each array as `<name>.npy` (no pickles) in an existing directory."""
-    for name, array in arrays.items():
-        np.save(directory / f"{name}.npy", np.asarray(array), allow_pickle=False)
-
-
-class NpyRowWriter:
-    """Write a `.npy` array row by row (rows in order), holding one row in memory at a time.
-
-    Unlike a memory map, written pages do not stay in the process's resident memory. Closing
-    before every row was written raises, so a short array is never left looking complete.
-    """
-
-    def __init__(self, path: Path, shape: tuple[int, ...], dtype) -> None:
-        self.path, self.shape, self.dtype = Path(path), tuple(int(d) for d in shape), np.dtype(dtype)
-        self.rows = 0
-        self.fh = open(self.path, "wb")
-        np.lib.format.write_array_header_2_0(self.fh, {
-            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-            "shape": self.shape})
-
-    def write(self, row: np.ndarray) -> None:
-        row = np.ascontiguousarray(row, dtype=self.dtype)
-        if row.shape != self.shape[1:]:
-            raise ValueError(f"{self.path}: row of shape {row.shape}, expected {self.shape[1:]}")
-        self.fh.write(row.tobytes())
-        self.rows += 1
-
-    def close(self) -> None:
-        self.fh.close()
-        if self.rows != self.shape[0]:
-            raise ValueError(f"{self.path}: {self.rows} rows written of {self.shape[0]}")
-
-
-def load_arrays(directory: Path, *names: str, mmap_mode: str | None = None) -> list[np.ndarray]:
-    """Load `<name>.npy` arrays (never pickles); `mmap_mode="r"` maps them instead of reading."""
-    missing = [n for n in names if not (directory / f"{n}.npy").is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{directory} lacks {', '.join(m + '.npy' for m in missing)}: run `dvc repro` first"
-        )
-    return [np.load(directory / f"{n}.npy", allow_pickle=False, mmap_mode=mmap_mode)
-            for n in names]
-
-
 def worker_count(requested: int | None) -> int:
     """`requested` processes, or one per available core when it is null/0."""
     if requested:
@@ -181,8 +137,9 @@ def worker_count(requested: int | None) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def parallel_map(fn: Callable[[Any], Any], items: list, workers: int | None, desc: str,
-                 unit: str = "clip") -> Iterator[Any]:
+def parallel_map(
+    fn: Callable[[Any], Any], items: list, workers: int | None, desc: str, unit: str = "clip"
+) -> Iterator[Any]:
     """`fn` over `items` in worker processes, results in input order, with a progress bar.
 
     Results are yielded as they arrive (in order), so a caller can write each one away and
@@ -224,9 +181,13 @@ def parallel_map(fn: Callable[[Any], Any], items: list, workers: int | None, des
         bar.close()
 
 
-def stage_cli(name: str, description: str, run: Callable[[dict, argparse.Namespace], Any],
-              argv: list[str] | None = None,
-              add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+def stage_cli(
+    name: str,
+    description: str,
+    run: Callable[[dict, argparse.Namespace], Any],
+    argv: list[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> None:
     """The thin command line around a stage function: `--params`, logging, timing, exit codes.
 
     Expected failures (PipelineError, a missing input file) end with one clear log line and

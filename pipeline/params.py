@@ -1,8 +1,8 @@
 """Compose `conf/` with Hydra and write `params.yaml`, the form DVC stages read.
 
-    python -m pipeline.params                      # default composition
-    python -m pipeline.params experiment=tiny      # with Hydra overrides
-    python -m pipeline.params --check              # exit 1 if params.yaml is stale
+python -m pipeline.params                      # default composition
+python -m pipeline.params experiment=tiny      # with Hydra overrides
+python -m pipeline.params --check              # exit 1 if params.yaml is stale
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.check:
         current = yaml.safe_load(out.read_text(encoding="utf-8")) if out.is_file() else None
         if current != params:
-            log.error("%s differs from the composition of conf/: run `python -m pipeline.params`", out)
+            log.error(
+                "%s differs from the composition of conf/: run `python -m pipeline.params`", out
+            )
             sys.exit(1)
         log.info("%s matches conf/", out)
         return

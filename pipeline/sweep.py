@@ -1,8 +1,8 @@
 """Hydra multirun sweeps of one model on the cached frames/features, one MLflow parent run each.
 
-    python -m pipeline.train -m model=cnn_gru model.dropout=0.1,0.3,0.5
-    python -m pipeline.train -m model=cnn3d 'model.train.learning_rate=1e-3,1e-4'
-    python -m pipeline.train -m model=cnn_gru hparams_search=cnn_gru_optuna   # extra [optuna]
+    python -m pipeline.sweep -m model=cnn_gru model.dropout=0.1,0.3,0.5
+    python -m pipeline.sweep -m model=cnn3d 'model.train.learning_rate=1e-3,1e-4'
+    python -m pipeline.sweep -m model=cnn_gru hparams_search=cnn_gru_optuna   # extra [optuna]
 
 Every job trains `model` with the composed config (`conf/sweep.yaml` = `conf/config.yaml` +
 the sweep settings) on the arrays `dvc repro` cached, and writes its model, metrics and
@@ -27,7 +27,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.common import PipelineError, load_arrays, repo_root, setup_logging
+from pipeline.common import PipelineError, repo_root, setup_logging
+from pipeline.data.arrays import load_arrays
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,12 @@ class MlflowParentRun(Callback):
         exp_id = use_experiment(config.mlflow.experiment)
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         name = config.model.name
-        tags = {**run_tags(f"sweep:{name}"), "sweep_dir": str(sweep_dir),
-                "sweep_overrides": " ".join(config.hydra.overrides.task),
-                "mlflow.runName": f"sweep {name} {sweep_dir.name}"}
+        tags = {
+            **run_tags(f"sweep:{name}"),
+            "sweep_dir": str(sweep_dir),
+            "sweep_overrides": " ".join(config.hydra.overrides.task),
+            "mlflow.runName": f"sweep {name} {sweep_dir.name}",
+        }
         run = MlflowClient().create_run(exp_id, tags=tags)
         os.environ[PARENT_ENV] = run.info.run_id
         log.info("sweep: MLflow parent run %s", run.info.run_id)
@@ -79,10 +83,17 @@ class MlflowParentRun(Callback):
         if finished:
             best = max(finished, key=lambda c: c.data.metrics[key])
             client.set_tag(parent, "best_child_run_id", best.info.run_id)
-            client.set_tag(parent, "best_child_overrides", best.data.tags.get("sweep_job_overrides", ""))
+            client.set_tag(
+                parent, "best_child_overrides", best.data.tags.get("sweep_job_overrides", "")
+            )
             client.log_metric(parent, f"best_{key}", best.data.metrics[key])
-            log.info("sweep: best job by %s = %.4f: %s (run %s)", key, best.data.metrics[key],
-                     best.data.tags.get("sweep_job_overrides", ""), best.info.run_id)
+            log.info(
+                "sweep: best job by %s = %.4f: %s (run %s)",
+                key,
+                best.data.metrics[key],
+                best.data.tags.get("sweep_job_overrides", ""),
+                best.info.run_id,
+            )
         client.set_terminated(parent, "FINISHED" if finished else "FAILED")
 
 
@@ -94,13 +105,12 @@ def apply_model_overrides(params: dict, name: str, cfg: DictConfig, overrides: l
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key.startswith("model."):
-            OmegaConf.update(target, key[len("model."):],
-                             OmegaConf.select(cfg, key), merge=False)
+            OmegaConf.update(target, key[len("model.") :], OmegaConf.select(cfg, key), merge=False)
     params["models"][name] = OmegaConf.to_container(target, resolve=True)
 
 
 def check_cached_inputs(params: dict, name: str) -> None:
-    from pipeline.train import input_dir
+    from pipeline.data.arrays import input_dir
 
     if name not in params["models"]:
         raise PipelineError(f"model={name!r} is not one of {sorted(params['models'])}")
@@ -114,8 +124,8 @@ def sweep_job(cfg: DictConfig) -> float:
     (NaN when the job failed, after recording it as a FAILED child run)."""
     import mlflow
 
+    from pipeline.stages.train import train_and_evaluate
     from pipeline.tracking import run_tags, use_experiment
-    from pipeline.train import train_and_evaluate
 
     params = OmegaConf.to_container(cfg, resolve=True)
     name = params.pop("model")["name"]
@@ -124,23 +134,31 @@ def sweep_job(cfg: DictConfig) -> float:
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = " ".join(task_overrides)
     parent = os.environ.get(PARENT_ENV)
-    params["paths"] = {**params["paths"], **{k: str(job_dir / k)
-                                             for k in ("models", "metrics", "reports")}}
+    params["paths"] = {
+        **params["paths"],
+        **{k: str(job_dir / k) for k in ("models", "metrics", "reports")},
+    }
     try:
         if parent is None:
-            raise PipelineError("no MLflow parent run: the sweep callback did not start "
-                                "(see Hydra's warnings above)")
+            raise PipelineError(
+                "no MLflow parent run: the sweep callback did not start "
+                "(see Hydra's warnings above)"
+            )
         check_cached_inputs(params, name)
-        summary = train_and_evaluate(params, name, parent_run_id=parent,
-                                     extra_tags={"sweep_job_overrides": overrides})
+        summary = train_and_evaluate(
+            params, name, parent_run_id=parent, extra_tags={"sweep_job_overrides": overrides}
+        )
         return float(summary[objective_name(params)])
     except Exception as exc:  # one failed job must not stop the sweep
         log.error("sweep job %s (%s) failed: %s", job_dir.name, overrides, exc)
         if parent and mlflow.active_run() is None and not failed_run_recorded(parent, overrides):
             use_experiment(params["mlflow"]["experiment"])
-            with mlflow.start_run(run_name=f"{name} (failed)", parent_run_id=parent, nested=True,
-                                  tags={**run_tags(name), "sweep_job_overrides": overrides,
-                                        "error": str(exc)[:5000]}) as run:
+            with mlflow.start_run(
+                run_name=f"{name} (failed)",
+                parent_run_id=parent,
+                nested=True,
+                tags={**run_tags(name), "sweep_job_overrides": overrides, "error": str(exc)[:5000]},
+            ) as run:
                 pass
             mlflow.tracking.MlflowClient().set_terminated(run.info.run_id, "FAILED")
         return math.nan
@@ -150,12 +168,18 @@ def failed_run_recorded(parent: str, overrides: str) -> bool:
     """Whether this job's child run exists already (train_and_evaluate's run ends FAILED)."""
     from mlflow.tracking import MlflowClient
 
-    return any(r.data.tags.get("sweep_job_overrides") == overrides
-               for r in child_runs(MlflowClient(), parent))
+    return any(
+        r.data.tags.get("sweep_job_overrides") == overrides
+        for r in child_runs(MlflowClient(), parent)
+    )
 
 
 def hydra_main() -> None:
-    """`python -m pipeline.train -m ...` lands here (sys.argv holds the Hydra arguments)."""
+    """`python -m pipeline.sweep -m ...`: Hydra reads its arguments from sys.argv."""
     setup_logging()
     conf_dir = str(repo_root() / "conf")
     hydra.main(config_path=conf_dir, config_name="sweep", version_base="1.3")(sweep_job)()
+
+
+if __name__ == "__main__":
+    hydra_main()

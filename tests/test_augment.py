@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.augment import augment_clip, jitter_indices, oversample_indices
-from pipeline.common import PipelineError, save_arrays
+from pipeline.common import PipelineError
+from pipeline.data.arrays import save_arrays
+from pipeline.data.augment import augment_clip, jitter_indices, oversample_indices
 
 AUG = {"hflip": 0.5, "rotation_deg": 5, "blur": 0.2, "noise_std": 4.0, "temporal_jitter": 1}
 
@@ -50,23 +51,27 @@ def test_temporal_jitter_stays_in_order_and_marks_repeats():
         idx = jitter_indices(8, 2, rng)
         assert np.all(np.diff(idx) >= 0) and idx.min() >= 0 and idx.max() <= 7
     frames = np.stack([np.full((4, 4, 3), 10 * i, np.uint8) for i in range(8)])
-    out, mask = augment_clip(frames, np.ones(8, bool), {"temporal_jitter": 3},
-                             np.random.default_rng(5))
+    out, mask = augment_clip(
+        frames, np.ones(8, bool), {"temporal_jitter": 3}, np.random.default_rng(5)
+    )
     levels = out[:, 0, 0, 0].astype(int)
     assert np.array_equal(mask[1:], levels[1:] != levels[:-1])
 
 
 def test_oversampled_epochs_are_balanced_with_untouched_originals(tiny_params):
-    from pipeline.train import training_data
+    from pipeline.models.fitting import training_data
 
     x = clips(12)
     y = np.array([0] * 8 + [1] * 3 + [2] * 1)
-    cfg = {"name": "cnn3d", "input": "frames",
-           "train": {"batch_size": 5, "class_weights": True, "oversample": True}}
+    cfg = {
+        "name": "cnn3d",
+        "input": "frames",
+        "train": {"batch_size": 5, "class_weights": True, "oversample": True},
+    }
     fit = training_data({**tiny_params, "augment": AUG}, cfg, x, y, 3)
     assert fit["class_weight"] is None and "y" not in fit
     data = fit["x"]
-    for epoch in range(2):
+    for _epoch in range(2):
         xs, ys = zip(*(data[i] for i in range(len(data))))
         xs, ys = np.concatenate(xs), np.concatenate(ys)
         assert np.bincount(ys).tolist() == [8, 8, 8]
@@ -74,33 +79,46 @@ def test_oversampled_epochs_are_balanced_with_untouched_originals(tiny_params):
         assert originals == 12  # each original exactly once; every copy is altered
         data.on_epoch_end()
 
-    plain = training_data(tiny_params, {**cfg, "train": {**cfg["train"], "oversample": False}},
-                          x, y, 3)
+    plain = training_data(
+        tiny_params, {**cfg, "train": {**cfg["train"], "oversample": False}}, x, y, 3
+    )
     assert plain["x"] is x and plain["class_weight"][2] > plain["class_weight"][0]
 
 
 def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root, tiny_params):
-    from pipeline.features import extract_features
-    from pipeline.train import training_data
+    from pipeline.models.fitting import training_data
+    from pipeline.stages.features import extract_features
 
     frames_dir = in_tmp_root / "data" / "frames"
     labels = {"train": np.array([0, 0, 0, 1]), "val": np.array([0, 1]), "test": np.array([1])}
     for split, y in labels.items():
         (frames_dir / split).mkdir(parents=True)
-        save_arrays(frames_dir / split, frames=clips(len(y), t=4, size=32), labels=y,
-                    mask=np.ones((len(y), 4), bool))
+        save_arrays(
+            frames_dir / split,
+            frames=clips(len(y), t=4, size=32),
+            labels=y,
+            mask=np.ones((len(y), 4), bool),
+        )
         pd.DataFrame({"path": [f"c{i}.avi" for i in range(len(y))]}).to_csv(
-            frames_dir / split / "clips.csv", index=False)
+            frames_dir / split / "clips.csv", index=False
+        )
     (frames_dir / "classes.json").write_text(json.dumps(["a", "b"]))
-    params = {**tiny_params, "frames": {**tiny_params["frames"], "size": 32},
-              "features": {**tiny_params["features"], "augmented_copies": 2, "batch_size": 4},
-              "augment": AUG}
-    cfg = {**params["models"]["cnn_gru"],
-           "train": {**params["models"]["cnn_gru"]["train"], "oversample": True}}
+    params = {
+        **tiny_params,
+        "frames": {**tiny_params["frames"], "size": 32},
+        "features": {**tiny_params["features"], "augmented_copies": 2, "batch_size": 4},
+        "augment": AUG,
+    }
+    cfg = {
+        **params["models"]["cnn_gru"],
+        "train": {**params["models"]["cnn_gru"]["train"], "oversample": True},
+    }
 
     extract_features({**params, "features": {**params["features"], "augmented_copies": 0}})
-    x = {"features": np.load(in_tmp_root / "data/features/train/features.npy"),
-         "mask": np.load(in_tmp_root / "data/features/train/mask.npy")}
+    x = {
+        "features": np.load(in_tmp_root / "data/features/train/features.npy"),
+        "mask": np.load(in_tmp_root / "data/features/train/mask.npy"),
+    }
     with pytest.raises(PipelineError, match="features.augmented_copies"):
         training_data(params, cfg, x, labels["train"], 2)
 
@@ -120,22 +138,28 @@ def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root
 def test_motion_stream_features_are_the_features_of_frame_changes():
     """`features.motion`: each frame's own features, then the same backbone's features of its
     change since the previous frame (mid-grey = no change); frames of one clip only."""
-    from pipeline.backbones import build_backbone, preprocess_for
     from pipeline.common import seed_everything
-    from pipeline.features import frame_changes, frame_features
+    from pipeline.models.backbones import (
+        build_backbone,
+        frame_changes,
+        frame_features,
+        preprocess_for,
+    )
 
     frames = clips(3, t=4, size=32)
     changes = frame_changes(frames)
     assert changes.shape == frames.shape and np.all(changes[:, 0] == 127.5)
-    np.testing.assert_allclose(changes[:, 1], (frames[:, 1] - frames[:, 0].astype(float)) / 2
-                               + 127.5)
+    np.testing.assert_allclose(
+        changes[:, 1], (frames[:, 1] - frames[:, 0].astype(float)) / 2 + 127.5
+    )
     seed_everything(0)
-    backbone = build_backbone("resnet101v2", None, (32, 32, 3), "features.weights",
-                              pooling="avg")
+    backbone = build_backbone("resnet101v2", None, (32, 32, 3), "features.weights", pooling="avg")
     pre = preprocess_for("resnet101v2")
     both = frame_features(backbone, pre, frames, 5, desc="", motion=True)  # 5: passes span clips
     assert both.shape == (3, 4, 4096)
-    np.testing.assert_allclose(both[..., :2048], frame_features(backbone, pre, frames, 5, desc=""),
-                               rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(both[..., 2048:], frame_features(backbone, pre, changes, 5, desc=""),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        both[..., :2048], frame_features(backbone, pre, frames, 5, desc=""), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        both[..., 2048:], frame_features(backbone, pre, changes, 5, desc=""), rtol=1e-4, atol=1e-5
+    )

@@ -10,23 +10,26 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-
-from pipeline.clean import clean
-from pipeline.common import PipelineError
-from pipeline.download import download
-from pipeline.frames import extract_frames
-
 from conftest import write_numbered_video
+
+from pipeline.common import PipelineError
+from pipeline.stages.clean import clean
+from pipeline.stages.download import download
+from pipeline.stages.frames import extract_frames
 
 
 def folder_params(tiny_params: dict, src, classes, **clean_cfg) -> dict:
-    from pipeline.params import compose_params
     from conftest import ROOT
 
+    from pipeline.params import compose_params
+
     ds = compose_params(["dataset=folder"], conf_dir=ROOT / "conf")["dataset"]
-    return {**tiny_params, "workers": 2,
-            "dataset": {**ds, "path": str(src), "classes": classes},
-            "clean": {**tiny_params["clean"], **clean_cfg}}
+    return {
+        **tiny_params,
+        "workers": 2,
+        "dataset": {**ds, "path": str(src), "classes": classes},
+        "clean": {**tiny_params["clean"], **clean_cfg},
+    }
 
 
 @pytest.fixture
@@ -36,13 +39,14 @@ def messy_folder(tmp_path):
         (src / label).mkdir(parents=True)
         for g in range(4):
             write_numbered_video(src / label / f"{label}_S{g}_act1.avi", 12)
-    write_numbered_video(src / "shot" / "schuß_Würfe_7_act1.avi", 12)          # non-ASCII
-    (src / "shot" / "zero.avi").write_bytes(b"")                               # zero bytes
-    (src / "shot" / "notes.avi").write_text("this is not a video\n" * 100)     # text as .avi
-    write_numbered_video(src / "shot" / "one_frame_act1.avi", 1)               # one frame
+    write_numbered_video(src / "shot" / "schuß_Würfe_7_act1.avi", 12)  # non-ASCII
+    (src / "shot" / "zero.avi").write_bytes(b"")  # zero bytes
+    (src / "shot" / "notes.avi").write_text("this is not a video\n" * 100)  # text as .avi
+    write_numbered_video(src / "shot" / "one_frame_act1.avi", 1)  # one frame
     good = (src / "passing" / "passing_S0_act1.avi").read_bytes()
-    (src / "passing" / "corrupt_act1.avi").write_bytes(                        # corrupt
-        good[:600] + np.random.default_rng(0).integers(0, 256, 20000, np.uint8).tobytes())
+    (src / "passing" / "corrupt_act1.avi").write_bytes(  # corrupt
+        good[:600] + np.random.default_rng(0).integers(0, 256, 20000, np.uint8).tobytes()
+    )
     shutil.copy(src / "shot" / "shot_S1_act1.avi", src / "passing" / "looks_like_pass.avi")
     shutil.copy(src / "passing" / "passing_S2_act1.avi", src / "passing" / "copy_of_S2.avi")
     return src
@@ -73,8 +77,10 @@ def test_bad_files_are_quarantined_with_reasons(messy_folder, in_tmp_root, tiny_
     assert summary["quarantined_by_reason"]["label_conflict"] == 2
 
     extract_frames(params)
-    cached = pd.concat(pd.read_csv(in_tmp_root / "data" / "frames" / s / "clips.csv")
-                       for s in ("train", "val", "test"))
+    cached = pd.concat(
+        pd.read_csv(in_tmp_root / "data" / "frames" / s / "clips.csv")
+        for s in ("train", "val", "test")
+    )
     assert sorted(cached["path"]) == sorted(splits["path"])
     for split in ("train", "val", "test"):
         frames = np.load(in_tmp_root / "data" / "frames" / split / "frames.npy")
@@ -102,25 +108,35 @@ def test_nothing_usable_stops_the_stage(tmp_path, in_tmp_root, tiny_params):
         clean(params)
 
 
-def test_split_file_overrides_the_drawn_split(messy_folder, tmp_path, in_tmp_root, tiny_params,
-                                              caplog):
-    rows = [("shot/shot_S0_act1.avi", "shot", "train"), ("shot_S2_act1.avi", "shot", "train"),
-            ("shot/shot_S3_act1.avi", "shot", "val"), ("schuß_Würfe_7_act1.avi", "shot", "test"),
-            ("passing/passing_S0_act1.avi", "passing", "train"),
-            ("passing/passing_S1_act1.avi", "shot", "train"),      # label disagrees with folder
-            ("passing/passing_S3_act1.avi", "passing", "test"),
-            ("passing/copy_of_S2.avi", "passing", "val"),
-            ("passing/gone_act9.avi", "passing", "test")]          # not in the dataset
+def test_split_file_overrides_the_drawn_split(
+    messy_folder, tmp_path, in_tmp_root, tiny_params, caplog
+):
+    rows = [
+        ("shot/shot_S0_act1.avi", "shot", "train"),
+        ("shot_S2_act1.avi", "shot", "train"),
+        ("shot/shot_S3_act1.avi", "shot", "val"),
+        ("schuß_Würfe_7_act1.avi", "shot", "test"),
+        ("passing/passing_S0_act1.avi", "passing", "train"),
+        ("passing/passing_S1_act1.avi", "shot", "train"),  # label disagrees with folder
+        ("passing/passing_S3_act1.avi", "passing", "test"),
+        ("passing/copy_of_S2.avi", "passing", "val"),
+        ("passing/gone_act9.avi", "passing", "test"),
+    ]  # not in the dataset
     split_file = tmp_path / "official.csv"
     pd.DataFrame(rows, columns=["clip", "label", "split"]).to_csv(split_file, index=False)
     params = folder_params(tiny_params, messy_folder, ["shot", "passing"], min_clips_per_class=2)
     params["dataset"]["split_file"] = str(split_file)
     download(params)
     splits = clean(params).set_index("path")["split"].to_dict()
-    assert splits == {"shot/shot_S0_act1.avi": "train", "shot/shot_S2_act1.avi": "train",
-                      "shot/shot_S3_act1.avi": "val", "shot/schuß_Würfe_7_act1.avi": "test",
-                      "passing/passing_S0_act1.avi": "train",
-                      "passing/passing_S3_act1.avi": "test", "passing/copy_of_S2.avi": "val"}
+    assert splits == {
+        "shot/shot_S0_act1.avi": "train",
+        "shot/shot_S2_act1.avi": "train",
+        "shot/shot_S3_act1.avi": "val",
+        "shot/schuß_Würfe_7_act1.avi": "test",
+        "passing/passing_S0_act1.avi": "train",
+        "passing/passing_S3_act1.avi": "test",
+        "passing/copy_of_S2.avi": "val",
+    }
     out = in_tmp_root / "data" / "clean"
     quarantine = pd.read_csv(out / "quarantine.csv").set_index("path")["reason_code"]
     assert quarantine["passing/passing_S1_act1.avi"] == "label_conflict"

@@ -2,11 +2,12 @@
 
 import pandas as pd
 import pytest
-
-from pipeline.clean import clean, group_of, probe_clip, split_by_group
-from pipeline.common import PipelineError
-
 from conftest import write_numbered_video
+
+from pipeline.common import PipelineError
+from pipeline.data.splits import group_of, split_by_group
+from pipeline.data.video import probe_clip
+from pipeline.stages.clean import clean
 
 PATTERN = r"^(?P<group>.+?)_act\d+$"
 
@@ -17,9 +18,12 @@ def test_group_is_the_name_without_act_suffix():
 
 
 def make_clips(groups_per_class: dict[str, int], clips_per_group: int = 3) -> pd.DataFrame:
-    rows = [{"path": f"{c}/{c}_S_{g}_act{k}.avi", "label": c, "group": f"{c}_S_{g}"}
-            for c, n in groups_per_class.items() for g in range(n)
-            for k in range(1, clips_per_group + 1)]
+    rows = [
+        {"path": f"{c}/{c}_S_{g}_act{k}.avi", "label": c, "group": f"{c}_S_{g}"}
+        for c, n in groups_per_class.items()
+        for g in range(n)
+        for k in range(1, clips_per_group + 1)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -55,7 +59,9 @@ def test_probe_reports_bad_files(tmp_path):
     assert probe_clip(tmp_path / "empty.avi")["error"]
     assert probe_clip(tmp_path / "text.avi")["error"]
     info = probe_clip(tmp_path / "ok.avi")
-    assert info["error"] == "" and info["frames"] == 12 and (info["width"], info["height"]) == (64, 48)
+    assert (
+        info["error"] == "" and info["frames"] == 12 and (info["width"], info["height"]) == (64, 48)
+    )
 
 
 def test_clean_stage_drops_with_reasons_and_keeps_the_rest(tmp_path, in_tmp_root, tiny_params):
@@ -83,6 +89,8 @@ def test_clean_stage_drops_with_reasons_and_keeps_the_rest(tmp_path, in_tmp_root
 def test_clean_refuses_unknown_labels(tmp_path, in_tmp_root, tiny_params):
     raw = tmp_path / "data" / "raw"
     raw.mkdir(parents=True)
-    pd.DataFrame([{"path": "x/x_1_act1.avi", "label": "x"}]).to_csv(raw / "manifest.csv", index=False)
+    pd.DataFrame([{"path": "x/x_1_act1.avi", "label": "x"}]).to_csv(
+        raw / "manifest.csv", index=False
+    )
     with pytest.raises(PipelineError, match="not in dataset.classes"):
         clean(tiny_params)

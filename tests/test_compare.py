@@ -5,13 +5,19 @@ from __future__ import annotations
 import pytest
 
 from pipeline.common import PipelineError
-from pipeline.compare import promotion_reason
+from pipeline.serving.registry import promotion_reason
 
 
-def tags(score: float, dataset: str = "d1", metric: str = "val_macro_f1",
-         split: str = "s1") -> dict[str, str]:
-    return {"dataset_hash": dataset, "split_hash": split, "selected_by": metric,
-            metric: f"{score:.4f}", "format": "video-pyfunc/1"}
+def tags(
+    score: float, dataset: str = "d1", metric: str = "val_macro_f1", split: str = "s1"
+) -> dict[str, str]:
+    return {
+        "dataset_hash": dataset,
+        "split_hash": split,
+        "selected_by": metric,
+        metric: f"{score:.4f}",
+        "format": "video-pyfunc/1",
+    }
 
 
 def test_better_moves_only_to_a_higher_score_on_the_same_data():
@@ -24,15 +30,20 @@ def test_better_moves_only_to_a_higher_score_on_the_same_data():
 def test_better_follows_new_data_a_new_split_or_a_new_metric():
     assert "other data" in promotion_reason(tags(0.1, dataset="d2"), tags(0.9), "better")
     assert "another split" in promotion_reason(tags(0.1, split="s2"), tags(0.9), "better")
-    assert "not chosen by val_accuracy" in promotion_reason(tags(0.1, metric="val_accuracy"),
-                                                            tags(0.9), "better")
+    assert "not chosen by val_accuracy" in promotion_reason(
+        tags(0.1, metric="val_accuracy"), tags(0.9), "better"
+    )
 
 
 def test_a_champion_chosen_on_test_scores_is_replaced():
     """Champions registered before selection moved to validation were chosen by test macro-F1
     (and carry no split hash): a validation-chosen model replaces them whatever its score."""
-    old = {"dataset_hash": "d1", "selected_by": "macro_f1", "macro_f1": "0.9900",
-           "format": "video-pyfunc/1"}
+    old = {
+        "dataset_hash": "d1",
+        "selected_by": "macro_f1",
+        "macro_f1": "0.9900",
+        "format": "video-pyfunc/1",
+    }
     assert promotion_reason(tags(0.1), old, "better") is not None
 
 

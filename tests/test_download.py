@@ -14,20 +14,20 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from pipeline.archive import UnsafeArchive, safe_extract
-from pipeline.common import PipelineError
-from pipeline.download import download
-
 from conftest import write_numbered_video
+
+from pipeline.common import PipelineError
+from pipeline.data.archive import UnsafeArchive, safe_extract
+from pipeline.stages.download import download
 
 CLASSES = ["passing", "shot", "jump-shot", "running", "dribbling"]
 
 
 def uniri_params(tiny_params: dict, **dataset) -> dict:
     """tiny_params with the real conf/dataset/uniri_hbd.yaml as dataset, plus overrides."""
-    from pipeline.params import compose_params
     from conftest import ROOT
+
+    from pipeline.params import compose_params
 
     ds = compose_params(["dataset=uniri_hbd"], conf_dir=ROOT / "conf")["dataset"]
     return {**tiny_params, "dataset": {**ds, "classes": CLASSES, **dataset}}
@@ -36,14 +36,20 @@ def uniri_params(tiny_params: dict, **dataset) -> dict:
 def make_uniri_like(root: Path) -> Path:
     """A UNIRI-HBD-like tree with the folder-name variants real copies have."""
     actions = root / "UNIRI-HBD" / "actions"
-    layout = {"Passing": 2, "Shooting": 2, "Jump_Shot": 2, "running": 1, "dribbling": 2,
-              "crossing": 1}
+    layout = {
+        "Passing": 2,
+        "Shooting": 2,
+        "Jump_Shot": 2,
+        "running": 1,
+        "dribbling": 2,
+        "crossing": 1,
+    }
     for folder, n in layout.items():
         (actions / folder).mkdir(parents=True)
         for k in range(1, n + 1):
             write_numbered_video(actions / folder / f"{folder.lower()}_KS_{k}_act1.avi", 8)
     write_numbered_video(actions / "running" / "dribbling_KS_1_act1.avi", 8)  # name clash on merge
-    write_numbered_video(actions / "Passing" / "pässe_ÄÖ_1_act2.avi", 8)      # non-ASCII name
+    write_numbered_video(actions / "Passing" / "pässe_ÄÖ_1_act2.avi", 8)  # non-ASCII name
     (actions / "Passing" / "notes.txt").write_text("annotator notes")
     (actions / "Passing" / "._passing_KS_1_act1.avi").write_bytes(b"macOS resource fork")
     return root
@@ -52,11 +58,19 @@ def make_uniri_like(root: Path) -> Path:
 def test_folder_source_maps_aliases_merges_and_skips(tmp_path, in_tmp_root, tiny_params, caplog):
     src = make_uniri_like(tmp_path / "src")
     before = sorted(p.relative_to(src) for p in src.rglob("*"))
-    params = uniri_params(tiny_params, path=str(src), merge={"running": "dribbling"},
-                          classes=["passing", "shot", "jump-shot", "dribbling"])
+    params = uniri_params(
+        tiny_params,
+        path=str(src),
+        merge={"running": "dribbling"},
+        classes=["passing", "shot", "jump-shot", "dribbling"],
+    )
     manifest = download(params)
     assert manifest["label"].value_counts().to_dict() == {
-        "passing": 3, "shot": 2, "jump-shot": 2, "dribbling": 4}
+        "passing": 3,
+        "shot": 2,
+        "jump-shot": 2,
+        "dribbling": 4,
+    }
     assert "passing/pässe_ÄÖ_1_act2.avi" in set(manifest["path"])
     # the running clip whose name equals a dribbling clip gets a distinct name, not overwritten
     assert manifest["path"].is_unique and len(set(manifest["source"])) == len(manifest)
@@ -86,8 +100,11 @@ def test_bad_merge_target_is_refused(tmp_path, in_tmp_root, tiny_params):
 @pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
 def test_archive_source_unpacks_into_raw(tmp_path, in_tmp_root, tiny_params, suffix):
     src = make_uniri_like(tmp_path / "src")
-    archive = Path(shutil.make_archive(str(tmp_path / "UNIRI-HBD"),
-                                       "zip" if suffix == ".zip" else "gztar", src))
+    archive = Path(
+        shutil.make_archive(
+            str(tmp_path / "UNIRI-HBD"), "zip" if suffix == ".zip" else "gztar", src
+        )
+    )
     params = uniri_params(tiny_params, source="archive", path=str(archive))
     manifest = download(params)
     assert len(manifest) == 11 and set(manifest["label"]) == set(CLASSES)
@@ -103,10 +120,12 @@ def write_zip(path: Path, entries: dict[str, bytes]) -> Path:
     return path
 
 
-def test_archive_with_parent_traversal_is_refused_before_writing(tmp_path, in_tmp_root,
-                                                                 tiny_params):
-    archive = write_zip(tmp_path / "evil.zip", {"actions/shot/a.avi": b"x" * 10,
-                                                "../../escaped.txt": b"pwned"})
+def test_archive_with_parent_traversal_is_refused_before_writing(
+    tmp_path, in_tmp_root, tiny_params
+):
+    archive = write_zip(
+        tmp_path / "evil.zip", {"actions/shot/a.avi": b"x" * 10, "../../escaped.txt": b"pwned"}
+    )
     params = uniri_params(tiny_params, source="archive", path=str(archive))
     with pytest.raises(UnsafeArchive, match=r"\.\."):
         download(params)
@@ -151,7 +170,7 @@ def test_zip_that_lies_about_its_size_fails_cleanly(tmp_path):
     data = bytearray(buffer.getvalue())
     # patch the central directory's uncompressed size (offset 24 in the entry) down to 10
     cd = data.rfind(b"PK\x01\x02")
-    data[cd + 24:cd + 28] = (10).to_bytes(4, "little")
+    data[cd + 24 : cd + 28] = (10).to_bytes(4, "little")
     archive = tmp_path / "liar.zip"
     archive.write_bytes(bytes(data))
     (tmp_path / "out").mkdir()
@@ -189,5 +208,4 @@ def test_url_source_checks_sha256(tmp_path, in_tmp_root, tiny_params, http_serve
     manifest = download(uniri_params(tiny_params, source="url", url=url, sha256=digest))
     assert len(manifest) == 11
     with pytest.raises(PipelineError, match="could not be downloaded"):
-        download(uniri_params(tiny_params, source="url", url=f"{base}/absent.zip",
-                              sha256=digest))
+        download(uniri_params(tiny_params, source="url", url=f"{base}/absent.zip", sha256=digest))

@@ -19,7 +19,8 @@ def test_metrics_match_hand_computed_values():
     f1_c = 2 * (1 * 1 / 2) / (1 + 1 / 2)
     assert m["macro_f1"] == pytest.approx((f1_a + f1_b + f1_c) / 3)
     assert m["per_class"]["b"] == pytest.approx(
-        {"precision": 2 / 3, "recall": 1.0, "f1": f1_b, "support": 2})
+        {"precision": 2 / 3, "recall": 1.0, "f1": f1_b, "support": 2}
+    )
 
 
 def test_misaligned_pairs_are_detected_not_scored():
@@ -45,8 +46,9 @@ def test_report_and_figure_name_every_class():
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # on purpose
 def test_confusion_scores_match_sklearn_definitions():
-    from pipeline.evaluate import classification_metrics, scores_from_confusion
     from sklearn.metrics import confusion_matrix
+
+    from pipeline.evaluate import classification_metrics, scores_from_confusion
 
     rng = np.random.default_rng(0)
     classes = list("abcde")
@@ -64,13 +66,17 @@ def test_bootstrap_intervals_bracket_the_score_and_shrink_with_more_clips():
     rng = np.random.default_rng(1)
     perfect = np.arange(20) % 4
     assert bootstrap_intervals(perfect, perfect, 4, 200) == {
-        k: (1.0, 1.0) for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+        k: (1.0, 1.0) for k in ("accuracy", "balanced_accuracy", "macro_f1")
+    }
 
     def noisy(n):
         y = rng.integers(0, 4, n)
         return y, np.where(rng.random(n) < 0.6, y, rng.integers(0, 4, n))
 
-    small, large = bootstrap_intervals(*noisy(20), 4, 500), bootstrap_intervals(*noisy(2000), 4, 500)
+    small, large = (
+        bootstrap_intervals(*noisy(20), 4, 500),
+        bootstrap_intervals(*noisy(2000), 4, 500),
+    )
     for key in small:
         assert small[key][0] <= small[key][1]
         assert large[key][1] - large[key][0] < small[key][1] - small[key][0]

@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-
-from pipeline.frames import letterbox, sample_frames, sample_indices
-
 from conftest import write_numbered_video
+
+from pipeline.data.video import letterbox, sample_frames, sample_indices
 
 
 def test_indices_spread_over_whole_clip_not_first_n():
@@ -31,8 +30,8 @@ def test_letterbox_keeps_aspect_and_pads():
     frame = np.full((50, 100, 3), 200, np.uint8)
     out = letterbox(frame, 64, pad_value=0)
     assert out.shape == (64, 64, 3)
-    assert out[0].max() == 0 and out[-1].max() == 0          # padded rows top and bottom
-    assert out[32].min() == 200                               # content row spans the width
+    assert out[0].max() == 0 and out[-1].max() == 0  # padded rows top and bottom
+    assert out[32].min() == 200  # content row spans the width
 
 
 def test_sample_frames_decodes_the_sampled_frames(tmp_path):
@@ -86,8 +85,9 @@ def test_rotation_metadata_is_applied(tmp_path):
     import subprocess
 
     import cv2
+
     imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
-    from pipeline.clean import probe_clip
+    from pipeline.data.video import probe_clip
 
     ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
     src = tmp_path / "src.avi"
@@ -98,10 +98,26 @@ def test_rotation_metadata_is_applied(tmp_path):
         writer.write(frame)
     writer.release()
     plain, rotated = tmp_path / "plain.mp4", tmp_path / "rotated.mp4"
-    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", str(src), "-c:v", "mpeg4",
-                    str(plain)], check=True)
-    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-display_rotation", "90", "-i",
-                    str(plain), "-c", "copy", str(rotated)], check=True)
+    subprocess.run(
+        [ffmpeg, "-y", "-loglevel", "error", "-i", str(src), "-c:v", "mpeg4", str(plain)],
+        check=True,
+    )
+    subprocess.run(
+        [
+            ffmpeg,
+            "-y",
+            "-loglevel",
+            "error",
+            "-display_rotation",
+            "90",
+            "-i",
+            str(plain),
+            "-c",
+            "copy",
+            str(rotated),
+        ],
+        check=True,
+    )
 
     assert (probe_clip(plain)["width"], probe_clip(plain)["height"]) == (64, 48)
     info = probe_clip(rotated)
@@ -117,31 +133,31 @@ def test_rotation_metadata_is_applied(tmp_path):
 
 def is_right_padded(mask: np.ndarray) -> bool:
     """cuDNN's condition: every row is some True steps followed only by False steps."""
-    return bool(all(not np.any(row[np.argmin(row):]) if not row.all() else True
-                    for row in mask))
+    return bool(all(not np.any(row[np.argmin(row) :]) if not row.all() else True for row in mask))
 
 
 def test_right_align_moves_repeats_behind_the_valid_frames_in_order():
-    from pipeline.frames import repeat_mask, right_align
+    from pipeline.data.arrays import right_align
+    from pipeline.data.video import repeat_mask
 
     # a 3-frame clip sampled 8 times ([0 0 0 1 1 2 2 2]) and a long clip (no repeats)
     short = repeat_mask(sample_indices(3, 8))
     assert not is_right_padded(short[None])  # repeats sit in the middle
     mask = np.stack([short, np.ones(8, bool)])
     values = np.arange(16, dtype=np.float32).reshape(2, 8) * 10  # value = 10 x position
-    values = np.stack([values, -values], axis=-1)               # 2 x 8 x 2 (a feature axis)
+    values = np.stack([values, -values], axis=-1)  # 2 x 8 x 2 (a feature axis)
     aligned, aligned_mask = right_align(values, mask)
     assert is_right_padded(aligned_mask)
     np.testing.assert_array_equal(aligned_mask[0], [1, 1, 1, 0, 0, 0, 0, 0])
     # the valid frames keep their order; padding repeats the last valid frame
     np.testing.assert_array_equal(aligned[0, :, 0], [0, 30, 50, 50, 50, 50, 50, 50])
     np.testing.assert_array_equal(aligned[0, :, 1], -aligned[0, :, 0])
-    np.testing.assert_array_equal(aligned[1], values[1])         # nothing to move
+    np.testing.assert_array_equal(aligned[1], values[1])  # nothing to move
     np.testing.assert_array_equal(aligned_mask[1], mask[1])
 
 
 def test_right_align_refuses_a_clip_without_valid_frames():
-    from pipeline.frames import right_align
+    from pipeline.data.arrays import right_align
 
     with pytest.raises(ValueError, match="no valid frame"):
         right_align(np.zeros((1, 4, 3)), np.zeros((1, 4), bool))
@@ -150,8 +166,8 @@ def test_right_align_refuses_a_clip_without_valid_frames():
 def test_sequence_model_inputs_are_right_padded_after_a_frame_subset():
     """What cnn_gru gets in training and in serving (`train.sequence_inputs`): the cache's
     repeat masks (repeats inside the clip) turned into right-padded ones."""
-    from pipeline.frames import repeat_mask
-    from pipeline.train import sequence_inputs
+    from pipeline.data.arrays import sequence_inputs
+    from pipeline.data.video import repeat_mask
 
     masks = np.stack([repeat_mask(sample_indices(total, 8)) for total in (2, 5, 8, 30)])
     feats = np.random.default_rng(0).normal(size=(4, 8, 3)).astype(np.float32)

@@ -7,12 +7,17 @@ import base64
 import numpy as np
 import pandas as pd
 import pytest
-
-from pipeline.frames import sample_frames
-from pipeline.inference import (VideoError, clip_frames, request_videos, video_paths,
-                                window_bounds, window_frames)
-
 from conftest import write_numbered_video
+
+from pipeline.data.video import sample_frames
+from pipeline.serving.clips import (
+    VideoError,
+    clip_frames,
+    video_paths,
+    window_bounds,
+    window_frames,
+)
+from pipeline.serving.pyfunc import request_videos
 
 PRE = {"frames": {"num_frames": 4, "size": 32, "pad_value": 0, "sampling": "uniform"}}
 
@@ -39,7 +44,7 @@ def test_windows_sample_their_own_span_in_one_pass(tmp_path):
     bounds = window_bounds(24, 4.0, 2.0, 1.0)  # 8-frame windows every 4 frames
     windows = list(window_frames(video, PRE, bounds))
     assert len(windows) == len(bounds) == 5
-    for (start, end), (frames, mask) in zip(bounds, windows):
+    for (start, _end), (frames, mask) in zip(bounds, windows):
         # uniform sampling inside the window, exactly as a cut clip of that span is sampled
         assert grey_levels(frames) == [start + 1, start + 3, start + 5, start + 7]
         assert mask.all() and frames.shape == (4, 32, 32, 3)
@@ -92,3 +97,14 @@ def test_request_rows_base64_or_path_with_clear_refusals(tmp_path, monkeypatch):
     monkeypatch.setenv("HANDBALL_MAX_VIDEO_MB", "0.001")
     refused(pd.DataFrame({"video": [encoded]}), "over the 0.001 MB limit")
     refused(pd.DataFrame({"path": [str(clip)]}), "over the 0.001 MB limit")
+
+
+def test_models_logged_before_the_layered_package_find_their_class():
+    """A model logged before pipeline/ was split into layers pickled its python model as
+    `pipeline.inference.VideoClassifierModel`; unpickling that name (protocol 0, as written
+    by hand here) gives today's class, which reads the same model format."""
+    import pickle
+
+    from pipeline.serving.pyfunc import VideoClassifierModel
+
+    assert pickle.loads(b"cpipeline.inference\nVideoClassifierModel\n.") is VideoClassifierModel

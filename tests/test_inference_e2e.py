@@ -23,13 +23,17 @@ import cv2
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import MODELS
 
 
 def predict_cli(repo: Path, env: dict, *args: str) -> tuple[subprocess.CompletedProcess, object]:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.predict", *args, "--format", "json"],
-                          cwd=repo, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", *args, "--format", "json"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return proc, json.loads(proc.stdout)
 
@@ -43,11 +47,13 @@ def first_repro_state(project):
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     params = yaml.safe_load((repo / "params.yaml").read_text())
     champion = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
-        params["compare"]["register_as"], "champion")
+        params["compare"]["register_as"], "champion"
+    )
     best = pd.read_csv(repo / "reports" / "comparison.csv")["model"].iloc[0]
-    assert champion.run_id == json.loads(
-        (repo / "reports" / best / "mlflow.json").read_text())["run_id"], (
-        "the project moved on before the inference tests (run this module first)")
+    assert (
+        champion.run_id
+        == json.loads((repo / "reports" / best / "mlflow.json").read_text())["run_id"]
+    ), "the project moved on before the inference tests (run this module first)"
     return repo, state
 
 
@@ -58,9 +64,10 @@ def download_model(repo: Path, uri: str, dst: Path) -> str:
     return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
 
 
-def test_default_model_is_the_champion_else_the_latest_comparisons_best(first_repro_state,
-                                                                        monkeypatch):
-    from pipeline.predict import default_model, use_project_store
+def test_default_model_is_the_champion_else_the_latest_comparisons_best(
+    first_repro_state, monkeypatch
+):
+    from pipeline.serving.predict import default_model, use_project_store
 
     repo, _ = first_repro_state
     monkeypatch.chdir(repo)
@@ -97,8 +104,11 @@ def test_predict_reproduces_the_evaluation_predictions(first_repro_state, tmp_pa
         default = model == champion
         args = [*clips, str(bad)] if default else [*clips, "--model", uri]
         proc, rows = predict_cli(repo, state["env"], *args, "--top-k", "2")
-        by_path = {Path(r["path"]).relative_to(repo / "data" / "raw").as_posix(): r
-                   for r in rows if "error" not in r or not r["error"]}
+        by_path = {
+            Path(r["path"]).relative_to(repo / "data" / "raw").as_posix(): r
+            for r in rows
+            if "error" not in r or not r["error"]
+        }
         for clip in expected.itertuples():
             row = by_path[clip.path]
             assert row["action_1"] == clip.predicted, (model, clip.path)
@@ -136,15 +146,25 @@ def test_sliding_windows_give_a_timeline_and_a_png_strip(project, tmp_path):
     recording = tmp_path / "practice.avi"
     length = write_recording(recording, clips)
     png = tmp_path / "strip.png"
-    _, rows = predict_cli(repo, state["env"], str(recording), "--window", "1.0", "--stride",
-                          "0.5", "--timeline-png", str(png))
+    _, rows = predict_cli(
+        repo,
+        state["env"],
+        str(recording),
+        "--window",
+        "1.0",
+        "--stride",
+        "0.5",
+        "--timeline-png",
+        str(png),
+    )
     assert len(rows) >= 2 * length - 2
     starts = [r["start_s"] for r in rows]
     assert starts == sorted(starts) and starts[0] == 0
     assert rows[-1]["end_s"] == pytest.approx(length, abs=0.11)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    assert all(r["action_1"] in params["dataset"]["classes"] and 0 < r["probability_1"] <= 1
-               for r in rows)
+    assert all(
+        r["action_1"] in params["dataset"]["classes"] and 0 < r["probability_1"] <= 1 for r in rows
+    )
     strip = cv2.imread(str(png))
     assert strip is not None and strip.shape[1] > strip.shape[0] > 50
 
@@ -156,8 +176,9 @@ def free_port() -> int:
 
 
 def post(url: str, payload: dict) -> tuple[int, str]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, response.read().decode()
@@ -172,14 +193,31 @@ def served_champion(first_repro_state):
     repo, state = first_repro_state
     params = yaml.safe_load((repo / "params.yaml").read_text())
     port = free_port()
-    env = {**state["env"], "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
-           "HANDBALL_MAX_VIDEO_MB": "1"}
-    log = open(repo / "serve.log", "w")
+    env = {
+        **state["env"],
+        "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
+        "HANDBALL_MAX_VIDEO_MB": "1",
+    }
+    log = open(repo / "serve.log", "w")  # noqa: SIM115 (the server writes to it until the test stops it)
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
-         f"models:/{params['compare']['register_as']}@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)], cwd=repo, env=env, stdout=log,
-        stderr=subprocess.STDOUT)
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{params['compare']['register_as']}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=repo,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
@@ -222,8 +260,10 @@ def test_served_champion_classifies_posted_video_and_refuses_bad_requests(served
 
     big = base64.b64encode(os.urandom(1_200_000)).decode()
     for payload, message in [
-        ({"dataframe_records": [{"video": base64.b64encode(b"just text").decode()}]},
-         "not a readable video"),
+        (
+            {"dataframe_records": [{"video": base64.b64encode(b"just text").decode()}]},
+            "not a readable video",
+        ),
         ({"dataframe_records": [{"video": ""}]}, "both missing or empty"),
         ({"dataframe_records": [{"video": big}]}, "over the 1 MB limit"),
         ({"dataframe_records": [{"video": "%%% not base64"}]}, "not valid base64"),

@@ -35,8 +35,9 @@ EPOCHS = {"frame_cnn": 30, "cnn3d": 40, "cnn_gru": 40}
 COLOURS = {"red": (230, 40, 40), "green": (40, 230, 40), "blue": (40, 40, 230)}
 
 
-def moving_shape_clip(shape: str, motion: str, rng: np.random.Generator,
-                      colour: tuple[int, int, int] | None = None) -> np.ndarray:
+def moving_shape_clip(
+    shape: str, motion: str, rng: np.random.Generator, colour: tuple[int, int, int] | None = None
+) -> np.ndarray:
     """FRAMES x SIZE x SIZE x 3 uint8: a bright shape on a noisy background of random colour.
     Its size runs 4 -> 14 pixels (grows), 14 -> 4 (shrinks) or stays at 8 while it moves
     12 pixels left or right (slides); start position, colours (unless given) and noise vary."""
@@ -52,8 +53,9 @@ def moving_shape_clip(shape: str, motion: str, rng: np.random.Generator,
         frame = np.tile(background, (SIZE, SIZE, 1))
         centre, r = (int(round(x)), int(round(cy))), max(1, int(round(half)))
         if shape == "square":
-            cv2.rectangle(frame, (centre[0] - r, centre[1] - r), (centre[0] + r, centre[1] + r),
-                          colour, -1)
+            cv2.rectangle(
+                frame, (centre[0] - r, centre[1] - r), (centre[0] + r, centre[1] + r), colour, -1
+            )
         elif shape == "disc":
             cv2.circle(frame, centre, r, colour, -1)
         else:
@@ -86,9 +88,9 @@ def split_clips(by: str) -> dict:
 @pytest.fixture(scope="module")
 def footage_params() -> dict:
     """The configuration a real folder of clips gets (`dataset=folder`, default inputs)."""
-    from pipeline.params import compose_params
-
     from conftest import ROOT
+
+    from pipeline.params import compose_params
 
     return compose_params(["dataset=folder"], conf_dir=ROOT / "conf")
 
@@ -102,8 +104,12 @@ def at_test_size(params: dict, name: str) -> dict:
     params = copy.deepcopy(params)
     params["frames"]["size"] = SIZE
     cfg = params["models"][name]
-    cfg["train"].update(epochs=EPOCHS[name], oversample=False, batch_size=8,
-                        early_stopping={"monitor": "val_loss", "patience": 100})
+    cfg["train"].update(
+        epochs=EPOCHS[name],
+        oversample=False,
+        batch_size=8,
+        early_stopping={"monitor": "val_loss", "patience": 100},
+    )
     if name == "cnn3d":
         cfg["conv"].update(filters=[8, 8, 16, 16, 16], padding=["same"] * 5)
     return params
@@ -112,27 +118,34 @@ def at_test_size(params: dict, name: str) -> dict:
 def features_of(frames: np.ndarray, params: dict) -> dict:
     """cnn_gru's inputs: the features stage's backbone (ResNet101V2, seeded random init) on
     every frame, all frames valid."""
-    from pipeline.backbones import build_backbone, preprocess_for
     from pipeline.common import seed_everything
-    from pipeline.features import frame_features
-    from pipeline.train import sequence_inputs
+    from pipeline.data.arrays import sequence_inputs
+    from pipeline.models.backbones import build_backbone, frame_features, preprocess_for
 
     seed_everything(0)
     feats_cfg = params["features"]
-    backbone = build_backbone(feats_cfg["backbone"], None, (SIZE, SIZE, 3), "features.weights",
-                              pooling="avg")
-    feats = frame_features(backbone, preprocess_for(feats_cfg["backbone"]), frames, 64, desc="",
-                           motion=bool(feats_cfg["motion"]))
+    backbone = build_backbone(
+        feats_cfg["backbone"], None, (SIZE, SIZE, 3), "features.weights", pooling="avg"
+    )
+    feats = frame_features(
+        backbone,
+        preprocess_for(feats_cfg["backbone"]),
+        frames,
+        64,
+        desc="",
+        motion=bool(feats_cfg["motion"]),
+    )
     return sequence_inputs(feats, np.ones(frames.shape[:2], bool), None)
 
 
-@pytest.mark.parametrize("name,by,threshold", [("frame_cnn", "colour", 0.6),
-                                               ("cnn3d", "motion", 0.8),
-                                               ("cnn_gru", "colour", 0.8)])
+@pytest.mark.parametrize(
+    "name,by,threshold",
+    [("frame_cnn", "colour", 0.6), ("cnn3d", "motion", 0.8), ("cnn_gru", "colour", 0.8)],
+)
 def test_each_model_learns_a_trivially_separable_task(name, by, threshold, footage_params):
     import keras
 
-    from pipeline.train import fit_model
+    from pipeline.models.fitting import fit_model
 
     params = at_test_size(footage_params, name)
     data = split_clips(by)
@@ -144,5 +157,6 @@ def test_each_model_learns_a_trivially_separable_task(name, by, threshold, foota
     y_pred = model.predict(x_test, verbose=0).argmax(axis=1)
     classes = MOTIONS if by == "motion" else list(COLOURS)
     accuracy = classification_metrics(y_test, y_pred, classes)["accuracy"]
-    assert accuracy >= threshold, (f"{name}: test accuracy {accuracy:.2f} on 3 classes by {by} "
-                                   f"(chance 0.33)")
+    assert accuracy >= threshold, (
+        f"{name}: test accuracy {accuracy:.2f} on 3 classes by {by} (chance 0.33)"
+    )

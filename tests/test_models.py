@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.backbones import WeightsUnavailable, build_backbone
-from pipeline.models import build_cnn3d, build_cnn_gru, build_frame_cnn
+from pipeline.models.backbones import WeightsUnavailable, build_backbone
+from pipeline.models.builders import build_cnn3d, build_cnn_gru, build_frame_cnn
 
 
 def test_frame_cnn_shapes_and_frozen_backbone(tiny_params):
@@ -26,7 +26,7 @@ def test_cnn3d_reference_architecture_shapes(tiny_params):
     model = build_cnn3d(cfg, num_frames=10, size=224, num_classes=7)
     convs = [layer for layer in model.layers if layer.__class__.__name__ == "Conv3D"]
     assert [c.filters for c in convs] == [64, 64, 128, 256, 512]
-    assert convs[-1].output.shape[1:] == (6, 11, 11, 512)   # valid convs shrink time and space
+    assert convs[-1].output.shape[1:] == (6, 11, 11, 512)  # valid convs shrink time and space
     assert model.output_shape == (None, 7)
 
 
@@ -70,8 +70,9 @@ def test_local_weights_file_is_loaded(tmp_path):
     first = build_backbone("efficientnetb0", None, (32, 32, 3), "models.frame_cnn.backbone.weights")
     path = tmp_path / "effnet.weights.h5"
     first.save_weights(path)
-    second = build_backbone("efficientnetb0", str(path), (32, 32, 3),
-                            "models.frame_cnn.backbone.weights")
+    second = build_backbone(
+        "efficientnetb0", str(path), (32, 32, 3), "models.frame_cnn.backbone.weights"
+    )
     for a, b in zip(first.get_weights(), second.get_weights()):
         np.testing.assert_array_equal(a, b)
 
@@ -80,7 +81,9 @@ def test_imagenet_download_failure_names_the_config_key(tmp_path, monkeypatch):
     """Real download attempt into an empty Keras cache; this machine has no internet."""
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     try:
-        build_backbone("efficientnetb0", "imagenet", (32, 32, 3), "models.frame_cnn.backbone.weights")
+        build_backbone(
+            "efficientnetb0", "imagenet", (32, 32, 3), "models.frame_cnn.backbone.weights"
+        )
     except WeightsUnavailable as exc:
         message = str(exc)
         assert "models.frame_cnn.backbone.weights=imagenet" in message
@@ -97,28 +100,47 @@ def test_input_and_pooling_options_build_save_and_load(tiny_params, tmp_path):
     import keras
 
     frames = np.random.default_rng(0).integers(0, 256, (2, 6, 80, 80, 3)).astype(np.float32)
-    cfg = {**tiny_params["models"]["cnn3d"], "motion": "rgb_diff", "temporal_pooling": "mean_max",
-           "clip_augment": {"flip": True, "hue": 0.5, "saturation": 0.5, "brightness": 0.2,
-                            "contrast": 0.2}}
+    cfg = {
+        **tiny_params["models"]["cnn3d"],
+        "motion": "rgb_diff",
+        "temporal_pooling": "mean_max",
+        "clip_augment": {
+            "flip": True,
+            "hue": 0.5,
+            "saturation": 0.5,
+            "brightness": 0.2,
+            "contrast": 0.2,
+        },
+    }
     model = build_cnn3d(cfg, num_frames=6, size=80, num_classes=4)
     path = tmp_path / "cnn3d.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(model.predict(frames, verbose=0), loaded.predict(frames, verbose=0),
-                               rtol=1e-5, atol=1e-6)  # augmentation is off at inference
-    fc = {**tiny_params["models"]["frame_cnn"], "motion": "rgb_diff",
-          "temporal_pooling": "temporal_conv",
-          "backbone": {**tiny_params["models"]["frame_cnn"]["backbone"], "weights": None}}
+    np.testing.assert_allclose(
+        model.predict(frames, verbose=0), loaded.predict(frames, verbose=0), rtol=1e-5, atol=1e-6
+    )  # augmentation is off at inference
+    fc = {
+        **tiny_params["models"]["frame_cnn"],
+        "motion": "rgb_diff",
+        "temporal_pooling": "temporal_conv",
+        "backbone": {**tiny_params["models"]["frame_cnn"]["backbone"], "weights": None},
+    }
     assert build_frame_cnn(fc, num_frames=3, size=32, num_classes=4).output_shape == (None, 4)
     with pytest.raises(ValueError, match="6 input channels"):
-        build_frame_cnn({**fc, "backbone": {**fc["backbone"], "weights": "imagenet"}},
-                        num_frames=3, size=32, num_classes=4)
+        build_frame_cnn(
+            {**fc, "backbone": {**fc["backbone"], "weights": "imagenet"}},
+            num_frames=3,
+            size=32,
+            num_classes=4,
+        )
     with pytest.raises(ValueError, match="temporal_pooling"):
-        build_frame_cnn({**fc, "temporal_pooling": "attention"}, num_frames=3, size=32,
-                        num_classes=4)
+        build_frame_cnn(
+            {**fc, "temporal_pooling": "attention"}, num_frames=3, size=32, num_classes=4
+        )
     gru = {**tiny_params["models"]["cnn_gru"], "feature_motion": "concat", "input_dropout": 0.1}
     model = build_cnn_gru(gru, num_frames=4, feature_dim=16, num_classes=5)
     assert model.output_shape == (None, 5)
     with pytest.raises(ValueError, match="feature_motion"):
-        build_cnn_gru({**gru, "feature_motion": "both"}, num_frames=4, feature_dim=16,
-                      num_classes=5)
+        build_cnn_gru(
+            {**gru, "feature_motion": "both"}, num_frames=4, feature_dim=16, num_classes=5
+        )

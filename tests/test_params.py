@@ -1,29 +1,34 @@
 """`params.yaml` is the composed form of `conf/`, and the config holds the reference values."""
 
 import yaml
+from conftest import ROOT
 
 from pipeline.params import compose_params
-
-from conftest import ROOT
 
 
 def test_params_yaml_equals_composition_of_conf():
     committed = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert committed == compose_params(conf_dir=ROOT / "conf"), (
-        "params.yaml is stale: run `python -m pipeline.params`")
+        "params.yaml is stale: run `python -m pipeline.params`"
+    )
 
 
 def test_reference_settings_are_one_override_away():
     """`recipe=reference` with the reference sizes gives DESIGN.md §3's architectures and
     training; the default recipe keeps the architectures and changes only training settings
     and inputs (documented in conf/model/*.yaml and conf/inputs/)."""
-    ref = compose_params(["experiment=uniri_hbd", "dataset=uniri_hbd", "recipe=reference"],
-                         conf_dir=ROOT / "conf")
+    ref = compose_params(
+        ["experiment=uniri_hbd", "dataset=uniri_hbd", "recipe=reference"], conf_dir=ROOT / "conf"
+    )
     assert ref["frames"] == {"num_frames": 16, "size": 224, "pad_value": 0, "sampling": "uniform"}
     assert ref["features"]["weights"] == "imagenet"
     fc, c3, gru = (ref["models"][m] for m in ("frame_cnn", "cnn3d", "cnn_gru"))
-    assert fc["backbone"] == {"name": "efficientnetb0", "weights": "imagenet",
-                              "trainable_layers": 3, "batchnorm_momentum": None}
+    assert fc["backbone"] == {
+        "name": "efficientnetb0",
+        "weights": "imagenet",
+        "trainable_layers": 3,
+        "batchnorm_momentum": None,
+    }
     assert fc["motion"] == c3["motion"] == "rgb" and ref["features"]["motion"] is False
     assert fc["temporal_pooling"] == c3["temporal_pooling"] == "mean"
     assert fc["head"] == {"units": [256, 128, 64], "dropout": [0.4, 0.3, 0.5]}
@@ -84,9 +89,12 @@ def test_readme_dvc_exp_run_commands_compose():
     assert len(commands) >= 6 and any("," in o for c in commands for o in c)
     parser = OverridesParser.create()
     for overrides in commands:
-        choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
-                   if o.is_sweep_override() else [o.input_line]
-                   for o in parser.parse_overrides(overrides)]
+        choices = [
+            [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+            if o.is_sweep_override()
+            else [o.input_line]
+            for o in parser.parse_overrides(overrides)
+        ]
         for point in itertools.product(*choices):
             params = compose_params(list(point), conf_dir=ROOT / "conf")
             assert params["models"].keys() == {"frame_cnn", "cnn3d", "cnn_gru"}, point

@@ -19,18 +19,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import MODELS, TINY, run, run_json, stages_run
 
 from pipeline.params import compose_params, dump_params
-
-from conftest import MODELS, TINY, run, run_json, stages_run
 
 BASELINES = ["baseline_majority", "baseline_motion_logreg"]
 
 
 def test_first_repro_runs_every_stage(project):
     repo, state = project
-    expected = ({"download", "clean", "frames", "features", "baseline", "compare"}
-                | {f"train@{m}" for m in MODELS})
+    expected = {"download", "clean", "frames", "features", "baseline", "compare"} | {
+        f"train@{m}" for m in MODELS
+    }
     assert stages_run(state["first"]) == expected
     assert not (repo / "data" / "source").exists()  # data.dvc's target is absent, repro still ran
 
@@ -44,8 +44,12 @@ def test_outputs_metrics_and_reports(project):
         assert 0.0 <= metrics["macro_f1"] <= 1.0 and metrics["params"] > 0
         assert (repo / "models" / model / "model.keras").is_file()
         reports = repo / "reports" / model
-        for name in ("confusion_matrix.png", "classification_report.txt", "per_class.csv",
-                     "history.csv"):
+        for name in (
+            "confusion_matrix.png",
+            "classification_report.txt",
+            "per_class.csv",
+            "history.csv",
+        ):
             assert (reports / name).is_file(), (model, name)
         # predictions are aligned with the test clips they belong to
         predictions = pd.read_csv(reports / "predictions.csv")
@@ -53,8 +57,10 @@ def test_outputs_metrics_and_reports(project):
         test = splits[splits["split"] == "test"]
         assert sorted(predictions["path"]) == sorted(test["path"])
         assert (predictions["actual"] == predictions["label"]).all()
-        assert (predictions.set_index("path")["actual"]
-                == test.set_index("path")["label"].loc[predictions["path"]]).all()
+        assert (
+            predictions.set_index("path")["actual"]
+            == test.set_index("path")["label"].loc[predictions["path"]]
+        ).all()
     table = pd.read_csv(repo / "reports" / "comparison.csv")
     assert sorted(table["model"]) == sorted(MODELS + BASELINES)
     assert all(m in (repo / "reports" / "comparison.md").read_text() for m in MODELS + BASELINES)
@@ -76,7 +82,8 @@ def test_comparison_has_intervals_per_class_f1_and_costs(project):
     gru = json.loads((repo / "metrics" / "cnn_gru.json").read_text())
     assert gru["backbone_ms_per_clip"] > 0
     assert gru["inference_ms_per_clip"] == pytest.approx(
-        gru["model_ms_per_clip"] + gru["backbone_ms_per_clip"], abs=0.02)
+        gru["model_ms_per_clip"] + gru["backbone_ms_per_clip"], abs=0.02
+    )
     # models are ranked by their validation score (never test), the baselines follow them
     metric = params["compare"]["metric"]
     assert list(table.index[:3]) != BASELINES and list(table.index[3:]) == BASELINES
@@ -88,8 +95,10 @@ def test_comparison_has_intervals_per_class_f1_and_costs(project):
     # `dvc metrics show` sees the comparison; its JSON is strict (no NaN for a baseline's costs)
     shown = run(["dvc", "metrics", "show", "--json"], repo, state["env"])
     assert "comparison.json" in shown and "macro_f1_low" in shown
-    comparison = json.loads((repo / "metrics" / "comparison.json").read_text(),
-                            parse_constant=lambda c: pytest.fail(f"{c} in comparison.json"))
+    comparison = json.loads(
+        (repo / "metrics" / "comparison.json").read_text(),
+        parse_constant=lambda c: pytest.fail(f"{c} in comparison.json"),
+    )
     assert comparison["baseline_majority"]["params"] is None
 
 
@@ -101,8 +110,9 @@ def test_baseline_rows_and_flags(project):
     baseline = json.loads((repo / "metrics" / "baseline.json").read_text())
     logreg = baseline["motion_logreg"]
     assert logreg["C"] in yaml.safe_load((repo / "params.yaml").read_text())["baseline"]["C"]
-    assert logreg["val_macro_f1"] == pytest.approx(max(logreg["val_macro_f1_by_C"].values()),
-                                                  abs=1e-4)  # the per-C scores are rounded
+    assert logreg["val_macro_f1"] == pytest.approx(
+        max(logreg["val_macro_f1_by_C"].values()), abs=1e-4
+    )  # the per-C scores are rounded
     table = pd.read_csv(repo / "reports" / "comparison.csv").set_index("model")
     bar = table.loc["baseline_motion_logreg", "macro_f1"]
     assert table.loc["baseline_motion_logreg", "macro_f1"] == pytest.approx(logreg["macro_f1"])
@@ -134,9 +144,11 @@ def test_best_model_is_the_registered_champion(project):
     assert version.tags["selected_by"] == f"val_{cfg['metric']}"
     best_row = pd.read_csv(repo / "reports" / "comparison.csv").iloc[0]
     assert float(version.tags[f"val_{cfg['metric']}"]) == pytest.approx(
-        best_row[f"val_{cfg['metric']}"], abs=1e-4)
+        best_row[f"val_{cfg['metric']}"], abs=1e-4
+    )
     assert float(version.tags[f"test_{cfg['metric']}"]) == pytest.approx(
-        best_row[cfg["metric"]], abs=1e-4)
+        best_row[cfg["metric"]], abs=1e-4
+    )
     assert version.tags["git_commit"] == state["commit"]
     assert "dvc_exp_name" in version.tags
     assert yaml.safe_load(version.tags["config"]) == params
@@ -167,7 +179,9 @@ def test_mlflow_runs_are_comparable(project):
     assert set(by_model) == set(MODELS) | {"comparison"} and len(runs) == 4
     metric_keys = [set(by_model[m].data.metrics) for m in MODELS]
     assert metric_keys[0] == metric_keys[1] == metric_keys[2]
-    dataset_hash = json.loads((repo / "data" / "clean" / "dataset.json").read_text())["dataset_hash"]
+    dataset_hash = json.loads((repo / "data" / "clean" / "dataset.json").read_text())[
+        "dataset_hash"
+    ]
     commit = state["commit"]
     for model in MODELS:
         run_ = by_model[model]
@@ -185,13 +199,17 @@ def test_mlflow_runs_are_comparable(project):
         # the logged model loads back as a video classifier around the trained Keras model
         import mlflow
 
-        from pipeline.inference import load_video_classifier
+        from pipeline.serving.pyfunc import load_video_classifier
 
         mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
         classifier, _ = load_video_classifier(f"runs:/{run_.info.run_id}/model")
         assert classifier.model.output_shape == (None, len(params["dataset"]["classes"]))
-        assert classifier.pre["model"] == model and classifier.classes == params["dataset"]["classes"]
-        assert classifier.pre["frames"] == {k: params["frames"][k] for k in classifier.pre["frames"]}
+        assert (
+            classifier.pre["model"] == model and classifier.classes == params["dataset"]["classes"]
+        )
+        assert classifier.pre["frames"] == {
+            k: params["frames"][k] for k in classifier.pre["frames"]
+        }
 
 
 def test_second_repro_does_nothing(project):
@@ -228,8 +246,11 @@ def wait_for_queue(repo: Path, env: dict, names: list[str], timeout_s: float = 9
     deadline = time.monotonic() + timeout_s
     while True:
         status = run(["dvc", "queue", "status"], repo, env)
-        rows = {line.split()[1]: line.split()[-1] for line in status.splitlines()
-                if len(line.split()) >= 5 and line.split()[1] in names}
+        rows = {
+            line.split()[1]: line.split()[-1]
+            for line in status.splitlines()
+            if len(line.split()) >= 5 and line.split()[1] in names
+        }
         if len(rows) == len(names) and all(s in ("Success", "Failed") for s in rows.values()):
             break
         assert time.monotonic() < deadline, f"queue still busy after {timeout_s} s:\n{status}"
@@ -256,8 +277,20 @@ def test_queued_dvc_sweep_logs_each_experiment_into_the_root_store(project):
     untouched = [repo / "params.yaml", repo / "metrics" / "cnn_gru.json"]
     before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in untouched]
 
-    output = run(["dvc", "exp", "run", "--queue", "-S", TINY[0],
-                  "-S", f"models.cnn_gru.dropout={','.join(QUEUED_DROPOUTS)}"], repo, env)
+    output = run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "--queue",
+            "-S",
+            TINY[0],
+            "-S",
+            f"models.cnn_gru.dropout={','.join(QUEUED_DROPOUTS)}",
+        ],
+        repo,
+        env,
+    )
     names = re.findall(r"Queued experiment '([^']+)'", output)
     assert len(names) == 2, output
     run(["dvc", "queue", "start", "-j", "2"], repo, env)
@@ -265,8 +298,11 @@ def test_queued_dvc_sweep_logs_each_experiment_into_the_root_store(project):
     assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in untouched] == before
 
     shown = run_json(["dvc", "exp", "show", "--json"], repo, env)
-    experiments = {e["name"]: e["revs"][0]["data"] for baseline in shown
-                   for e in baseline.get("experiments") or []}
+    experiments = {
+        e["name"]: e["revs"][0]["data"]
+        for baseline in shown
+        for e in baseline.get("experiments") or []
+    }
     assert set(names) <= set(experiments), list(experiments)
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp_id = client.get_experiment_by_name("handball-actions").experiment_id
@@ -292,8 +328,10 @@ def test_queued_dvc_sweep_logs_each_experiment_into_the_root_store(project):
     champion = client.get_model_version_by_alias("handball-action-classifier", "champion")
     assert champion.tags["selected_by"] == "val_macro_f1"
     assert float(champion.tags["val_macro_f1"]) == max(
-        float(v.tags["val_macro_f1"]) for v in versions
-        if v.tags.get("split_hash") == champion.tags["split_hash"])
+        float(v.tags["val_macro_f1"])
+        for v in versions
+        if v.tags.get("split_hash") == champion.tags["split_hash"]
+    )
 
 
 @pytest.mark.slow  # comes back to a point of the queued grid above; CI runs it
@@ -311,20 +349,25 @@ def test_a_stage_restored_from_the_run_cache_leaves_compare_complete(project):
     queued = next(r for r in trained_before if r.data.params["model.dropout"] == QUEUED_DROPOUTS[0])
 
     # the README's one-variation command, in the workspace (DVC composes conf/ + overrides)
-    output = run(["dvc", "exp", "run", "-S", TINY[0],
-                  "-S", f"models.cnn_gru.dropout={QUEUED_DROPOUTS[0]}"], repo, env)
+    output = run(
+        ["dvc", "exp", "run", "-S", TINY[0], "-S", f"models.cnn_gru.dropout={QUEUED_DROPOUTS[0]}"],
+        repo,
+        env,
+    )
     assert "Stage 'train@cnn_gru' is cached - skipping run" in output, output[-3000:]
     assert stages_run(output) == {"compare"}, output[-3000:]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert str(params["models"]["cnn_gru"]["dropout"]) == QUEUED_DROPOUTS[0]
     assert len(client.search_runs([exp_id], filter_string="tags.model = 'cnn_gru'")) == len(
-        trained_before)
+        trained_before
+    )
     restored = json.loads((repo / "reports" / "cnn_gru" / "mlflow.json").read_text())
     assert restored["run_id"] == queued.info.run_id
     table = pd.read_csv(repo / "reports" / "comparison.csv").set_index("model")
     assert sorted(table.index) == sorted(MODELS + BASELINES)
     assert table.loc["cnn_gru", "macro_f1"] == pytest.approx(
-        queued.data.metrics["test_macro_f1"], abs=1e-4)
+        queued.data.metrics["test_macro_f1"], abs=1e-4
+    )
 
 
 def test_one_cnn_gru_parameter_reruns_only_that_model_and_compare(project):
@@ -332,8 +375,9 @@ def test_one_cnn_gru_parameter_reruns_only_that_model_and_compare(project):
     env = state["env"]
     committed = (repo / "params.yaml").read_text()
     change = "models.cnn_gru.dropout=0.2"
-    (repo / "params.yaml").write_text(dump_params(compose_params(TINY + [change],
-                                                                 conf_dir=repo / "conf")))
+    (repo / "params.yaml").write_text(
+        dump_params(compose_params(TINY + [change], conf_dir=repo / "conf"))
+    )
     status = json.loads(run(["dvc", "status", "--json", "dvc.yaml"], repo, env))
     assert set(status) == {"train@cnn_gru"}, status
     (repo / "params.yaml").write_text(committed)
@@ -345,8 +389,19 @@ def test_data_dvc_points_at_the_regenerated_sample(project, tmp_path):
     repo, state = project
     default = tmp_path / "default_params.yaml"
     default.write_text(dump_params(compose_params(conf_dir=repo / "conf")))
-    run([sys.executable, "-m", "pipeline.download", "--params", str(default),
-         "--out", "data/source"], repo, state["env"])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.stages.download",
+            "--params",
+            str(default),
+            "--out",
+            "data/source",
+        ],
+        repo,
+        state["env"],
+    )
     recorded = (repo / "data.dvc").read_text()
     run(["dvc", "commit", "-f", "data.dvc"], repo, state["env"])  # hashes the workspace copy
     assert (repo / "data.dvc").read_text() == recorded
@@ -368,8 +423,9 @@ def test_changed_footage_reruns_download_by_content(project, tmp_path):
     committed = (repo / "params.yaml").read_text()
     lock = (repo / "dvc.lock").read_text()
     overrides = ["dataset=folder", f"dataset.path={footage}", "dataset.classes=[shot,passing]"]
-    (repo / "params.yaml").write_text(dump_params(compose_params(TINY + overrides,
-                                                                 conf_dir=repo / "conf")))
+    (repo / "params.yaml").write_text(
+        dump_params(compose_params(TINY + overrides, conf_dir=repo / "conf"))
+    )
     try:
         assert stages_run(run(["dvc", "repro", "download"], repo, env)) == {"download"}
         assert json.loads(run(["dvc", "status", "--json", "download"], repo, env)) == {}
@@ -390,7 +446,7 @@ def test_changed_footage_reruns_download_by_content(project, tmp_path):
 
 
 def test_hydra_multirun_is_one_parent_run_with_a_child_per_job(project):
-    """`python -m pipeline.train -m`: two jobs on the cached features, one MLflow parent with
+    """`python -m pipeline.sweep -m`: two jobs on the cached features, one MLflow parent with
     two finished children carrying their parameters and metrics, the best child named on
     the parent, outputs under multirun/ and the DVC outputs untouched."""
     import hashlib
@@ -400,8 +456,19 @@ def test_hydra_multirun_is_one_parent_run_with_a_child_per_job(project):
     repo, state = project
     dvc_outputs = [repo / "metrics" / "cnn_gru.json", repo / "models" / "cnn_gru" / "model.keras"]
     before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in dvc_outputs]
-    output = run([sys.executable, "-m", "pipeline.train", "-m", "model=cnn_gru", TINY[0],
-                  "model.dropout=0.1,0.3"], repo, state["env"])
+    output = run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.sweep",
+            "-m",
+            "model=cnn_gru",
+            TINY[0],
+            "model.dropout=0.1,0.3",
+        ],
+        repo,
+        state["env"],
+    )
     assert "Launching 2 jobs" in output
     assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in dvc_outputs] == before
     jobs = sorted((repo / "multirun").glob("*/*/[0-9]*"))
@@ -414,11 +481,14 @@ def test_hydra_multirun_is_one_parent_run_with_a_child_per_job(project):
     assert len(parents) == 1
     parent = parents[0]
     children = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert sorted(c.data.params["model.dropout"] for c in children) == ["0.1", "0.3"]
-    assert all("eval_val_macro_f1" in c.data.metrics and "test_macro_f1" in c.data.metrics
-               for c in children)
+    assert all(
+        "eval_val_macro_f1" in c.data.metrics and "test_macro_f1" in c.data.metrics
+        for c in children
+    )
     best = max(children, key=lambda c: c.data.metrics["eval_val_macro_f1"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["best_child_run_id"] == best.info.run_id
@@ -430,15 +500,30 @@ def test_a_failed_sweep_job_is_recorded_and_the_others_run(project):
     from mlflow.tracking import MlflowClient
 
     repo, state = project
-    output = run([sys.executable, "-m", "pipeline.train", "-m", "model=cnn_gru", TINY[0],
-                  "model.train.optimizer=sgd,adam"], repo, state["env"])
+    output = run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.sweep",
+            "-m",
+            "model=cnn_gru",
+            TINY[0],
+            "model.train.optimizer=sgd,adam",
+        ],
+        repo,
+        state["env"],
+    )
     assert "train.optimizer='sgd' is not supported" in output
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("handball-actions")
-    parent = client.search_runs([exp.experiment_id], filter_string="tags.model = 'sweep:cnn_gru'",
-                                order_by=["start_time DESC"])[0]
+    parent = client.search_runs(
+        [exp.experiment_id],
+        filter_string="tags.model = 'sweep:cnn_gru'",
+        order_by=["start_time DESC"],
+    )[0]
     children = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
     assert parent.data.metrics["jobs_failed"] == 1
 
@@ -455,8 +540,19 @@ def test_train_seeds_report_mean_and_std_with_a_nested_run_per_seed(project, tmp
     path = tmp_path / "params.yaml"
     path.write_text(dump_params(params))
     env = {**state["env"], "DVC_ROOT": str(repo)}
-    run([sys.executable, "-m", "pipeline.train", "--model", "cnn_gru", "--params", str(path)],
-        repo, env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.stages.train",
+            "--model",
+            "cnn_gru",
+            "--params",
+            str(path),
+        ],
+        repo,
+        env,
+    )
     metrics = json.loads((repo / "metrics" / "cnn_gru.json").read_text())
     assert metrics["seeds"] == 3
     assert 0 <= metrics["macro_f1_mean"] <= 1 and metrics["macro_f1_std"] >= 0
@@ -464,16 +560,17 @@ def test_train_seeds_report_mean_and_std_with_a_nested_run_per_seed(project, tmp
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     parent = json.loads((repo / "reports" / "cnn_gru" / "mlflow.json").read_text())["run_id"]
     exp = client.get_experiment_by_name(params["mlflow"]["experiment"])
-    children = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
+    )
     assert sorted(r.data.params["seed"] for r in children) == ["7", "8"]
-    assert all(r.info.status == "FINISHED" and "test_macro_f1" in r.data.metrics
-               for r in children)
+    assert all(r.info.status == "FINISHED" and "test_macro_f1" in r.data.metrics for r in children)
     scores = [client.get_run(parent).data.metrics["test_macro_f1"]] + [
-        r.data.metrics["test_macro_f1"] for r in children]
+        r.data.metrics["test_macro_f1"] for r in children
+    ]
     assert metrics["macro_f1_mean"] == pytest.approx(sum(scores) / 3, abs=1e-3)
 
-    run([sys.executable, "-m", "pipeline.compare", "--params", str(path)], repo, env)
+    run([sys.executable, "-m", "pipeline.stages.compare", "--params", str(path)], repo, env)
     table = pd.read_csv(repo / "reports" / "comparison.csv").set_index("model")
     assert table.loc["cnn_gru", "seeds"] == 3
     assert "± " in (repo / "reports" / "comparison.md").read_text()
@@ -487,16 +584,31 @@ def test_optuna_search_space_runs_as_one_parent_with_trials(project):
     from mlflow.tracking import MlflowClient
 
     repo, state = project
-    output = run([sys.executable, "-m", "pipeline.train", "-m", "hparams_search=cnn_gru_optuna",
-                  TINY[0], "hydra.sweeper.n_trials=2"], repo, state["env"])
+    output = run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.stages.train",
+            "-m",
+            "hparams_search=cnn_gru_optuna",
+            TINY[0],
+            "hydra.sweeper.n_trials=2",
+        ],
+        repo,
+        state["env"],
+    )
     assert "Best value" in output
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("handball-actions")
-    parent = client.search_runs([exp.experiment_id], filter_string="tags.model = 'sweep:cnn_gru'",
-                                order_by=["start_time DESC"])[0]
+    parent = client.search_runs(
+        [exp.experiment_id],
+        filter_string="tags.model = 'sweep:cnn_gru'",
+        order_by=["start_time DESC"],
+    )[0]
     assert "hparams_search=cnn_gru_optuna" in parent.data.tags["sweep_overrides"]
     children = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert len(children) == 2 and "best_child_run_id" in parent.data.tags
     dropouts = {c.data.params["model.dropout"] for c in children}
     assert len(dropouts) == 2  # the sampler drew different points

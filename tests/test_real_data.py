@@ -11,12 +11,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
-from pipeline.clean import clean
-from pipeline.download import download
-from pipeline.frames import extract_frames
-
 from conftest import REAL_DATA, ROOT
+
+from pipeline.stages.clean import clean
+from pipeline.stages.download import download
+from pipeline.stages.frames import extract_frames
 
 CRICKET = REAL_DATA / "cricket_shots"
 CLASSES = ["cover", "cut", "leg", "pull", "scoop", "straight"]
@@ -33,9 +32,16 @@ def cricket_run(tmp_path_factory):
     from pipeline.params import compose_params
 
     root = tmp_path_factory.mktemp("cricket")
-    params = compose_params(["dataset=folder", f"dataset.path={CRICKET}",
-                             f"dataset.classes=[{','.join(CLASSES)}]", "frames.num_frames=8",
-                             "frames.size=112"], conf_dir=ROOT / "conf")
+    params = compose_params(
+        [
+            "dataset=folder",
+            f"dataset.path={CRICKET}",
+            f"dataset.classes=[{','.join(CLASSES)}]",
+            "frames.num_frames=8",
+            "frames.size=112",
+        ],
+        conf_dir=ROOT / "conf",
+    )
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     mp.setenv("DVC_ROOT", str(root))

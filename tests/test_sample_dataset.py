@@ -4,8 +4,8 @@ import re
 
 import cv2
 
-from pipeline.clean import sha256_of
-from pipeline.sample_dataset import generate_sample
+from pipeline.data.sample import generate_sample
+from pipeline.data.video import sha256_of
 
 NAME = re.compile(r"^(?P<cls>[a-z-]+)/(?P=cls)_[A-Z]{2}_\d+_act\d+\.avi$")
 

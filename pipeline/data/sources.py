@@ -1,17 +1,5 @@
-"""Stage `download`: materialise the selected dataset as `<raw>/<class>/<clip>` plus a manifest.
-
-Sources (`dataset.source`):
-- `sample`: generate the embedded synthetic sample (deterministic from `dataset.sample.seed`);
-- `folder`: a folder-per-class video collection at `dataset.path` (e.g. UNIRI-HBD's `actions/`);
-- `archive`: a local `.zip`/`.tar`/`.tar.gz` at `dataset.path`, unpacked safely;
-- `url`: an archive at `dataset.url` (`https://`, `gs://`, `s3://`, ... through fsspec),
-  checked against the required `dataset.sha256` before it is unpacked.
-
-Class folders are matched to `dataset.classes` after normalising their names (case, `_`/space
-to `-`), `dataset.aliases` (`shooting` -> `shot`) and `dataset.merge` (`running` -> `dribbling`);
-folders of other classes are skipped and listed. `manifest.csv` has one row per clip: `path`
-(inside the raw folder), `label`, and `source` (the path inside the dataset, for split files).
-Nothing in the source is modified: clips are copied.
+"""Where a dataset's clips come from: class folders in a folder, an archive or a URL, matched to
+the configured classes (names normalised, aliases and merges applied), copied with a manifest.
 """
 
 from __future__ import annotations
@@ -24,14 +12,14 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-import pandas as pd
 from tqdm import tqdm
 
-from pipeline.archive import copy_stream, is_archive, safe_extract
-from pipeline.common import PipelineError, atomic_dir, resolve, stage_cli
-from pipeline.sample_dataset import generate_sample
+from pipeline.common import PipelineError, resolve
+from pipeline.data.archive import copy_stream, is_archive, safe_extract
+from pipeline.data.sample import generate_sample
 
 log = logging.getLogger(__name__)
+
 
 IGNORED_DIRS = {"__MACOSX", ".git", ".dvc"}
 
@@ -201,32 +189,3 @@ def dataset_rows(ds: dict, tmp: Path) -> list[dict]:
         shutil.rmtree(fetched)
         return rows
     raise PipelineError(f"dataset.source={source!r} is not one of: sample, folder, archive, url")
-
-
-def download(params: dict, target: Path | None = None) -> pd.DataFrame:
-    """Write the raw dataset and `manifest.csv` atomically to `target` (default `paths.raw`)."""
-    ds = params["dataset"]
-    target = resolve(target or params["paths"]["raw"])
-    with atomic_dir(target) as tmp:
-        rows = dataset_rows(ds, tmp)
-        if not rows:
-            raise PipelineError(f"dataset {ds['name']!r} produced no clips")
-        manifest = pd.DataFrame(rows, columns=["path", "label", "source"])
-        manifest.to_csv(tmp / "manifest.csv", index=False)
-    counts = manifest["label"].value_counts().to_dict()
-    log.info("download: %d clips of %d classes in %s (%s)", len(manifest), len(counts), target,
-             ", ".join(f"{k} {v}" for k, v in counts.items()))
-    return manifest
-
-
-def main(argv: list[str] | None = None) -> None:
-    def out_option(parser):
-        parser.add_argument("--out", default=None, type=Path,
-                            help="write here instead of paths.raw (e.g. data/source for data.dvc)")
-
-    stage_cli("download", __doc__.splitlines()[0], lambda p, a: download(p, a.out), argv,
-              out_option)
-
-
-if __name__ == "__main__":
-    main()

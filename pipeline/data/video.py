@@ -1,25 +1,84 @@
-"""Stage `frames`: sample N frames spread over each clip, letterbox them, cache as uint8 arrays.
-
-Outputs one folder per split under `paths.frames`, each with
-`frames.npy` (clips x N x size x size x 3, uint8 RGB), `labels.npy` (class index),
-`mask.npy` (clips x N, False where a short clip repeats a frame) and `clips.csv` (row order).
-Training reads these arrays and never decodes video.
+"""Reading video the same way everywhere: open (with rotation), probe, hash, sample frame
+indices, decode the sampled frames, letterbox.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
-
-from pipeline.common import (SPLITS, NpyRowWriter, atomic_dir, parallel_map, resolve,
-                             save_arrays, stage_cli, write_json_atomic)
-from pipeline.video import open_video
 
 log = logging.getLogger(__name__)
+
+
+def open_video(path: Path, threads: int | None = None) -> cv2.VideoCapture:
+    """A capture on `path` that applies rotation metadata; check `isOpened()` on the result.
+
+    `threads` caps FFmpeg's decoding threads (None: FFmpeg's default, all cores). Worker
+    processes pass 1: on few cores, one thread per process decodes faster than nested threads.
+    Files FFmpeg cannot open are tried once more with OpenCV's other backends.
+    """
+    cap = None
+    if threads:
+        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, int(threads)])
+    if cap is None or not cap.isOpened():
+        cap = cv2.VideoCapture(str(path))
+    cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)  # phone footage: upright frames
+    return cap
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def probe_clip(path: Path, threads: int | None = None) -> dict:
+    """Decode a clip once: frames actually decodable, fps, size, duration. Never raises.
+
+    Every frame is decoded (`grab`), not just counted from the container header, which is
+    often wrong or missing; only the first is converted, to read the displayed size (after
+    OpenCV applies the rotation metadata). `threads` caps FFmpeg's decoding threads.
+    """
+    info = {"frames": 0, "fps": 0.0, "width": 0, "height": 0, "duration_s": 0.0, "codec": "",
+            "error": ""}
+    if not path.is_file() or path.stat().st_size == 0:
+        info["error"] = "empty or missing file"
+        return info
+    cap = open_video(path, threads)
+    try:
+        if not cap.isOpened():
+            info["error"] = "OpenCV cannot open it (not a video, or an unsupported codec)"
+            return info
+        info["fps"] = round(float(cap.get(cv2.CAP_PROP_FPS) or 0.0), 3)
+        fourcc = int(cap.get(cv2.CAP_PROP_FOURCC) or 0)
+        info["codec"] = "".join(chr((fourcc >> 8 * i) & 0xFF) for i in range(4)).strip("\x00 ")
+        while cap.grab():
+            if info["frames"] == 0:
+                ok, frame = cap.retrieve()
+                if not ok:
+                    break
+                info["height"], info["width"] = frame.shape[:2]
+            info["frames"] += 1
+    finally:
+        cap.release()
+    if info["frames"] == 0:
+        info["error"] = "no decodable frames"
+    elif info["fps"] > 0:
+        info["duration_s"] = round(info["frames"] / info["fps"], 3)
+    return info
+
+
+def probe_and_hash(path: Path) -> dict:
+    """probe_clip plus the file's sha256: one worker task of the clean stage (one decoding
+    thread per worker; the worker processes are the parallelism)."""
+    cv2.setNumThreads(1)
+    return {**probe_clip(path, threads=1), "sha256": sha256_of(path) if path.is_file() else ""}
 
 
 SAMPLINGS = ("uniform", "center", "start")
@@ -127,76 +186,3 @@ def repeat_mask(indices: np.ndarray) -> np.ndarray:
     mask = np.ones(indices.shape, dtype=bool)
     mask[..., 1:] = indices[..., 1:] != indices[..., :-1]
     return mask
-
-
-def right_align(values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-frame values (B x T x ...) with each row's valid frames moved to the front, in
-    order, and its masked-out frames (repeats) after them: a right-padded mask, the only
-    layout cuDNN's recurrent layers accept. Padding positions repeat the last valid frame."""
-    values, mask = np.asarray(values), np.asarray(mask, dtype=bool)
-    if values.shape[:2] != mask.shape:
-        raise ValueError(f"values {values.shape} and mask {mask.shape} do not match")
-    counts = mask.sum(axis=1)
-    if (counts == 0).any():
-        raise ValueError(f"{int((counts == 0).sum())} clip(s) have no valid frame in the mask")
-    t = mask.shape[1]
-    # the k-th valid frame of each row at position k; after the last, the last valid frame
-    order = np.argsort(~mask, axis=1, kind="stable")
-    pos = np.minimum(np.arange(t)[None, :], counts[:, None] - 1)
-    src = np.take_along_axis(order, pos, axis=1)
-    aligned = np.take_along_axis(values, src.reshape(src.shape + (1,) * (values.ndim - 2)),
-                                 axis=1)
-    return aligned, np.arange(t)[None, :] < counts[:, None]
-
-
-def sample_frames_task(task: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """One worker task: `sample_frames(*task)` with one decoding thread and OpenCV's own
-    threads off. The worker processes are the parallelism; nested threads on few cores only
-    contend (measured: 2 processes x 1 thread decode 3 % faster than 2 x FFmpeg's default)."""
-    cv2.setNumThreads(1)
-    return sample_frames(*task, threads=1)
-
-
-def extract_frames(params: dict) -> None:
-    """Decode every usable clip once, in parallel, into per-split uint8 arrays on disk.
-
-    All clips go through one worker pool (train, then val, then test, so no split waits for
-    another's stragglers); results arrive in order and are streamed to each split's
-    `frames.npy`, so memory holds a few clips' frames, not the dataset.
-    """
-    cfg = params["frames"]
-    classes = list(params["dataset"]["classes"])
-    raw = resolve(params["paths"]["raw"])
-    splits = pd.read_csv(resolve(params["paths"]["clean"]) / "splits.csv")
-    n, size = int(cfg["num_frames"]), int(cfg["size"])
-    sampling = cfg.get("sampling", "uniform")
-    sample_indices(n, n, sampling)  # fail on a bad frames.sampling before decoding anything
-    parts = {s: splits[splits["split"] == s].reset_index(drop=True) for s in SPLITS}
-    tasks = [(raw / rec.path, int(rec.frames), n, size, int(cfg["pad_value"]), sampling)
-             for s in SPLITS for rec in parts[s].itertuples()]
-    results = parallel_map(sample_frames_task, tasks, params.get("workers"), "frames")
-    with atomic_dir(resolve(params["paths"]["frames"])) as tmp:
-        for split in SPLITS:
-            rows = parts[split]
-            (tmp / split).mkdir()
-            writer = NpyRowWriter(tmp / split / "frames.npy", (len(rows), n, size, size, 3),
-                                  np.uint8)
-            masks = np.zeros((len(rows), n), dtype=bool)
-            for i in range(len(rows)):
-                clip_frames, masks[i] = next(results)
-                writer.write(clip_frames)
-            writer.close()
-            labels = np.array([classes.index(l) for l in rows["label"]], dtype=np.int64)
-            save_arrays(tmp / split, labels=labels, mask=masks)
-            rows[["path", "label", "group"]].to_csv(tmp / split / "clips.csv", index=False)
-        write_json_atomic(tmp / "classes.json", classes)
-    log.info("frames: %d clips x %d frames of %dx%d (%s sampling) cached in %s", len(splits), n,
-             size, size, sampling, params["paths"]["frames"])
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_cli("frames", __doc__.splitlines()[0], lambda p, a: extract_frames(p), argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -19,10 +19,12 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.common import SPLITS, atomic_dir, load_arrays, resolve, stage_cli, write_json_atomic
+from pipeline.common import SPLITS, atomic_dir, resolve, stage_cli, write_json_atomic
+from pipeline.data.arrays import load_arrays
 from pipeline.evaluate import SCORES, classification_metrics
 
 log = logging.getLogger(__name__)
+
 
 BASELINES = ("majority", "motion_logreg")
 
@@ -33,9 +35,15 @@ def motion_statistics(frames: np.ndarray, size: int) -> np.ndarray:
     time, so `frames` may be a memory map."""
     rows = []
     for clip in frames:
-        grey = np.stack([cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), (size, size),
-                                    interpolation=cv2.INTER_AREA) for f in clip])
-        grey = grey.astype(np.float32) / 255                             # N,size,size
+        grey = np.stack(
+            [
+                cv2.resize(
+                    cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), (size, size), interpolation=cv2.INTER_AREA
+                )
+                for f in clip
+            ]
+        )
+        grey = grey.astype(np.float32) / 255  # N,size,size
         rows.append(np.concatenate([grey.ravel(), np.abs(np.diff(grey, axis=0)).ravel()]))
     return np.stack(rows) if rows else np.zeros((0, (2 * frames.shape[1] - 1) * size * size))
 
@@ -51,8 +59,9 @@ def fit_motion_logreg(x: dict, y: dict, grid: list[float], classes: list[str]):
     tried = {}
     best = None
     for c in sorted(float(v) for v in grid):
-        model = make_pipeline(StandardScaler(), LogisticRegression(
-            C=c, class_weight="balanced", max_iter=2000))
+        model = make_pipeline(
+            StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+        )
         model.fit(x["train"], y["train"])
         score = classification_metrics(y["val"], model.predict(x["val"]), classes)["macro_f1"]
         tried[c] = score
@@ -77,29 +86,40 @@ def baseline_scores(params: dict) -> dict:
         x[split], y[split] = motion_statistics(frames, int(cfg["size"])), np.asarray(labels)
         clips[split] = pd.read_csv(frames_dir / split / "clips.csv")
     logreg, c, tried = fit_motion_logreg(x, y, list(cfg["C"]), classes)
-    predict = {"majority": lambda split: majority_predictions(y["train"], len(y[split])),
-               "motion_logreg": lambda split: logreg.predict(x[split])}
+    predict = {
+        "majority": lambda split: majority_predictions(y["train"], len(y[split])),
+        "motion_logreg": lambda split: logreg.predict(x[split]),
+    }
     summary = {}
     with atomic_dir(resolve(params["paths"]["reports"]) / "baseline") as tmp:
         for name in BASELINES:
             val = classification_metrics(y["val"], predict[name]("val"), classes)
             y_pred = predict[name]("test")
             test = classification_metrics(y["test"], y_pred, classes)
-            summary[name] = {**{k: test[k] for k in SCORES},
-                             **{f"val_{k}": val[k] for k in SCORES},
-                             "test_clips": int(len(y["test"])), "train_clips": int(len(y["train"]))}
+            summary[name] = {
+                **{k: test[k] for k in SCORES},
+                **{f"val_{k}": val[k] for k in SCORES},
+                "test_clips": int(len(y["test"])),
+                "train_clips": int(len(y["train"])),
+            }
             (tmp / name).mkdir()
-            clips["test"].assign(actual=[classes[i] for i in y["test"]],
-                                 predicted=[classes[i] for i in y_pred]
-                                 ).to_csv(tmp / name / "predictions.csv", index=False)
+            clips["test"].assign(
+                actual=[classes[i] for i in y["test"]], predicted=[classes[i] for i in y_pred]
+            ).to_csv(tmp / name / "predictions.csv", index=False)
             pd.DataFrame(test["per_class"]).T.rename_axis("class").reset_index().to_csv(
-                tmp / name / "per_class.csv", index=False)
+                tmp / name / "per_class.csv", index=False
+            )
     summary["motion_logreg"]["C"] = c
     summary["motion_logreg"]["val_macro_f1_by_C"] = {str(k): round(v, 4) for k, v in tried.items()}
     write_json_atomic(resolve(params["paths"]["metrics"]) / "baseline.json", summary)
-    log.info("baseline: majority class test macro-F1 %.3f; motion logistic regression (C=%g, "
-             "chosen on validation) val %.3f, test %.3f", summary["majority"]["macro_f1"], c,
-             summary["motion_logreg"]["val_macro_f1"], summary["motion_logreg"]["macro_f1"])
+    log.info(
+        "baseline: majority class test macro-F1 %.3f; motion logistic regression (C=%g, "
+        "chosen on validation) val %.3f, test %.3f",
+        summary["majority"]["macro_f1"],
+        c,
+        summary["motion_logreg"]["val_macro_f1"],
+        summary["motion_logreg"]["macro_f1"],
+    )
     return summary
 
 

@@ -133,4 +133,3 @@ def copy_stream(src: IO[bytes], dest: IO[bytes], on_chunk: Callable[[bytes], Non
     while chunk := src.read(1 << 20):
         on_chunk(chunk)
         dest.write(chunk)
-

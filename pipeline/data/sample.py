@@ -24,6 +24,9 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
+
+
+
 SESSIONS = ("KS", "GR", "RK", "ZG")
 
 

@@ -33,15 +33,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-from filelock import FileLock  # noqa: E402
 
-from pipeline.common import (PipelineError, resolve, stage_cli, store_root,  # noqa: E402
-                             write_bytes_atomic, write_json_atomic, write_text_atomic)
+from pipeline.common import (  # noqa: E402
+    PipelineError,
+    resolve,
+    stage_cli,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from pipeline.evaluate import SCORES, bootstrap_intervals  # noqa: E402
-from pipeline.inference import MODEL_FORMAT  # noqa: E402
+from pipeline.serving.registry import (  # noqa: E402
+    check_promote_policy,
+    model_ref,
+    register_champion,
+)
 
 log = logging.getLogger(__name__)
+
 
 COSTS = ["params", "train_time_s", "inference_ms_per_clip", "epochs", "test_clips"]
 
@@ -56,10 +65,14 @@ def score_row(params: dict, name: str, metrics: dict, reports: Path, classes: li
     predictions = pd.read_csv(reports / "predictions.csv")
     index = {c: i for i, c in enumerate(classes)}
     cfg = params["compare"]
-    intervals = bootstrap_intervals(predictions["actual"].map(index).to_numpy(),
-                                    predictions["predicted"].map(index).to_numpy(), len(classes),
-                                    int(cfg["bootstrap_samples"]), float(cfg["confidence"]),
-                                    int(params["seed"]))
+    intervals = bootstrap_intervals(
+        predictions["actual"].map(index).to_numpy(),
+        predictions["predicted"].map(index).to_numpy(),
+        len(classes),
+        int(cfg["bootstrap_samples"]),
+        float(cfg["confidence"]),
+        int(params["seed"]),
+    )
     per_class = pd.read_csv(reports / "per_class.csv").set_index("class")["f1"]
     row = {"model": name}
     for score in SCORES:
@@ -70,8 +83,12 @@ def score_row(params: dict, name: str, metrics: dict, reports: Path, classes: li
     row.update({f"f1_{c}": float(per_class.get(c, np.nan)) for c in classes})
     row.update({k: metrics.get(k, np.nan) for k in COSTS})
     # over `train_seeds`, when the model was trained more than once
-    row.update({k: metrics.get(k, np.nan) for k in
-                [f"{s}_{m}" for s in SCORES for m in ("mean", "std")] + ["seeds"]})
+    row.update(
+        {
+            k: metrics.get(k, np.nan)
+            for k in [f"{s}_{m}" for s in SCORES for m in ("mean", "std")] + ["seeds"]
+        }
+    )
     return row
 
 
@@ -82,8 +99,10 @@ def model_row(params: dict, name: str, classes: list[str]) -> dict:
     for path in (metrics_path, reports / "predictions.csv", reports / "per_class.csv"):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run `dvc repro train@{name}` first")
-    return {**score_row(params, name, json.loads(metrics_path.read_text()), reports, classes),
-            "kind": "model"}
+    return {
+        **score_row(params, name, json.loads(metrics_path.read_text()), reports, classes),
+        "kind": "model",
+    }
 
 
 def baseline_rows(params: dict, classes: list[str]) -> list[dict]:
@@ -93,8 +112,10 @@ def baseline_rows(params: dict, classes: list[str]) -> list[dict]:
         raise FileNotFoundError(f"{path} is missing: run `dvc repro baseline` first")
     metrics = json.loads(path.read_text())
     reports = resolve(params["paths"]["reports"]) / "baseline"
-    return [{**score_row(params, label, metrics[key], reports / key, classes), "kind": "baseline"}
-            for key, label in BASELINE_STAGE_ROWS.items()]
+    return [
+        {**score_row(params, label, metrics[key], reports / key, classes), "kind": "baseline"}
+        for key, label in BASELINE_STAGE_ROWS.items()
+    ]
 
 
 def selection_order(table: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -111,15 +132,27 @@ def comparison_table(params: dict) -> pd.DataFrame:
     metric = params["compare"]["metric"]
     if metric not in SCORES:
         raise PipelineError(f"compare.metric={metric!r}: one of {SCORES}")
-    models = selection_order(pd.DataFrame([model_row(params, name, classes)
-                                           for name in params["models"]]), metric)
+    models = selection_order(
+        pd.DataFrame([model_row(params, name, classes) for name in params["models"]]), metric
+    )
     baselines = pd.DataFrame(baseline_rows(params, classes))
-    bar = float(baselines.loc[baselines["model"] == BASELINE_STAGE_ROWS["motion_logreg"],
-                              metric].iloc[0])
-    models["flags"] = [", ".join(f for f, on in (
-        ("predicts one class", r["predicted_classes"] <= 1),
-        (f"does not beat the baseline ({metric} {r[metric]:.3f} <= {bar:.3f})", r[metric] <= bar),
-    ) if on) for r in models.to_dict("records")]
+    bar = float(
+        baselines.loc[baselines["model"] == BASELINE_STAGE_ROWS["motion_logreg"], metric].iloc[0]
+    )
+    models["flags"] = [
+        ", ".join(
+            f
+            for f, on in (
+                ("predicts one class", r["predicted_classes"] <= 1),
+                (
+                    f"does not beat the baseline ({metric} {r[metric]:.3f} <= {bar:.3f})",
+                    r[metric] <= bar,
+                ),
+            )
+            if on
+        )
+        for r in models.to_dict("records")
+    ]
     baselines["flags"] = ""
     return pd.concat([models, baselines], ignore_index=True)
 
@@ -134,8 +167,9 @@ def number(fmt: str):
     return lambda v: "—" if pd.isna(v) else fmt.format(v)
 
 
-def markdown_table(table: pd.DataFrame, classes: list[str], confidence: float,
-                   metric: str = "macro_f1") -> str:
+def markdown_table(
+    table: pd.DataFrame, classes: list[str], confidence: float, metric: str = "macro_f1"
+) -> str:
     """Validation score (the ranking), test scores as `value [low, high]`, per-class F1,
     costs, flags."""
     shown = pd.DataFrame({"model": table["model"]})
@@ -143,12 +177,16 @@ def markdown_table(table: pd.DataFrame, classes: list[str], confidence: float,
     for score in SCORES:
         shown[f"{score} ({confidence:.0%} CI)"] = [
             f"{r[score]:.3f} [{r[score + '_low']:.2f}, {r[score + '_high']:.2f}]"
-            for r in table.to_dict("records")]
+            for r in table.to_dict("records")
+        ]
     if table["seeds"].notna().any():
         metric = "macro_f1"
         shown[f"{metric} over seeds"] = [
             f"{r[metric + '_mean']:.3f} ± {r[metric + '_std']:.3f} ({r['seeds']:.0f})"
-            if pd.notna(r["seeds"]) else "" for r in table.to_dict("records")]
+            if pd.notna(r["seeds"])
+            else ""
+            for r in table.to_dict("records")
+        ]
     for c in classes:
         shown[f"F1 {c}"] = table[f"f1_{c}"].map("{:.2f}".format)
     shown["params"] = table["params"].map(number("{:,.0f}"))
@@ -162,12 +200,19 @@ def markdown_table(table: pd.DataFrame, classes: list[str], confidence: float,
 def comparison_figure(table: pd.DataFrame, classes: list[str], confidence: float):
     """Left: the three scores with their intervals and the chance line; right: F1 per class."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [2, 3]})
-    left.axhline(1 / len(classes), color="grey", linestyle="--", linewidth=1,
-                 label=f"chance (balanced) 1/{len(classes)}")
+    left.axhline(
+        1 / len(classes),
+        color="grey",
+        linestyle="--",
+        linewidth=1,
+        label=f"chance (balanced) 1/{len(classes)}",
+    )
     width = 0.8 / len(SCORES)
     x = np.arange(len(table))
     for i, score in enumerate(SCORES):
-        err = np.vstack([table[score] - table[f"{score}_low"], table[f"{score}_high"] - table[score]])
+        err = np.vstack(
+            [table[score] - table[f"{score}_low"], table[f"{score}_high"] - table[score]]
+        )
         left.bar(x + i * width, table[score], width, yerr=err.clip(min=0), capsize=3, label=score)
     left.set_xticks(x + width, table["model"])
     left.set_ylim(0, 1)
@@ -184,121 +229,6 @@ def comparison_figure(table: pd.DataFrame, classes: list[str], confidence: float
     right.legend(fontsize=7)
     fig.tight_layout()
     return fig
-
-
-PROMOTE_POLICIES = ("better", "always")
-
-
-def check_promote_policy(policy: str) -> None:
-    if policy not in PROMOTE_POLICIES:
-        raise PipelineError(f"compare.promote={policy!r}: one of {PROMOTE_POLICIES}")
-
-
-def promotion_reason(candidate: dict[str, str], current: dict[str, str] | None,
-                     policy: str) -> str | None:
-    """Why the alias should move to `candidate` (version tags), or None to leave it where it is.
-
-    `policy` is `compare.promote`: `always` follows every pipeline run's best model; `better`
-    moves only to a model that beats the current champion's validation score
-    (`selected_by`, e.g. `val_macro_f1`) on the same dataset and split, so a queued sweep
-    leaves the alias on its best point, not on whichever ran last. Test scores never decide.
-    """
-    check_promote_policy(policy)
-    if current is None:
-        return "there is no champion yet"
-    if policy == "always":
-        return "compare.promote is 'always'"
-    if current.get("format") != candidate.get("format"):
-        return (f"the champion's model format {current.get('format', 'keras (no preprocessing)')}"
-                f" is not {candidate.get('format')}")
-    if current.get("dataset_hash") != candidate["dataset_hash"]:
-        return "the champion was chosen on other data"
-    if current.get("split_hash") != candidate.get("split_hash"):
-        return "the champion was chosen on another split of the data"
-    metric = candidate["selected_by"]
-    if current.get("selected_by") != metric or metric not in current:
-        return f"the champion was not chosen by {metric}"
-    if float(candidate[metric]) > float(current[metric]):
-        return f"{metric} {candidate[metric]} beats the champion's {current[metric]}"
-    return None
-
-
-def model_ref(params: dict, model: str) -> dict:
-    """Where model's latest training run lives in MLflow (`reports/<model>/mlflow.json`:
-    run_id, model_uri), or {} when the file is absent."""
-    ref_file = resolve(params["paths"]["reports"]) / model / "mlflow.json"
-    return json.loads(ref_file.read_text()) if ref_file.is_file() else {}
-
-
-def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
-    """Register the best model's logged MLflow model (`ref`: its `model_ref`) as a version of
-    `compare.register_as` and move `compare.alias` to it as `compare.promote` decides.
-
-    Returns the version the alias points at afterwards, or None when the training run is not
-    in this MLflow store (e.g. reports restored next to an empty store), which is logged.
-    """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking import git_commit
-
-    cfg = params["compare"]
-    name, alias = cfg.get("register_as"), cfg.get("alias") or "champion"
-    if not name:
-        return None
-    run_id = ref.get("run_id", "")
-    client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
-        client.get_logged_model(ref["model_uri"].removeprefix("models:/"))
-    except (MlflowException, KeyError):
-        log.warning("not registering %s: its training run %r or logged model is not in %s "
-                    "(retrain it with `dvc repro -f train@%s`)", best["model"], run_id,
-                    mlflow.get_tracking_uri(), best["model"])
-        return None
-    metric = cfg["metric"]
-    selected_by = f"val_{metric}"
-    tags = {
-        "model": best["model"],
-        "git_commit": run.data.tags.get("git_commit") or git_commit(),
-        "dvc_exp_name": run.data.tags.get("dvc_exp_name", ""),
-        "dataset_hash": dataset["dataset_hash"],
-        "split_hash": dataset.get("split_hash", ""),
-        "dataset_name": dataset["name"],
-        "selected_by": selected_by,
-        "format": MODEL_FORMAT,
-        selected_by: f"{best[selected_by]:.4f}",
-        # reported, never used to choose
-        f"test_{metric}": f"{best[metric]:.4f}",
-        f"test_{metric}_ci": f"[{best[metric + '_low']:.4f}, {best[metric + '_high']:.4f}]",
-        "config": yaml.safe_dump(params, sort_keys=False),
-    }
-    # Queued experiments finish concurrently: read, decide and move the alias one at a time.
-    with FileLock(store_root() / "mlflow.db.lock"):
-        # A run restored from DVC's run cache is registered once, however often it comes back.
-        existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        version = (existing[0] if existing
-                   else mlflow.register_model(ref["model_uri"], name, tags=tags))
-        try:
-            current = client.get_model_version_by_alias(name, alias)
-        except MlflowException:
-            current = None
-        if current is not None and current.version == version.version:
-            log.info("%s@%s is already %s (run %s)", name, alias, best["model"], run_id)
-            return current
-        reason = promotion_reason(tags, current.tags if current else None,
-                                  cfg.get("promote", "better"))
-        if reason is None:
-            log.info("%s (run %s, %s %s) is %s version %s; @%s stays on version %s (%s %s, "
-                     "compare.promote=better)", best["model"], run_id, selected_by,
-                     tags[selected_by], name, version.version, alias, current.version,
-                     selected_by, current.tags.get(selected_by))
-            return current
-        client.set_registered_model_alias(name, alias, version.version)
-    log.info("registered %s (run %s) as %s version %s, alias @%s: %s", best["model"], run_id,
-             name, version.version, alias, reason)
-    return client.get_model_version(name, version.version)
 
 
 def compare(params: dict) -> pd.DataFrame:
@@ -319,31 +249,53 @@ def compare(params: dict) -> pd.DataFrame:
     write_bytes_atomic(reports / "comparison.png", png.getvalue())
     write_text_atomic(reports / "comparison.md", markdown + "\n")
     write_text_atomic(reports / "comparison.csv", table.to_csv(index=False))
-    write_json_atomic(resolve(params["paths"]["metrics"]) / "comparison.json",
-                      {r["model"]: {k: json_safe(v) for k, v in r.items() if k != "model"}
-                       for r in table.round(4).to_dict("records")})
+    write_json_atomic(
+        resolve(params["paths"]["metrics"]) / "comparison.json",
+        {
+            r["model"]: {k: json_safe(v) for k, v in r.items() if k != "model"}
+            for r in table.round(4).to_dict("records")
+        },
+    )
     best = table.iloc[0].to_dict()  # the first model row: best by validation score
 
     use_experiment(params["mlflow"]["experiment"])
     dataset = json.loads((resolve(params["paths"]["clean"]) / "dataset.json").read_text())
     best_ref = model_ref(params, best["model"])
-    tags = {**run_tags("comparison", dataset), "best_model": best["model"],
-            # what `pipeline.predict` uses when no champion is registered
-            "best_model_uri": best_ref.get("model_uri", "")}
+    tags = {
+        **run_tags("comparison", dataset),
+        "best_model": best["model"],
+        # what `pipeline.predict` uses when no champion is registered
+        "best_model_uri": best_ref.get("model_uri", ""),
+    }
     with mlflow.start_run(run_name="comparison", tags=tags):
         mlflow.log_table(table, "comparison.json")
         mlflow.log_text(markdown, "comparison.md")
         mlflow.log_figure(fig, "comparison.png")
-        mlflow.log_metrics({f"{r['model']}_{s}": float(r[s]) for r in table.to_dict("records")
-                            for s in SCORES + [f"{x}_{e}" for x in SCORES for e in ("low", "high")]
-                            + [f"val_{x}" for x in SCORES] + ["inference_ms_per_clip"]
-                            if pd.notna(r[s])})
+        mlflow.log_metrics(
+            {
+                f"{r['model']}_{s}": float(r[s])
+                for r in table.to_dict("records")
+                for s in SCORES
+                + [f"{x}_{e}" for x in SCORES for e in ("low", "high")]
+                + [f"val_{x}" for x in SCORES]
+                + ["inference_ms_per_clip"]
+                if pd.notna(r[s])
+            }
+        )
         version = register_champion(params, best, best_ref, dataset)
         if version is not None:
             mlflow.set_tags({"champion": f"{params['compare']['register_as']}/{version.version}"})
-    log.info("compare: best by validation %s is %s (val %.3f; test %.3f, %.0f%% CI %.3f-%.3f)"
-             "\n%s", metric, best["model"], best[f"val_{metric}"], best[metric], confidence * 100,
-             best[f"{metric}_low"], best[f"{metric}_high"], markdown)
+    log.info(
+        "compare: best by validation %s is %s (val %.3f; test %.3f, %.0f%% CI %.3f-%.3f)\n%s",
+        metric,
+        best["model"],
+        best[f"val_{metric}"],
+        best[metric],
+        confidence * 100,
+        best[f"{metric}_low"],
+        best[f"{metric}_high"],
+        markdown,
+    )
     return table
 
 

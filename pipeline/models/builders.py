@@ -9,10 +9,14 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-from pipeline.backbones import build_backbone
+from pipeline.models.backbones import build_backbone
 
 MOTIONS = ("rgb", "diff", "rgb_diff")
+
+
 POOLINGS = ("mean", "mean_max", "temporal_conv")
+
+
 FEATURE_MOTIONS = ("none", "diff", "concat")
 
 
@@ -27,7 +31,7 @@ def dense_head(x, units: list[int], dropout: list[float]):
 
 def change_since_previous(x):
     """B,T,... -> B,T,...: each step minus the one before it (0 for the first step)."""
-    change = x[:, 1:] - x[:, :-1]                                        # B,T-1,...
+    change = x[:, 1:] - x[:, :-1]  # B,T-1,...
     return ops.concatenate([ops.zeros_like(x[:, :1]), change], axis=1)
 
 
@@ -38,8 +42,8 @@ def motion_input(frames, motion: str, key: str):
     if motion not in MOTIONS:
         raise ValueError(f"{key}={motion!r}: one of {MOTIONS}")
     if motion == "rgb":
-        return frames                                                    # B,T,S,S,3
-    diff = change_since_previous(frames) * 0.5 + 127.5                   # B,T,S,S,3 in 0..255
+        return frames  # B,T,S,S,3
+    diff = change_since_previous(frames) * 0.5 + 127.5  # B,T,S,S,3 in 0..255
     return diff if motion == "diff" else ops.concatenate([frames, diff], axis=-1)  # B,T,S,S,6
 
 
@@ -51,14 +55,18 @@ def clip_augment(frames, cfg: dict | None, size: int, num_frames: int):
     B,T,S,S,3 (0..255) -> B,T,S,S,3."""
     if not cfg:
         return frames
-    x = ops.reshape(frames, (-1, num_frames * size, size, 3))            # B,T*S,S,3: one image
+    x = ops.reshape(frames, (-1, num_frames * size, size, 3))  # B,T*S,S,3: one image
     if cfg.get("flip"):
         x = layers.RandomFlip("horizontal")(x)
     jitter = {k: cfg.get(k) for k in ("hue", "saturation", "brightness", "contrast")}
     if any(jitter.values()):
         x = layers.RandomColorJitter(
-            value_range=(0, 255), hue_factor=jitter["hue"], saturation_factor=jitter["saturation"],
-            brightness_factor=jitter["brightness"], contrast_factor=jitter["contrast"])(x)
+            value_range=(0, 255),
+            hue_factor=jitter["hue"],
+            saturation_factor=jitter["saturation"],
+            brightness_factor=jitter["brightness"],
+            contrast_factor=jitter["contrast"],
+        )(x)
     return ops.reshape(x, (-1, num_frames, size, size, 3))
 
 
@@ -71,7 +79,7 @@ def temporal_pool(x, pooling: str, key: str):
         raise ValueError(f"{key}={pooling!r}: one of {POOLINGS}")
     if pooling == "mean":
         return layers.GlobalAveragePooling3D()(x)
-    per_frame = ops.mean(x, axis=(2, 3))                                 # B,T,D
+    per_frame = ops.mean(x, axis=(2, 3))  # B,T,D
     if pooling == "temporal_conv":
         per_frame = layers.Conv1D(256, 3, padding="same", activation="relu")(per_frame)  # B,T,256
     return layers.Concatenate()([ops.mean(per_frame, axis=1), ops.max(per_frame, axis=1)])
@@ -93,28 +101,35 @@ def build_frame_cnn(cfg: dict, num_frames: int, size: int, num_classes: int) -> 
     motion = cfg.get("motion", "rgb")
     channels = 6 if motion == "rgb_diff" else 3
     if channels != 3 and bb["weights"] is not None:
-        raise ValueError("models.frame_cnn.motion=rgb_diff needs 6 input channels, which "
-                         "pretrained weights do not have: use motion rgb or diff, or "
-                         "models.frame_cnn.backbone.weights=null")
-    backbone = build_backbone(bb["name"], bb["weights"], (size, size, channels),
-                              config_key="models.frame_cnn.backbone.weights")
+        raise ValueError(
+            "models.frame_cnn.motion=rgb_diff needs 6 input channels, which "
+            "pretrained weights do not have: use motion rgb or diff, or "
+            "models.frame_cnn.backbone.weights=null"
+        )
+    backbone = build_backbone(
+        bb["name"],
+        bb["weights"],
+        (size, size, channels),
+        config_key="models.frame_cnn.backbone.weights",
+    )
     trainable = bb["trainable_layers"]
     trainable = len(backbone.layers) if trainable == "all" else int(trainable)
     for i, layer in enumerate(backbone.layers):
         layer.trainable = i >= len(backbone.layers) - trainable
     set_batchnorm_momentum(backbone, bb.get("batchnorm_momentum"))
-    inputs = keras.Input((num_frames, size, size, 3), name="frames")   # B,T,S,S,3 (0..255)
+    inputs = keras.Input((num_frames, size, size, 3), name="frames")  # B,T,S,S,3 (0..255)
     x = clip_augment(inputs, cfg.get("clip_augment"), size, num_frames)
-    x = motion_input(x, motion, "models.frame_cnn.motion")              # B,T,S,S,K
+    x = motion_input(x, motion, "models.frame_cnn.motion")  # B,T,S,S,K
     # The frames are folded into the batch rather than wrapped in TimeDistributed: Keras 3's
     # TimeDistributed unrolls one backbone copy per frame (minutes of graph tracing on CPU).
-    x = ops.reshape(x, (-1, size, size, channels))                      # B*T,S,S,K
-    x = backbone(x)                                                     # B*T,s,s,1280
-    x = ops.reshape(x, (-1, num_frames) + tuple(x.shape[1:]))           # B,T,s,s,1280
-    x = temporal_pool(x, cfg.get("temporal_pooling", "mean"),
-                      "models.frame_cnn.temporal_pooling")              # B,1280 (mean_max: 2560)
-    x = dense_head(x, cfg["head"]["units"], cfg["head"]["dropout"])     # B,64
-    outputs = layers.Dense(num_classes, activation="softmax")(x)        # B,C
+    x = ops.reshape(x, (-1, size, size, channels))  # B*T,S,S,K
+    x = backbone(x)  # B*T,s,s,1280
+    x = ops.reshape(x, (-1, num_frames) + tuple(x.shape[1:]))  # B,T,s,s,1280
+    x = temporal_pool(
+        x, cfg.get("temporal_pooling", "mean"), "models.frame_cnn.temporal_pooling"
+    )  # B,1280 (mean_max: 2560)
+    x = dense_head(x, cfg["head"]["units"], cfg["head"]["dropout"])  # B,64
+    outputs = layers.Dense(num_classes, activation="softmax")(x)  # B,C
     return keras.Model(inputs, outputs, name="frame_cnn")
 
 
@@ -123,48 +138,51 @@ def build_cnn3d(cfg: dict, num_frames: int, size: int, num_classes: int) -> kera
     conv = cfg["conv"]
     if len(conv["filters"]) != len(conv["padding"]):
         raise ValueError("models.cnn3d.conv.filters and conv.padding differ in length")
-    inputs = keras.Input((num_frames, size, size, 3), name="frames")   # B,T,S,S,3 (0..255)
+    inputs = keras.Input((num_frames, size, size, 3), name="frames")  # B,T,S,S,3 (0..255)
     x = clip_augment(inputs, cfg.get("clip_augment"), size, num_frames)
     x = motion_input(x, cfg.get("motion", "rgb"), "models.cnn3d.motion")  # B,T,S,S,K
     x = layers.Rescaling(1.0 / 255)(x)
     for filters, padding in zip(conv["filters"], conv["padding"]):
         x = layers.Conv3D(filters, conv["kernel_size"], padding=padding, activation="relu")(x)
         if min(x.shape[1:4]) < 1 or any(s < p for s, p in zip(x.shape[1:4], conv["pool_size"])):
-            raise ValueError(f"cnn3d: a {num_frames}x{size}x{size} input shrinks to "
-                             f"{tuple(x.shape[1:4])} before pooling; raise frames.size or the "
-                             f"model's num_frames (reference: 10x224x224; smallest: 5x80x80)")
-        x = layers.MaxPool3D(tuple(conv["pool_size"]))(x)   # time kept, space halved
+            raise ValueError(
+                f"cnn3d: a {num_frames}x{size}x{size} input shrinks to "
+                f"{tuple(x.shape[1:4])} before pooling; raise frames.size or the "
+                f"model's num_frames (reference: 10x224x224; smallest: 5x80x80)"
+            )
+        x = layers.MaxPool3D(tuple(conv["pool_size"]))(x)  # time kept, space halved
         x = layers.BatchNormalization(momentum=float(conv.get("batchnorm_momentum", 0.99)))(x)
     # reference 10x224x224: 3 x (same conv, pool) -> B,10,28,28,128; valid conv -> B,8,26,26,256;
     # pool -> B,8,13,13,256; valid conv -> B,6,11,11,512; pool -> B,6,5,5,512
-    x = temporal_pool(x, cfg.get("temporal_pooling", "mean"),
-                      "models.cnn3d.temporal_pooling")                  # B,512 (mean_max: 1024)
-    x = dense_head(x, cfg["head"]["units"], cfg["head"]["dropout"])     # B,32
-    outputs = layers.Dense(num_classes, activation="softmax")(x)        # B,C
+    x = temporal_pool(
+        x, cfg.get("temporal_pooling", "mean"), "models.cnn3d.temporal_pooling"
+    )  # B,512 (mean_max: 1024)
+    x = dense_head(x, cfg["head"]["units"], cfg["head"]["dropout"])  # B,32
+    outputs = layers.Dense(num_classes, activation="softmax")(x)  # B,C
     return keras.Model(inputs, outputs, name="cnn3d")
 
 
 def build_cnn_gru(cfg: dict, num_frames: int, feature_dim: int, num_classes: int) -> keras.Model:
     """Stacked GRUs over per-frame backbone features; padding frames are masked out.
 
-    The mask must be right-padded (valid frames first, see `frames.right_align`): that is
+    The mask must be right-padded (valid frames first, see `pipeline.data.arrays.right_align`): that is
     the only layout cuDNN's GRU accepts on a GPU.
     """
     features = keras.Input((num_frames, feature_dim), name="features")  # B,T,2048
-    mask = keras.Input((num_frames,), dtype="bool", name="mask")        # B,T
+    mask = keras.Input((num_frames,), dtype="bool", name="mask")  # B,T
     units = list(cfg["gru_units"])
     x = features
     if cfg.get("normalize_features", True):
         # Per-dimension standardisation, adapted on the training features before fitting:
         # features of a randomly initialised backbone are tiny and near-constant without it.
-        x = layers.Normalization(axis=-1, name="feature_norm")(x)       # B,T,2048
+        x = layers.Normalization(axis=-1, name="feature_norm")(x)  # B,T,2048
     motion = cfg.get("feature_motion", "none")
     if motion not in FEATURE_MOTIONS:
         raise ValueError(f"models.cnn_gru.feature_motion={motion!r}: one of {FEATURE_MOTIONS}")
     if motion != "none":
         # each frame's change of features since the previous frame: what moved, without
         # the scene's constant look
-        change = change_since_previous(x)                               # B,T,2048
+        change = change_since_previous(x)  # B,T,2048
         x = change if motion == "diff" else layers.Concatenate()([x, change])  # B,T,2048|4096
     if cfg.get("input_dropout"):
         x = layers.Dropout(float(cfg["input_dropout"]))(x)
@@ -173,8 +191,8 @@ def build_cnn_gru(cfg: dict, num_frames: int, feature_dim: int, num_classes: int
     # B,T,16 -> B,10
     x = layers.Dropout(cfg["dropout"])(x)
     for n in cfg["dense_units"]:
-        x = layers.Dense(n, activation="relu")(x)                       # B,7 -> B,6
-    outputs = layers.Dense(num_classes, activation="softmax")(x)        # B,C
+        x = layers.Dense(n, activation="relu")(x)  # B,7 -> B,6
+    outputs = layers.Dense(num_classes, activation="softmax")(x)  # B,C
     return keras.Model([features, mask], outputs, name="cnn_gru")
 
 

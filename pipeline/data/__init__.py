@@ -1,0 +1,1 @@
+"""Data: sources, the sample generator, video reading, splits, cached arrays, augmentation."""

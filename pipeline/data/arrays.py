@@ -1,0 +1,125 @@
+"""Cached arrays: writing them row by row, loading them, and the inputs each model reads
+(frame subsets, right-padded masks for sequence models).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.common import resolve
+from pipeline.data.video import repeat_mask
+
+
+def save_arrays(directory: Path, **arrays: np.ndarray) -> None:
+    """Save each array as `<name>.npy` (no pickles) in an existing directory."""
+    for name, array in arrays.items():
+        np.save(directory / f"{name}.npy", np.asarray(array), allow_pickle=False)
+
+
+class NpyRowWriter:
+    """Write a `.npy` array row by row (rows in order), holding one row in memory at a time.
+
+    Unlike a memory map, written pages do not stay in the process's resident memory. Closing
+    before every row was written raises, so a short array is never left looking complete.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype) -> None:
+        self.path, self.shape, self.dtype = Path(path), tuple(int(d) for d in shape), np.dtype(dtype)
+        self.rows = 0
+        self.fh = open(self.path, "wb")
+        np.lib.format.write_array_header_2_0(self.fh, {
+            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+            "shape": self.shape})
+
+    def write(self, row: np.ndarray) -> None:
+        row = np.ascontiguousarray(row, dtype=self.dtype)
+        if row.shape != self.shape[1:]:
+            raise ValueError(f"{self.path}: row of shape {row.shape}, expected {self.shape[1:]}")
+        self.fh.write(row.tobytes())
+        self.rows += 1
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.rows} rows written of {self.shape[0]}")
+
+
+def load_arrays(directory: Path, *names: str, mmap_mode: str | None = None) -> list[np.ndarray]:
+    """Load `<name>.npy` arrays (never pickles); `mmap_mode="r"` maps them instead of reading."""
+    missing = [n for n in names if not (directory / f"{n}.npy").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory} lacks {', '.join(m + '.npy' for m in missing)}: run `dvc repro` first"
+        )
+    return [np.load(directory / f"{n}.npy", allow_pickle=False, mmap_mode=mmap_mode)
+            for n in names]
+
+
+def right_align(values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame values (B x T x ...) with each row's valid frames moved to the front, in
+    order, and its masked-out frames (repeats) after them: a right-padded mask, the only
+    layout cuDNN's recurrent layers accept. Padding positions repeat the last valid frame."""
+    values, mask = np.asarray(values), np.asarray(mask, dtype=bool)
+    if values.shape[:2] != mask.shape:
+        raise ValueError(f"values {values.shape} and mask {mask.shape} do not match")
+    counts = mask.sum(axis=1)
+    if (counts == 0).any():
+        raise ValueError(f"{int((counts == 0).sum())} clip(s) have no valid frame in the mask")
+    t = mask.shape[1]
+    # the k-th valid frame of each row at position k; after the last, the last valid frame
+    order = np.argsort(~mask, axis=1, kind="stable")
+    pos = np.minimum(np.arange(t)[None, :], counts[:, None] - 1)
+    src = np.take_along_axis(order, pos, axis=1)
+    aligned = np.take_along_axis(values, src.reshape(src.shape + (1,) * (values.ndim - 2)),
+                                 axis=1)
+    return aligned, np.arange(t)[None, :] < counts[:, None]
+
+
+def frame_subset(total: int, n: int | None) -> np.ndarray:
+    """Indices of `n` evenly spaced frames out of `total` cached ones (all when n is None)."""
+    if n is None or int(n) == total:
+        return np.arange(total)
+    if not 1 <= int(n) <= total:
+        raise ValueError(f"num_frames={n} but the cache holds {total} frames per clip "
+                         f"(frames.num_frames); lower the model's num_frames or raise frames.num_frames")
+    return np.linspace(0, total - 1, int(n)).round().astype(int)
+
+
+def sequence_inputs(feats: np.ndarray, mask: np.ndarray, num_frames: int | None) -> dict:
+    """A sequence model's inputs from cached per-frame features and their repeat mask:
+    `num_frames` evenly spaced frames, valid frames first (a right-padded mask)."""
+
+    idx = frame_subset(feats.shape[1], num_frames)
+    # a frame is valid in the subset when it is the first of its source frame there (the
+    # cache's mask marks repeats of the previous position, which a subset may drop)
+    source = np.cumsum(mask, axis=1)[:, idx]
+    aligned, aligned_mask = right_align(feats[:, idx], repeat_mask(source))
+    return {"features": aligned, "mask": aligned_mask}
+
+
+def input_dir(params: dict, model_cfg: dict) -> Path:
+    """The cache a model reads: `paths.frames` or `paths.features`."""
+    kind = model_cfg["input"]
+    if kind not in ("frames", "features"):
+        raise ValueError(f"models.{model_cfg['name']}.input={kind!r}: one of frames, features")
+    return resolve(params["paths"][kind])
+
+
+def load_split(params: dict, model_cfg: dict, split: str):
+    """(inputs, labels, clips) of one split, in the order the cache stores them."""
+    kind = model_cfg["input"]
+    directory = input_dir(params, model_cfg) / split
+    if kind == "frames":
+        frames, labels = load_arrays(directory, "frames", "labels")
+        idx = frame_subset(frames.shape[1], model_cfg.get("num_frames"))
+        inputs = frames[:, idx]
+    else:
+        feats, labels, mask = load_arrays(directory, "features", "labels", "mask")
+        inputs = sequence_inputs(feats, mask, model_cfg.get("num_frames"))
+    clips = pd.read_csv(directory / "clips.csv")
+    if len(clips) != len(labels):
+        raise ValueError(f"{directory}: {len(labels)} labels but {len(clips)} rows in clips.csv")
+    return inputs, labels, clips

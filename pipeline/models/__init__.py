@@ -1,0 +1,1 @@
+"""Models: the three builders, their backbones, and fitting."""

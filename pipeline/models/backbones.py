@@ -1,0 +1,128 @@
+"""Keras application backbones with `weights: imagenet | null | <local file>`, and the per-frame
+features they give (with an optional motion stream of frame changes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.common import PipelineError, resolve
+
+APPLICATIONS = {
+    "resnet101v2": (keras.applications.ResNet101V2, keras.applications.resnet_v2.preprocess_input),
+    "efficientnetb0": (
+        keras.applications.EfficientNetB0,
+        keras.applications.efficientnet.preprocess_input,
+    ),
+}
+
+
+class WeightsUnavailable(PipelineError):
+    """The configured backbone weights could not be loaded; the message names the config key."""
+
+
+def build_backbone(
+    name: str,
+    weights: str | None,
+    input_shape: tuple[int, int, int],
+    config_key: str,
+    pooling: str | None = None,
+) -> keras.Model:
+    """A headless backbone; `config_key` (e.g. `features.weights`) is named in any error."""
+    if name not in APPLICATIONS:
+        raise ValueError(f"{config_key}: unknown backbone {name!r}; one of {sorted(APPLICATIONS)}")
+    builder, _ = APPLICATIONS[name]
+    if weights not in (None, "imagenet"):
+        path = resolve(str(weights))
+        if not Path(path).is_file():
+            raise WeightsUnavailable(f"{config_key}={weights}: no such weights file")
+        weights = str(path)
+    try:
+        return builder(include_top=False, weights=weights, input_shape=input_shape, pooling=pooling)
+    except Exception as exc:  # download failures surface as many exception types
+        if weights == "imagenet":
+            raise WeightsUnavailable(
+                f"{config_key}=imagenet: the ImageNet weights for {name} could not be loaded "
+                f"({type(exc).__name__}: {exc}). Without internet access, set {config_key}=null "
+                f"(random init) or to a local weights file (.h5/.weights.h5) for {name} without "
+                f"its top."
+            ) from exc
+        if weights is not None:
+            raise WeightsUnavailable(
+                f"{config_key}={weights}: not usable as {name} weights without its top "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        raise
+
+
+def preprocess_for(name: str):
+    """The backbone's own input preprocessing (expects RGB in 0..255)."""
+    return APPLICATIONS[name][1]
+
+
+def frame_changes(frames: np.ndarray) -> np.ndarray:
+    """(clips x N x H x W x 3 uint8) -> float32 images of each frame's change since the
+    previous one, centred on mid-grey (127.5; the first frame and repeats show no change)."""
+    f = np.asarray(frames, dtype=np.float32)
+    change = np.zeros_like(f)
+    change[:, 1:] = f[:, 1:] - f[:, :-1]
+    return change * 0.5 + 127.5
+
+
+def feature_width(backbone, motion: bool) -> int:
+    """The width of one frame's features: the backbone's, twice that with the motion stream."""
+    return backbone.output_shape[-1] * (2 if motion else 1)
+
+
+def frame_features(
+    backbone,
+    preprocess,
+    frames: np.ndarray,
+    batch_size: int,
+    desc: str = "features",
+    out: np.ndarray | None = None,
+    motion: bool = False,
+) -> np.ndarray:
+    """(clips x N x H x W x 3 uint8) -> (clips x N x D float32), batch_size frames at a time;
+    with `motion`, D is twice the backbone's width: the features of `frame_changes` follow.
+
+    `frames` may be a memory map and `out` a preallocated (memory-mapped) result: only one
+    batch of frames (or a few clips' changes) is in memory at a time. An empty `desc` hides the
+    progress bar (callers with their own bar over clips).
+    """
+    if motion:
+        clips, n = frames.shape[:2]
+        dim = backbone.output_shape[-1]
+        if out is None:
+            out = np.zeros((clips, n, 2 * dim), dtype=np.float32)
+        step = max(1, batch_size // n)  # clips per pass: about one batch of frames
+        for start in tqdm(
+            range(0, clips, step), desc=desc and f"{desc} (+motion)", unit="pass", disable=not desc
+        ):
+            part = frames[start : start + step]
+            out[start : start + step, :, :dim] = frame_features(
+                backbone, preprocess, part, batch_size, desc=""
+            )
+            out[start : start + step, :, dim:] = frame_features(
+                backbone, preprocess, frame_changes(part), batch_size, desc=""
+            )
+        return out
+    clips, n = frames.shape[:2]
+    flat = frames.reshape((clips * n,) + frames.shape[2:])
+    dim = backbone.output_shape[-1]
+    if out is None:
+        out = np.zeros((clips, n, dim), dtype=np.float32)
+    flat_out = out.reshape(clips * n, dim)
+    batch = np.zeros((batch_size,) + flat.shape[1:], dtype=np.float32)
+    for start in tqdm(range(0, len(flat), batch_size), desc=desc, unit="batch", disable=not desc):
+        chunk = flat[start : start + batch_size]
+        batch[: len(chunk)] = chunk  # a fixed batch shape avoids retracing for the last batch
+        batch[len(chunk) :] = 0
+        flat_out[start : start + len(chunk)] = backbone.predict_on_batch(preprocess(batch.copy()))[
+            : len(chunk)
+        ]
+    return out

@@ -1,0 +1,166 @@
+"""Videos as a model sees them: counted by decoding, frames sampled over a clip (or over each
+window of a long recording) and letterboxed as the frames stage did; clear errors for files
+that are not readable videos."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.common import PipelineError
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = (".avi", ".mp4", ".mov", ".mkv", ".mpg", ".mpeg", ".m4v", ".webm", ".wmv")
+
+
+MAX_VIDEO_MB_ENV = "HANDBALL_MAX_VIDEO_MB"  # request size cap of a served model
+
+
+DEFAULT_MAX_VIDEO_MB = 200.0
+
+
+class VideoError(PipelineError):
+    """One input video cannot be classified (unreadable, empty, too large...)."""
+
+
+def window_bounds(
+    total: int, fps: float, window_s: float, stride_s: float
+) -> list[tuple[int, int]]:
+    """[start, end) frame ranges of `window_s`-second windows every `stride_s` seconds.
+
+    The last window is aligned to the end of the video, so every frame is covered; a video
+    shorter than one window is one window.
+    """
+    if window_s <= 0 or stride_s <= 0:
+        raise ValueError(f"--window ({window_s}) and --stride ({stride_s}) must be positive")
+    if fps <= 0:
+        raise VideoError("the video reports no frame rate; windows in seconds need one")
+    length = max(1, round(window_s * fps))
+    stride = max(1, round(stride_s * fps))
+    if total <= length:
+        return [(0, total)]
+    bounds = [(s, s + length) for s in range(0, total - length + 1, stride)]
+    if bounds[-1][1] < total:
+        bounds.append((total - length, total))
+    return bounds
+
+
+def window_frames(
+    path: Path, pre: dict, bounds: list[tuple[int, int]]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each window's sampled frames and mask, decoding the video once front to back.
+
+    Frames are kept only until the last window that needs them has been yielded, so memory
+    holds the frames of the windows that overlap, not the whole recording.
+    """
+    from pipeline.data.video import (
+        display_frame,
+        open_video,
+        repeat_mask,
+        sample_indices,
+    )
+
+    cfg = pre["frames"]
+    n, size, pad = int(cfg["num_frames"]), int(cfg["size"]), int(cfg["pad_value"])
+    plans = [start + sample_indices(end - start, n, cfg["sampling"]) for start, end in bounds]
+    last_use: dict[int, int] = {}
+    for w, idx in enumerate(plans):
+        for i in idx.tolist():
+            last_use[i] = w
+    kept: dict[int, np.ndarray] = {}
+    cap = open_video(path)
+    if not cap.isOpened():
+        raise VideoError(f"{path}: OpenCV cannot open it")
+    try:
+        frame_no, next_window = 0, 0
+        while next_window < len(plans) and cap.grab():
+            if frame_no in last_use:
+                ok, frame = cap.retrieve()
+                if not ok:
+                    raise VideoError(f"{path}: frame {frame_no} does not decode")
+                kept[frame_no] = display_frame(frame, size, pad)
+            while next_window < len(plans) and int(plans[next_window].max()) <= frame_no:
+                idx = plans[next_window]
+                yield np.stack([kept[i] for i in idx.tolist()]), repeat_mask(idx)
+                for i in set(idx.tolist()):
+                    if last_use[i] == next_window:
+                        del kept[i]
+                next_window += 1
+            frame_no += 1
+    finally:
+        cap.release()
+    if next_window < len(plans):
+        raise VideoError(f"{path}: stopped decoding at frame {frame_no}, before the end counted")
+
+
+def count_frames(path: Path) -> tuple[int, float]:
+    """(decodable frames, fps) of a video, counted by decoding as the clean stage does."""
+    from pipeline.data.video import probe_clip
+
+    info = probe_clip(path)
+    if info["error"]:
+        raise VideoError(f"{path}: {info['error']}")
+    return info["frames"], info["fps"]
+
+
+def clip_frames(path: Path, pre: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(N x S x S x 3 uint8, N mask) of one clip: the frames the frames stage would cache.
+
+    The clean stage counts a clip's frames by decoding all of them and the frames stage then
+    samples on that count. Here this takes one pass when the container's frame count is right
+    (the usual case): the frames at the positions sampled for that count are kept while every
+    frame is counted. If the count turns out to differ, the positions are redrawn on the true
+    count and the clip decoded again, so the result is always the stage's.
+    """
+    import cv2
+
+    from pipeline.data.video import (
+        open_video,
+        read_indices,
+        repeat_mask,
+        sample_frames,
+        sample_indices,
+    )
+
+    cfg = pre["frames"]
+    n, size, pad, sampling = (
+        int(cfg["num_frames"]),
+        int(cfg["size"]),
+        int(cfg["pad_value"]),
+        cfg["sampling"],
+    )
+    if not path.is_file() or path.stat().st_size == 0:
+        raise VideoError(f"{path}: empty or missing file")
+    cap = open_video(path)
+    if not cap.isOpened():
+        raise VideoError(f"{path}: OpenCV cannot open it (not a video, or an unsupported codec)")
+    hint = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    wanted = sample_indices(hint, n, sampling) if hint > 0 else np.array([], dtype=int)
+    try:
+        kept, total = read_indices(cap, wanted, size, pad, count_all=True)
+    finally:
+        cap.release()
+    if total == 0:
+        raise VideoError(f"{path}: no decodable frames")
+    indices = sample_indices(total, n, sampling)
+    if set(indices.tolist()) <= kept.keys():
+        return np.stack([kept[i] for i in indices]), repeat_mask(indices)
+    try:  # the container's count was off
+        return sample_frames(path, total, n, size, pad, sampling)
+    except OSError as exc:
+        raise VideoError(str(exc)) from exc
+
+
+def video_paths(target: Path) -> list[Path]:
+    """The video files of a file or folder (recursively, sorted)."""
+    if target.is_dir():
+        return sorted(
+            p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
+        )
+    if target.exists():
+        return [target]
+    raise FileNotFoundError(f"{target}: no such file or folder")

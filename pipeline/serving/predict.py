@@ -1,0 +1,325 @@
+"""Classify new videos with a trained model: clips, folders, or windows over long recordings.
+
+    python -m pipeline.predict VIDEO_OR_FOLDER [...] [--model URI] [--top-k K] [--format table|json|csv]
+    python -m pipeline.predict practice.mp4 --window 2 --stride 1 [--timeline-png strip.png]
+
+`--model` takes any MLflow model URI (`models:/<name>@champion`, `runs:/<run>/model`,
+`models:/m-<id>`, a local model folder). The default is the registered champion
+(`compare.register_as` @ `compare.alias`), else the best model of the latest comparison run.
+Each clip goes through the preprocessing the model was trained with (logged with the model).
+Results go to stdout; progress, the model used and the summary go to the log (stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.common import (
+    PipelineError,
+    load_params,
+    setup_logging,
+    write_bytes_atomic,
+)
+from pipeline.serving.clips import VideoError, video_paths
+from pipeline.serving.pyfunc import load_video_classifier
+
+log = logging.getLogger(__name__)
+
+
+FORMATS = ("table", "json", "csv")
+
+
+def use_project_store() -> str:
+    """Point MLflow at the project's store (unless MLFLOW_TRACKING_URI says otherwise)."""
+    import mlflow
+
+    from pipeline.tracking import tracking_uri
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    return uri
+
+
+def default_model(params: dict, store: str) -> tuple[str, str]:
+    """(model URI, what it is): the registered champion, else the best model of the latest
+    comparison run in the project's MLflow store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    name, alias = params["compare"].get("register_as"), params["compare"].get("alias")
+    if name and alias:
+        try:
+            version = client.get_model_version_by_alias(name, alias)
+            return (
+                f"models:/{name}@{alias}",
+                f"the registered {name}@{alias}: version {version.version}, "
+                f"{version.tags.get('model', '?')} from run {version.run_id}",
+            )
+        except MlflowException:
+            pass
+    experiment = client.get_experiment_by_name(params["mlflow"]["experiment"])
+    runs = (
+        client.search_runs(
+            [experiment.experiment_id],
+            filter_string="tags.model = 'comparison'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if experiment
+        else []
+    )
+    if runs and runs[0].data.tags.get("best_model_uri"):
+        tags = runs[0].data.tags
+        return (
+            tags["best_model_uri"],
+            f"no {name}@{alias} is registered; the best model ({tags.get('best_model')}) "
+            f"of the latest comparison run {runs[0].info.run_id}",
+        )
+    raise PipelineError(
+        f"no model to use: no registered {name}@{alias} and no comparison run "
+        f"in {store}. Run the pipeline first (`dvc repro`) or pass --model URI"
+    )
+
+
+def top_k(classes: list[str], probs: np.ndarray, k: int) -> list[tuple[str, float]]:
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [(classes[i], float(probs[i])) for i in order]
+
+
+def ranked_columns(ranked: list[tuple[str, float]]) -> dict:
+    out = {}
+    for rank, (action, p) in enumerate(ranked, 1):
+        out[f"action_{rank}"] = action
+        out[f"probability_{rank}"] = round(p, 4)
+    return out
+
+
+def clip_rows(classifier, paths: list[Path], k: int) -> list[dict]:
+    """One row per file: the top-k actions with probabilities, or the error that skipped it."""
+    from tqdm import tqdm
+
+    rows = []
+    bar = tqdm(total=len(paths), desc="predict", unit="clip")
+    for path, probs, error in classifier.classify_clips(paths):
+        row = {"path": str(path)}
+        if probs is None:
+            log.warning("skipped %s", error)
+            row["error"] = error
+        else:
+            row.update(ranked_columns(top_k(classifier.classes, probs, k)))
+        rows.append(row)
+        bar.update()
+    bar.close()
+    return rows
+
+
+def timeline_figure(timeline: pd.DataFrame, classes: list[str], title: str):
+    """A strip: each window's stride-long slot coloured by its top action, shaded by its
+    probability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(12, 1.9))
+    starts = timeline["start_s"].to_numpy()
+    ends = np.append(starts[1:], timeline["end_s"].iloc[-1])
+    for start, end, action, p in zip(starts, ends, timeline["action_1"], timeline["probability_1"]):
+        ax.broken_barh(
+            [(start, max(end - start, 1e-3))],
+            (0, 1),
+            facecolors=colours(classes.index(action) % 10),
+            alpha=0.25 + 0.75 * p,
+        )
+    ax.set_xlim(0, float(timeline["end_s"].max()))
+    ax.set_yticks([])
+    ax.set_xlabel("time (s); colour: top action, opacity: its probability")
+    ax.set_title(title, fontsize=10)
+    ax.legend(
+        handles=[Patch(color=colours(i % 10), label=c) for i, c in enumerate(classes)],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.45),
+        ncol=len(classes),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def window_rows(
+    classifier, path: Path, window_s: float, stride_s: float, k: int, png: Path
+) -> list[dict]:
+    """The timeline of one recording (one row per window) and its PNG strip."""
+    table = classifier.classify_windows(path, window_s, stride_s)
+    rows = [
+        {
+            "path": str(path),
+            "start_s": r["start_s"],
+            "end_s": r["end_s"],
+            **ranked_columns(
+                top_k(classifier.classes, r[classifier.classes].to_numpy(dtype=float), k)
+            ),
+        }
+        for _, r in table.iterrows()
+    ]
+    fig = timeline_figure(
+        pd.DataFrame(rows),
+        classifier.classes,
+        f"{path.name}: {window_s:g} s windows every {stride_s:g} s",
+    )
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
+    write_bytes_atomic(png, buffer.getvalue())
+    log.info("%s: %d windows; timeline strip in %s", path, len(rows), png)
+    return rows
+
+
+def render(rows: list[dict], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    table = pd.DataFrame(rows)
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    return table.astype(object).where(table.notna(), "").to_string(index=False)
+
+
+def predict(
+    targets: list[Path],
+    model_uri: str | None = None,
+    k: int = 3,
+    window_s: float | None = None,
+    stride_s: float | None = None,
+    timeline_png: Path | None = None,
+    params_path: Path | None = None,
+) -> list[dict]:
+    """Classify every video under `targets`; returns one row per file (or per window)."""
+    store = use_project_store()
+    if model_uri:
+        description = model_uri
+    else:
+        try:
+            params = load_params(params_path)
+        except FileNotFoundError as exc:
+            raise PipelineError(
+                f"no --model given, and the champion's name comes from the "
+                f"project's params.yaml: {exc}. Run from the project folder "
+                f"or pass --model URI"
+            ) from exc
+        model_uri, description = default_model(params, store)
+    log.info("model: %s (%s)", model_uri, description)
+    classifier, _ = load_video_classifier(model_uri)
+    log.info(
+        "model: %s trained on %d classes, %d frames of %dx%d (%s sampling)%s",
+        classifier.pre["model"],
+        len(classifier.classes),
+        classifier.pre["frames"]["num_frames"],
+        classifier.pre["frames"]["size"],
+        classifier.pre["frames"]["size"],
+        classifier.pre["frames"]["sampling"],
+        f", {classifier.pre['features']['backbone']} features"
+        if "features" in classifier.pre
+        else "",
+    )
+    paths = [p for target in targets for p in video_paths(target)]
+    if not paths:
+        raise PipelineError(f"no video files under {', '.join(map(str, targets))}")
+    k = max(1, min(int(k), len(classifier.classes)))
+    if window_s is None:
+        rows = clip_rows(classifier, paths, k)
+    else:
+        rows = []
+        for path in paths:
+            png = (
+                timeline_png
+                if timeline_png and len(paths) == 1
+                else (
+                    (timeline_png.parent if timeline_png else Path.cwd())
+                    / f"{path.stem}.timeline.png"
+                )
+            )
+            try:
+                rows += window_rows(classifier, path, window_s, stride_s or window_s, k, png)
+            except VideoError as exc:
+                log.warning("skipped %s", exc)
+                rows.append({"path": str(path), "error": str(exc)})
+    skipped = [r for r in rows if r.get("error")]
+    done = len({r["path"] for r in rows}) - len(skipped)
+    log.info(
+        "predict: %d of %d files classified with %s (%s)%s",
+        done,
+        len(paths),
+        classifier.pre["model"],
+        model_uri,
+        f"; {len(skipped)} skipped: " + "; ".join(r["error"] for r in skipped) if skipped else "",
+    )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("targets", nargs="+", type=Path, metavar="VIDEO_OR_FOLDER")
+    parser.add_argument(
+        "--model", help="MLflow model URI or local model folder (default: the registered champion)"
+    )
+    parser.add_argument("--top-k", type=int, default=3, help="actions listed per clip")
+    parser.add_argument("--format", choices=FORMATS, default="table")
+    parser.add_argument(
+        "--window",
+        type=float,
+        metavar="SECONDS",
+        help="classify sliding windows of this length (long recordings)",
+    )
+    parser.add_argument(
+        "--stride",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between window starts (default: --window)",
+    )
+    parser.add_argument(
+        "--timeline-png",
+        type=Path,
+        metavar="FILE",
+        help="where the timeline strip goes (default ./<video>.timeline.png)",
+    )
+    parser.add_argument(
+        "--params", type=Path, help="params.yaml naming the champion (default: the project's)"
+    )
+    args = parser.parse_args(argv)
+    if args.stride is not None and args.window is None:
+        parser.error("--stride needs --window")
+    setup_logging()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        rows = predict(
+            args.targets,
+            args.model,
+            args.top_k,
+            args.window,
+            args.stride,
+            args.timeline_png,
+            args.params,
+        )
+    except (PipelineError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    sys.stdout.write(render(rows, args.format) + "\n")
+    if rows and all(r.get("error") for r in rows):
+        sys.exit(1)  # nothing could be classified
+
+
+if __name__ == "__main__":
+    main()

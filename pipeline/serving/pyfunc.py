@@ -1,0 +1,180 @@
+"""The MLflow pyfunc wrapper of a VideoClassifier, and logging and loading it.
+
+Input rows (a pandas DataFrame, or JSON over `mlflow models serve`) carry either `video`
+(the file's bytes, base64) or `path` (a file the predicting process can read). Output rows
+hold `top_action`, `top_probability` and one probability column per class.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from pipeline.common import PipelineError
+from pipeline.serving.classifier import SERVING_DISTRIBUTIONS, VideoClassifier
+from pipeline.serving.clips import DEFAULT_MAX_VIDEO_MB, MAX_VIDEO_MB_ENV, VideoError, clip_frames
+
+log = logging.getLogger(__name__)
+
+
+def max_video_mb() -> float:
+    return float(os.environ.get(MAX_VIDEO_MB_ENV, DEFAULT_MAX_VIDEO_MB))
+
+
+def request_videos(frame: pd.DataFrame) -> Iterator[tuple[int, Path, bool]]:
+    """(row, file, is_temporary) for each input row: `video` (base64) is written to a temporary
+    file, `path` is used as it is. Anything else is refused with the reason."""
+    has_video, has_path = "video" in frame, "path" in frame
+    if not (has_video or has_path) or frame.empty:
+        raise VideoError(
+            "each input row needs a `video` field (the video file's bytes, "
+            "base64-encoded) or a `path` field (a file the server can read); got "
+            f"fields {sorted(map(str, frame.columns))} and {len(frame)} rows"
+        )
+    limit_mb = max_video_mb()
+    limit = limit_mb * 2**20
+    for row in range(len(frame)):
+        data = frame["video"].iloc[row] if has_video else None
+        path = frame["path"].iloc[row] if has_path else None
+        if isinstance(data, str) and data:
+            if len(data) * 3 // 4 > limit:
+                raise VideoError(
+                    f"row {row}: the video is over the {limit_mb:g} MB limit ({MAX_VIDEO_MB_ENV})"
+                )
+            try:
+                raw = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise VideoError(f"row {row}: `video` is not valid base64 ({exc})") from exc
+            if not raw:
+                raise VideoError(f"row {row}: `video` is empty")
+            fd, name = tempfile.mkstemp(suffix=".video")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(raw)
+            yield row, Path(name), True
+        elif isinstance(path, str) and path:
+            file = Path(path)
+            if not file.is_file():
+                raise VideoError(f"row {row}: `path` {path} is not a readable file")
+            if file.stat().st_size > limit:
+                raise VideoError(
+                    f"row {row}: {path} is over the {limit_mb:g} MB limit ({MAX_VIDEO_MB_ENV})"
+                )
+            yield row, file, False
+        else:
+            raise VideoError(f"row {row}: `video` and `path` are both missing or empty")
+
+
+class VideoClassifierModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc: input rows `video` (base64) or `path`, output class probabilities.
+
+    Artifacts: `keras_model` (the trained .keras file), `preprocessing` (json) and, when the
+    features backbone used a local weights file, `backbone_weights`.
+    """
+
+    def load_context(self, context):
+        import keras
+
+        pre = json.loads(Path(context.artifacts["preprocessing"]).read_text())
+        self.classifier = VideoClassifier(
+            keras.models.load_model(context.artifacts["keras_model"]),
+            pre,
+            context.artifacts.get("backbone_weights"),
+        )
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        files: list[tuple[int, Path, bool]] = []
+        try:
+            for item in request_videos(model_input):
+                files.append(item)
+            frames, masks = [], []
+            for row, path, _ in files:
+                try:
+                    clip, mask = clip_frames(path, self.classifier.pre)
+                except VideoError as exc:
+                    raise VideoError(
+                        f"row {row}: not a readable video ({str(exc).split(': ', 1)[-1]})"
+                    ) from exc
+                frames.append(clip)
+                masks.append(mask)
+        except VideoError as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+        finally:
+            for _, path, temporary in files:
+                if temporary:
+                    path.unlink(missing_ok=True)
+        return self.classifier.probability_table(
+            self.classifier.probabilities(np.stack(frames), np.stack(masks))
+        )
+
+
+def model_signature(classes: list[str]):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema(
+        [ColSpec("string", "video", required=False), ColSpec("string", "path", required=False)]
+    )
+    outputs = Schema(
+        [ColSpec("string", "top_action"), ColSpec("double", "top_probability")]
+        + [ColSpec("double", c) for c in classes]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def log_video_classifier(model_file: Path, pre: dict):
+    """Log the trained model as the run's `model`: a VideoClassifierModel pyfunc carrying the
+    .keras file, its preprocessing and the pipeline code. Returns MLflow's ModelInfo."""
+    from importlib.metadata import version
+
+    import mlflow
+
+    from pipeline.common import resolve
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre_file = Path(tmp) / "preprocessing.json"
+        pre_file.write_text(json.dumps(pre, indent=2))
+        artifacts = {"keras_model": str(model_file), "preprocessing": str(pre_file)}
+        weights = pre.get("features", {}).get("weights")
+        if weights not in (None, "imagenet"):
+            artifacts["backbone_weights"] = str(resolve(weights))
+        requirements = [f"{dist}=={version(dist)}" for dist in SERVING_DISTRIBUTIONS]
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=VideoClassifierModel(),
+            artifacts=artifacts,
+            code_paths=[str(Path(__file__).resolve().parent)],
+            signature=model_signature(pre["classes"]),
+            pip_requirements=requirements,
+        )
+
+
+def load_video_classifier(uri: str) -> tuple[VideoClassifier, object]:
+    """(VideoClassifier, PyFuncModel) of an MLflow model URI or local model folder."""
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(uri)
+    try:
+        classifier = getattr(model.unwrap_python_model(), "classifier", None)
+    except MlflowException:  # another flavour, e.g. a bare Keras model
+        classifier = None
+    if classifier is None:
+        raise PipelineError(
+            f"{uri} is not a video classifier logged by this pipeline (no "
+            f"preprocessing with it); retrain it, e.g. `dvc repro -f train@<model>`"
+        )
+    return classifier, model

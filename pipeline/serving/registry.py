@@ -1,0 +1,160 @@
+"""The MLflow Model Registry: register the champion with what it takes to reproduce it, and move
+its alias only as `compare.promote` says.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import yaml
+from filelock import FileLock
+
+from pipeline.common import PipelineError, resolve, store_root
+
+log = logging.getLogger(__name__)
+
+# registry tag `format` of models logged by log_video_classifier; bump when the interface changes
+MODEL_FORMAT = "video-pyfunc/1"
+
+
+PROMOTE_POLICIES = ("better", "always")
+
+
+def check_promote_policy(policy: str) -> None:
+    if policy not in PROMOTE_POLICIES:
+        raise PipelineError(f"compare.promote={policy!r}: one of {PROMOTE_POLICIES}")
+
+
+def promotion_reason(
+    candidate: dict[str, str], current: dict[str, str] | None, policy: str
+) -> str | None:
+    """Why the alias should move to `candidate` (version tags), or None to leave it where it is.
+
+    `policy` is `compare.promote`: `always` follows every pipeline run's best model; `better`
+    moves only to a model that beats the current champion's validation score
+    (`selected_by`, e.g. `val_macro_f1`) on the same dataset and split, so a queued sweep
+    leaves the alias on its best point, not on whichever ran last. Test scores never decide.
+    """
+    check_promote_policy(policy)
+    if current is None:
+        return "there is no champion yet"
+    if policy == "always":
+        return "compare.promote is 'always'"
+    if current.get("format") != candidate.get("format"):
+        return (
+            f"the champion's model format {current.get('format', 'keras (no preprocessing)')}"
+            f" is not {candidate.get('format')}"
+        )
+    if current.get("dataset_hash") != candidate["dataset_hash"]:
+        return "the champion was chosen on other data"
+    if current.get("split_hash") != candidate.get("split_hash"):
+        return "the champion was chosen on another split of the data"
+    metric = candidate["selected_by"]
+    if current.get("selected_by") != metric or metric not in current:
+        return f"the champion was not chosen by {metric}"
+    if float(candidate[metric]) > float(current[metric]):
+        return f"{metric} {candidate[metric]} beats the champion's {current[metric]}"
+    return None
+
+
+def model_ref(params: dict, model: str) -> dict:
+    """Where model's latest training run lives in MLflow (`reports/<model>/mlflow.json`:
+    run_id, model_uri), or {} when the file is absent."""
+    ref_file = resolve(params["paths"]["reports"]) / model / "mlflow.json"
+    return json.loads(ref_file.read_text()) if ref_file.is_file() else {}
+
+
+def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
+    """Register the best model's logged MLflow model (`ref`: its `model_ref`) as a version of
+    `compare.register_as` and move `compare.alias` to it as `compare.promote` decides.
+
+    Returns the version the alias points at afterwards, or None when the training run is not
+    in this MLflow store (e.g. reports restored next to an empty store), which is logged.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import git_commit
+
+    cfg = params["compare"]
+    name, alias = cfg.get("register_as"), cfg.get("alias") or "champion"
+    if not name:
+        return None
+    run_id = ref.get("run_id", "")
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+        client.get_logged_model(ref["model_uri"].removeprefix("models:/"))
+    except (MlflowException, KeyError):
+        log.warning(
+            "not registering %s: its training run %r or logged model is not in %s "
+            "(retrain it with `dvc repro -f train@%s`)",
+            best["model"],
+            run_id,
+            mlflow.get_tracking_uri(),
+            best["model"],
+        )
+        return None
+    metric = cfg["metric"]
+    selected_by = f"val_{metric}"
+    tags = {
+        "model": best["model"],
+        "git_commit": run.data.tags.get("git_commit") or git_commit(),
+        "dvc_exp_name": run.data.tags.get("dvc_exp_name", ""),
+        "dataset_hash": dataset["dataset_hash"],
+        "split_hash": dataset.get("split_hash", ""),
+        "dataset_name": dataset["name"],
+        "selected_by": selected_by,
+        "format": MODEL_FORMAT,
+        selected_by: f"{best[selected_by]:.4f}",
+        # reported, never used to choose
+        f"test_{metric}": f"{best[metric]:.4f}",
+        f"test_{metric}_ci": f"[{best[metric + '_low']:.4f}, {best[metric + '_high']:.4f}]",
+        "config": yaml.safe_dump(params, sort_keys=False),
+    }
+    # Queued experiments finish concurrently: read, decide and move the alias one at a time.
+    with FileLock(store_root() / "mlflow.db.lock"):
+        # A run restored from DVC's run cache is registered once, however often it comes back.
+        existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        version = (
+            existing[0] if existing else mlflow.register_model(ref["model_uri"], name, tags=tags)
+        )
+        try:
+            current = client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            current = None
+        if current is not None and current.version == version.version:
+            log.info("%s@%s is already %s (run %s)", name, alias, best["model"], run_id)
+            return current
+        reason = promotion_reason(
+            tags, current.tags if current else None, cfg.get("promote", "better")
+        )
+        if reason is None:
+            log.info(
+                "%s (run %s, %s %s) is %s version %s; @%s stays on version %s (%s %s, "
+                "compare.promote=better)",
+                best["model"],
+                run_id,
+                selected_by,
+                tags[selected_by],
+                name,
+                version.version,
+                alias,
+                current.version,
+                selected_by,
+                current.tags.get(selected_by),
+            )
+            return current
+        client.set_registered_model_alias(name, alias, version.version)
+    log.info(
+        "registered %s (run %s) as %s version %s, alias @%s: %s",
+        best["model"],
+        run_id,
+        name,
+        version.version,
+        alias,
+        reason,
+    )
+    return client.get_model_version(name, version.version)

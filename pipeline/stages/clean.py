@@ -1,0 +1,155 @@
+"""Stage `clean`: probe every clip, quarantine unusable ones with a report, split by scene.
+
+Outputs (in `paths.clean`):
+- `probe.csv`: every clip with frames, fps, size, duration, codec, sha256, status
+  (`ok`/`dropped`) and reason;
+- `quarantine.csv`: the clips left out and why (unreadable, empty, too_few_frames, too_short,
+  too_small, duplicate, label_conflict, not_in_split_file);
+- `splits.csv`: the usable clips with label, group and split (train/val/test);
+- `dataset.json`: class list, counts per split and class, quarantine counts, content hash.
+
+The split is stratified by class and grouped by recording: the clips of one scene
+(`<scene>_act1`, `<scene>_act2`, ...) always land in the same split, so nothing of a test
+scene (background, players, lighting) is seen in training. `dataset.split_file` replaces it
+with a given split. One bad file never stops the stage; no usable clip, or a class below
+`clean.min_clips_per_class`, does, naming the class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import numpy as np
+import pandas as pd
+
+from pipeline.common import (
+    SPLITS,
+    PipelineError,
+    atomic_dir,
+    parallel_map,
+    resolve,
+    stage_cli,
+    write_json_atomic,
+)
+from pipeline.data.splits import (
+    apply_split_file,
+    check_class_minimum,
+    drop_reason,
+    group_of,
+    mark_duplicates,
+    split_by_group,
+    warn_missing_test_classes,
+)
+from pipeline.data.video import probe_and_hash
+
+log = logging.getLogger(__name__)
+
+
+def clean(params: dict) -> pd.DataFrame:
+    cfg, ds = params["clean"], params["dataset"]
+    classes = list(ds["classes"])
+    raw = resolve(params["paths"]["raw"])
+    manifest_path = raw / "manifest.csv"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found: run the download stage first")
+    manifest = pd.read_csv(manifest_path, dtype={"path": str, "label": str})
+    if "source" not in manifest:
+        manifest["source"] = manifest["path"]
+    unknown = sorted(set(manifest["label"]) - set(classes))
+    if unknown:
+        raise PipelineError(f"{manifest_path} has labels not in dataset.classes: {unknown}")
+
+    infos = list(
+        parallel_map(
+            probe_and_hash,
+            [raw / p for p in manifest["path"]],
+            params.get("workers"),
+            "probe clips",
+        )
+    )
+    probe = pd.concat([manifest.reset_index(drop=True), pd.DataFrame(infos)], axis=1)
+    reasons = [drop_reason(info, cfg) for info in infos]
+    probe["reason_code"] = [code for code, _ in reasons]
+    probe["reason"] = [text for _, text in reasons]
+    probe["status"] = np.where(probe["reason_code"] == "", "ok", "dropped")
+    probe = mark_duplicates(probe)
+    probe["group"] = [group_of(p, cfg["group_pattern"]) for p in probe["path"]]
+
+    with atomic_dir(resolve(params["paths"]["clean"])) as tmp:
+        if ds.get("split_file"):
+            probe = apply_split_file(probe, resolve(ds["split_file"]), classes, tmp)
+        usable = probe[probe["status"] == "ok"].copy()
+        check_class_minimum(usable, classes, int(cfg["min_clips_per_class"]))
+        if ds.get("split_file"):
+            leaks = usable.groupby("group")["split"].nunique()
+            if (leaks > 1).any():
+                log.warning(
+                    "split file puts %d recording groups in more than one split (e.g. "
+                    "%s): scores may be optimistic",
+                    int((leaks > 1).sum()),
+                    ", ".join(leaks.index[leaks > 1][:3]),
+                )
+        else:
+            usable["split"] = split_by_group(
+                usable, cfg["val_fraction"], cfg["test_fraction"], params["seed"]
+            )
+        quarantine = probe[probe["status"] == "dropped"]
+        for rec in quarantine.itertuples():
+            log.warning("quarantined %s: %s", rec.path, rec.reason)
+        splits = usable[["path", "label", "group", "split", "frames", "fps", "width", "height"]]
+        warn_missing_test_classes(splits, classes)
+        dataset_hash = hashlib.sha256(
+            "".join(
+                f"{p}\t{label}\t{h}\n"
+                for p, label, h in sorted(zip(usable["path"], usable["label"], usable["sha256"]))
+            ).encode()
+        ).hexdigest()
+        # which clip is in which split: scores (and champions) compare only on the same one
+        split_hash = hashlib.sha256(
+            "".join(f"{p}\t{s}\n" for p, s in sorted(zip(splits["path"], splits["split"]))).encode()
+        ).hexdigest()
+        summary = {
+            "name": ds["name"],
+            "classes": classes,
+            "dataset_hash": dataset_hash,
+            "split_hash": split_hash,
+            "clips": int(len(probe)),
+            "usable": int(len(usable)),
+            "quarantined": int(len(quarantine)),
+            "quarantined_by_reason": {
+                k: int(v) for k, v in quarantine["reason_code"].value_counts().items()
+            },
+            "split_source": "split_file" if ds.get("split_file") else "grouped_random",
+            "counts": {
+                s: {
+                    c: int(((splits["split"] == s) & (splits["label"] == c)).sum()) for c in classes
+                }
+                for s in SPLITS
+            },
+        }
+        probe.drop(columns=["group"]).to_csv(tmp / "probe.csv", index=False)
+        quarantine[["path", "label", "reason_code", "reason"]].to_csv(
+            tmp / "quarantine.csv", index=False
+        )
+        splits.to_csv(tmp / "splits.csv", index=False)
+        write_json_atomic(tmp / "dataset.json", summary)
+    log.info(
+        "clean: %d of %d clips usable (%d quarantined%s); split train %d / val %d / test %d "
+        "clips; dataset hash %s",
+        len(usable),
+        len(probe),
+        len(quarantine),
+        "".join(f", {v} {k}" for k, v in summary["quarantined_by_reason"].items()),
+        *(int((splits["split"] == s).sum()) for s in SPLITS),
+        dataset_hash[:12],
+    )
+    return splits
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_cli("clean", __doc__.splitlines()[0], lambda p, a: clean(p), argv)
+
+
+if __name__ == "__main__":
+    main()

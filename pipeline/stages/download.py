@@ -1,0 +1,66 @@
+"""Stage `download`: materialise the selected dataset as `<raw>/<class>/<clip>` plus a manifest.
+
+Sources (`dataset.source`):
+- `sample`: generate the embedded synthetic sample (deterministic from `dataset.sample.seed`);
+- `folder`: a folder-per-class video collection at `dataset.path` (e.g. UNIRI-HBD's `actions/`);
+- `archive`: a local `.zip`/`.tar`/`.tar.gz` at `dataset.path`, unpacked safely;
+- `url`: an archive at `dataset.url` (`https://`, `gs://`, `s3://`, ... through fsspec),
+  checked against the required `dataset.sha256` before it is unpacked.
+
+Class folders are matched to `dataset.classes` after normalising their names (case, `_`/space
+to `-`), `dataset.aliases` (`shooting` -> `shot`) and `dataset.merge` (`running` -> `dribbling`);
+folders of other classes are skipped and listed. `manifest.csv` has one row per clip: `path`
+(inside the raw folder), `label`, and `source` (the path inside the dataset, for split files).
+Nothing in the source is modified: clips are copied.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.common import PipelineError, atomic_dir, resolve, stage_cli
+from pipeline.data.sources import dataset_rows
+
+log = logging.getLogger(__name__)
+
+
+def download(params: dict, target: Path | None = None) -> pd.DataFrame:
+    """Write the raw dataset and `manifest.csv` atomically to `target` (default `paths.raw`)."""
+    ds = params["dataset"]
+    target = resolve(target or params["paths"]["raw"])
+    with atomic_dir(target) as tmp:
+        rows = dataset_rows(ds, tmp)
+        if not rows:
+            raise PipelineError(f"dataset {ds['name']!r} produced no clips")
+        manifest = pd.DataFrame(rows, columns=["path", "label", "source"])
+        manifest.to_csv(tmp / "manifest.csv", index=False)
+    counts = manifest["label"].value_counts().to_dict()
+    log.info(
+        "download: %d clips of %d classes in %s (%s)",
+        len(manifest),
+        len(counts),
+        target,
+        ", ".join(f"{k} {v}" for k, v in counts.items()),
+    )
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    def out_option(parser):
+        parser.add_argument(
+            "--out",
+            default=None,
+            type=Path,
+            help="write here instead of paths.raw (e.g. data/source for data.dvc)",
+        )
+
+    stage_cli(
+        "download", __doc__.splitlines()[0], lambda p, a: download(p, a.out), argv, out_option
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Stage `frames`: sample N frames spread over each clip, letterbox them, cache as uint8 arrays.
+
+Outputs one folder per split under `paths.frames`, each with
+`frames.npy` (clips x N x size x size x 3, uint8 RGB), `labels.npy` (class index),
+`mask.npy` (clips x N, False where a short clip repeats a frame) and `clips.csv` (row order).
+Training reads these arrays and never decodes video.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from pipeline.common import (
+    SPLITS,
+    atomic_dir,
+    parallel_map,
+    resolve,
+    stage_cli,
+    write_json_atomic,
+)
+from pipeline.data.arrays import NpyRowWriter, save_arrays
+from pipeline.data.video import sample_frames, sample_indices
+
+log = logging.getLogger(__name__)
+
+
+def sample_frames_task(task: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """One worker task: `sample_frames(*task)` with one decoding thread and OpenCV's own
+    threads off. The worker processes are the parallelism; nested threads on few cores only
+    contend (measured: 2 processes x 1 thread decode 3 % faster than 2 x FFmpeg's default)."""
+    cv2.setNumThreads(1)
+    return sample_frames(*task, threads=1)
+
+
+def extract_frames(params: dict) -> None:
+    """Decode every usable clip once, in parallel, into per-split uint8 arrays on disk.
+
+    All clips go through one worker pool (train, then val, then test, so no split waits for
+    another's stragglers); results arrive in order and are streamed to each split's
+    `frames.npy`, so memory holds a few clips' frames, not the dataset.
+    """
+    cfg = params["frames"]
+    classes = list(params["dataset"]["classes"])
+    raw = resolve(params["paths"]["raw"])
+    splits = pd.read_csv(resolve(params["paths"]["clean"]) / "splits.csv")
+    n, size = int(cfg["num_frames"]), int(cfg["size"])
+    sampling = cfg.get("sampling", "uniform")
+    sample_indices(n, n, sampling)  # fail on a bad frames.sampling before decoding anything
+    parts = {s: splits[splits["split"] == s].reset_index(drop=True) for s in SPLITS}
+    tasks = [
+        (raw / rec.path, int(rec.frames), n, size, int(cfg["pad_value"]), sampling)
+        for s in SPLITS
+        for rec in parts[s].itertuples()
+    ]
+    results = parallel_map(sample_frames_task, tasks, params.get("workers"), "frames")
+    with atomic_dir(resolve(params["paths"]["frames"])) as tmp:
+        for split in SPLITS:
+            rows = parts[split]
+            (tmp / split).mkdir()
+            writer = NpyRowWriter(
+                tmp / split / "frames.npy", (len(rows), n, size, size, 3), np.uint8
+            )
+            masks = np.zeros((len(rows), n), dtype=bool)
+            for i in range(len(rows)):
+                clip_frames, masks[i] = next(results)
+                writer.write(clip_frames)
+            writer.close()
+            labels = np.array([classes.index(label) for label in rows["label"]], dtype=np.int64)
+            save_arrays(tmp / split, labels=labels, mask=masks)
+            rows[["path", "label", "group"]].to_csv(tmp / split / "clips.csv", index=False)
+        write_json_atomic(tmp / "classes.json", classes)
+    log.info(
+        "frames: %d clips x %d frames of %dx%d (%s sampling) cached in %s",
+        len(splits),
+        n,
+        size,
+        size,
+        sampling,
+        params["paths"]["frames"],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_cli("frames", __doc__.splitlines()[0], lambda p, a: extract_frames(p), argv)
+
+
+if __name__ == "__main__":
+    main()

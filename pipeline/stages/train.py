@@ -1,0 +1,295 @@
+"""Stage `train@<model>`: train one model on the cached arrays, evaluate it on the test split.
+
+    python -m pipeline.stages.train --model cnn_gru                 # the DVC stage
+    python -m pipeline.sweep -m model=cnn_gru model.dropout=0.1,0.3  # a sweep (pipeline/sweep.py)
+
+Writes `models/<model>/model.keras`, `metrics/<model>.json` (for `dvc metrics show`) and
+`reports/<model>/` (confusion matrix PNG, classification report, per-class scores, test
+predictions, learning curves), and logs one MLflow run with all of it plus the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.common import atomic_dir, resolve, stage_cli, write_json_atomic
+from pipeline.data.arrays import input_dir, load_split
+from pipeline.models.fitting import fit_model
+
+log = logging.getLogger(__name__)
+
+
+def log_dataset_counts(dataset: dict, train_clips: int, clean_dir: Path) -> None:
+    """What the model was trained on, in the active MLflow run: clip counts, what the clean
+    stage quarantined and why (metrics `data_*`), and the quarantine report itself."""
+    import mlflow
+
+    metrics = {
+        "data_clips": dataset["clips"],
+        "data_usable": dataset["usable"],
+        "data_quarantined": dataset.get("quarantined", 0),
+        "data_train_clips": train_clips,
+    }
+    metrics.update(
+        {f"data_quarantined_{k}": v for k, v in dataset.get("quarantined_by_reason", {}).items()}
+    )
+    mlflow.log_metrics(metrics)
+    if (clean_dir / "quarantine.csv").is_file():
+        mlflow.log_artifact(str(clean_dir / "quarantine.csv"), artifact_path="data")
+
+
+def model_ms_per_clip(model, inputs, batch_size: int) -> float:
+    """Forward time per test clip on this machine (the model is already warm), in ms."""
+    n = len(inputs["features"]) if isinstance(inputs, dict) else len(inputs)
+    start = time.perf_counter()
+    model.predict(inputs, batch_size=batch_size, verbose=0)
+    return (time.perf_counter() - start) / n * 1000
+
+
+@functools.cache
+def backbone_ms_per_clip(backbone_name: str, size: int, num_frames: int) -> float:
+    """For models on cached features: the time the features backbone takes for one clip's
+    frames (one batch of num_frames), which inference on a new clip has to pay too, in ms.
+    Median of 3 after a warm-up; random weights (speed does not depend on them). Measured
+    once per process and shape: the jobs of a sweep share it."""
+    from pipeline.models.backbones import build_backbone, preprocess_for
+
+    backbone = build_backbone(
+        backbone_name, None, (size, size, 3), config_key="features.weights", pooling="avg"
+    )
+    batch = preprocess_for(backbone_name)(np.zeros((num_frames, size, size, 3), np.float32))
+    backbone.predict_on_batch(batch)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        backbone.predict_on_batch(batch)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1000
+
+
+def repeat_over_seeds(
+    params: dict, name: str, data: dict, classes: list[str], first: dict, tags: dict
+) -> dict:
+    """Train again with every seed of `train_seeds` other than `seed`, each as a nested MLflow
+    run, and return mean and standard deviation of the test scores over all seeds."""
+    import keras
+    import mlflow
+
+    from pipeline.evaluate import classification_metrics
+
+    seeds = [int(s) for s in params.get("train_seeds") or [] if int(s) != int(params["seed"])]
+    if not seeds:
+        return {}
+    x_test, y_test = data["test"]
+    batch_size = int(params["models"][name]["train"]["batch_size"])
+    rows = [{k: first[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}]
+    for seed in seeds:
+        keras.backend.clear_session()
+        with mlflow.start_run(
+            run_name=f"{name} seed {seed}", nested=True, tags={**tags, "seed": str(seed)}
+        ):
+            mlflow.log_param("seed", seed)
+            model, _, _ = fit_model(params, name, data, len(classes), seed)
+            y_pred = model.predict(x_test, batch_size=batch_size, verbose=0).argmax(axis=1)
+            scores = classification_metrics(y_test, y_pred, classes)
+            rows.append({k: scores[k] for k in rows[0]})
+            mlflow.log_metrics({f"test_{k}": v for k, v in rows[-1].items()})
+        log.info("%s seed %d: test macro-F1 %.3f", name, seed, rows[-1]["macro_f1"])
+    table = pd.DataFrame(rows)
+    out = {"seeds": len(rows)}
+    for key in table:
+        out[f"{key}_mean"] = float(table[key].mean())
+        out[f"{key}_std"] = float(table[key].std(ddof=1))
+    return out
+
+
+def train_and_evaluate(
+    params: dict, name: str, parent_run_id: str | None = None, extra_tags: dict | None = None
+) -> dict:
+    """Train model `name`, evaluate it on validation and test, write its outputs under
+    `paths.*`, log one MLflow run (a child of `parent_run_id` in a sweep) and return the
+    summary that goes to `metrics/<name>.json`."""
+    import mlflow
+
+    from pipeline.evaluate import classification_metrics, confusion_figure, report_text
+    from pipeline.serving.classifier import preprocessing_config
+    from pipeline.serving.pyfunc import log_video_classifier
+    from pipeline.tracking import flatten, run_tags, use_experiment
+
+    if name not in params["models"]:
+        raise ValueError(f"no config for model {name!r} under models: {sorted(params['models'])}")
+    cfg = params["models"][name]
+    train_cfg = cfg["train"]
+    classes = json.loads((input_dir(params, cfg) / "classes.json").read_text())
+    dataset = json.loads((resolve(params["paths"]["clean"]) / "dataset.json").read_text())
+    x_train, y_train, _ = load_split(params, cfg, "train")
+    x_val, y_val, _ = load_split(params, cfg, "val")
+    x_test, y_test, test_clips = load_split(params, cfg, "test")
+    if len(y_val) == 0 or len(y_test) == 0:
+        raise ValueError(
+            "the validation or test split is empty: the dataset needs more "
+            "recording groups per class (see the clean stage's warnings)"
+        )
+    data = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+
+    use_experiment(params["mlflow"]["experiment"])
+    reports = resolve(params["paths"]["reports"]) / name
+    tags = {**run_tags(name, dataset), **(extra_tags or {})}
+    with mlflow.start_run(
+        run_name=name, tags=tags, parent_run_id=parent_run_id, nested=parent_run_id is not None
+    ) as run:
+        mlflow.log_params(
+            flatten(
+                {
+                    "model": cfg,
+                    "frames": params["frames"],
+                    "features": params["features"],
+                    "seed": params["seed"],
+                    "train_seeds": params.get("train_seeds"),
+                    "dataset": {
+                        "name": dataset["name"],
+                        "split_source": dataset.get("split_source"),
+                    },
+                }
+            )
+        )
+        if train_cfg.get("oversample"):
+            mlflow.log_params(flatten({"augment": params["augment"]}))
+        log_dataset_counts(dataset, len(y_train), resolve(params["paths"]["clean"]))
+        model, history, train_time = fit_model(
+            params, name, data, len(classes), int(params["seed"])
+        )
+
+        # Predict in stored order; labels are read from the same arrays, so pairs stay aligned.
+        probs = model.predict(x_test, batch_size=int(train_cfg["batch_size"]), verbose=0)
+        y_pred = probs.argmax(axis=1)
+        scores = classification_metrics(y_test, y_pred, classes)
+        # validation scores of the final (restored best) weights: what sweeps select on
+        val_pred = model.predict(x_val, batch_size=int(train_cfg["batch_size"]), verbose=0).argmax(
+            axis=1
+        )
+        val_scores = classification_metrics(y_val, val_pred, classes)
+        model_ms = model_ms_per_clip(model, x_test, int(train_cfg["batch_size"]))
+        streams = 2 if params["features"].get("motion") else 1  # appearance (+ motion)
+        backbone_ms = (
+            backbone_ms_per_clip(
+                params["features"]["backbone"],
+                int(params["frames"]["size"]),
+                x_test["features"].shape[1] * streams,
+            )
+            if isinstance(x_test, dict)
+            else 0.0
+        )
+        summary = {
+            "accuracy": scores["accuracy"],
+            "balanced_accuracy": scores["balanced_accuracy"],
+            "macro_f1": scores["macro_f1"],
+            "params": int(model.count_params()),
+            "train_time_s": round(train_time, 2),
+            "epochs": len(history.history["loss"]),
+            "test_clips": int(len(y_test)),
+            **{f"val_{k}": val_scores[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
+            # per clip on this machine, from cached frames; cnn_gru adds its feature backbone
+            "inference_ms_per_clip": round(model_ms + backbone_ms, 2),
+            "model_ms_per_clip": round(model_ms, 2),
+            "backbone_ms_per_clip": round(backbone_ms, 2),
+        }
+        mlflow.log_metrics(
+            {f"test_{k}": summary[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+        )
+        mlflow.log_metrics(
+            {
+                "num_params": summary["params"],
+                "epochs_trained": summary["epochs"],
+                "train_time_s": summary["train_time_s"],
+                **{
+                    k: summary[k]
+                    for k in ("inference_ms_per_clip", "model_ms_per_clip", "backbone_ms_per_clip")
+                },
+            }
+        )
+        mlflow.log_metrics({f"test_f1_{c}": s["f1"] for c, s in scores["per_class"].items()})
+        # `eval_val_*`: Keras already logs a per-epoch `val_accuracy` history
+        mlflow.log_metrics(
+            {f"eval_val_{k}": val_scores[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+        )
+
+        fig = confusion_figure(y_test, y_pred, classes, f"{name}: test confusion matrix")
+        report = report_text(y_test, y_pred, classes)
+        per_class = pd.DataFrame(scores["per_class"]).T.rename_axis("class").reset_index()
+        predictions = test_clips.assign(
+            actual=[classes[i] for i in y_test],
+            predicted=[classes[i] for i in y_pred],
+            confidence=probs.max(axis=1).round(4),
+        )
+        hist = pd.DataFrame(history.history).rename_axis("epoch").reset_index()
+        with atomic_dir(reports) as tmp:
+            fig.savefig(tmp / "confusion_matrix.png", dpi=100)
+            (tmp / "classification_report.txt").write_text(report)
+            per_class.to_csv(tmp / "per_class.csv", index=False)
+            predictions.to_csv(tmp / "predictions.csv", index=False)
+            hist.drop(columns=["learning_rate"], errors="ignore").to_csv(
+                tmp / "history.csv", index=False
+            )
+        mlflow.log_figure(fig, "confusion_matrix.png")
+        mlflow.log_text(report, "classification_report.txt")
+        mlflow.log_dict(scores, "test_metrics.json")
+        mlflow.log_artifact(str(reports / "predictions.csv"))
+
+        model_dir = resolve(params["paths"]["models"]) / name
+        with atomic_dir(model_dir) as tmp:
+            model.save(tmp / "model.keras")
+        # the MLflow model classifies video files: it carries this run's preprocessing
+        info = log_video_classifier(
+            model_dir / "model.keras", preprocessing_config(params, name, classes)
+        )
+        # where this model lives in the local MLflow store (compare registers the champion)
+        write_json_atomic(
+            reports / "mlflow.json", {"run_id": run.info.run_id, "model_uri": info.model_uri}
+        )
+        spread = repeat_over_seeds(params, name, data, classes, summary, tags)
+        if spread:
+            summary.update({k: round(v, 4) for k, v in spread.items()})
+            mlflow.log_metrics({f"test_{k}": v for k, v in spread.items() if k != "seeds"})
+            mlflow.log_metric("seeds", spread["seeds"])
+    write_json_atomic(resolve(params["paths"]["metrics"]) / f"{name}.json", summary)
+    log.info(
+        "%s: test accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f after %d epochs "
+        "(%.0f s, %d params)%s",
+        name,
+        summary["accuracy"],
+        summary["balanced_accuracy"],
+        summary["macro_f1"],
+        summary["epochs"],
+        train_time,
+        summary["params"],
+        f"; over {spread['seeds']} seeds macro-F1 {spread['macro_f1_mean']:.3f} ± "
+        f"{spread['macro_f1_std']:.3f}"
+        if spread
+        else "",
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    def model_option(parser):
+        parser.add_argument("--model", required=True, help="frame_cnn | cnn3d | cnn_gru")
+
+    stage_cli(
+        "train",
+        __doc__.splitlines()[0],
+        lambda p, a: train_and_evaluate(p, a.model),
+        argv,
+        model_option,
+    )
+
+
+if __name__ == "__main__":
+    main()
