@@ -20,10 +20,11 @@ setup: $(STAMP)
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@echo
-	@echo "Done. Compare the models:"
-	@echo "  $(BIN)/dvc metrics show"
+	@echo "Done. Compare the models (in a new shell, activate the environment first):"
+	@echo "  source $(BIN)/activate"
+	@echo "  dvc metrics show"
 	@echo "  cat reports/comparison.md"
-	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   # then open http://127.0.0.1:5000"
+	@echo "  mlflow ui --backend-store-uri sqlite:///mlflow.db   # then open http://127.0.0.1:5000"
 
 # Style and architecture: ruff (pyproject.toml [tool.ruff]) and the import contracts
 # (pyproject.toml [tool.importlinter]: layers, serving without training code, no cycles).

@@ -1,6 +1,6 @@
 """Handball action recognition: DVC stages, Hydra configs and MLflow tracking for three models."""
 
-import os as _os
+from pipeline.common import quiet_tensorflow_startup
 
-# TensorFlow's C++ start-up chatter (CUDA probing on CPU-only machines) drowns the stage logs.
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# before any module of the package imports TensorFlow (stages, their workers, predict, serving)
+quiet_tensorflow_startup()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.abc
+import importlib.util
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -20,6 +23,76 @@ import numpy as np
 import yaml
 
 log = logging.getLogger("pipeline")
+
+
+# TensorFlow's C++ start-up lines, which users read as errors: CUDA probing on machines without
+# a GPU, oneDNN and CPU-instruction notes, absl's "before InitializeLog" banner. TensorFlow
+# 2.19+ writes them before it reads TF_CPP_MIN_LOG_LEVEL (tensorflow/tensorflow#100442).
+TF_STARTUP_NOISE = re.compile(
+    r"absl::InitializeLog\(\)|oneDNN custom operations|cudart_stub|Could not find cuda drivers"
+    r"|cpu_feature_guard|rebuild TensorFlow with the appropriate compiler flags"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory|computation_placer|TF-TRT Warning"
+    r"|failed call to cuInit"
+)
+QUIET_TF_ENV = "HANDBALL_QUIET_TF"  # marks TF_CPP_MIN_LOG_LEVEL as set by us, not by the user
+
+
+@contextlib.contextmanager
+def filtered_c_stderr(noise: re.Pattern) -> Iterator[None]:
+    """Send file descriptor 2 (where C++ libraries write) to a temporary file while the block
+    runs, then pass on every line that does not match `noise`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not noise.search(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` once and runs its import inside `filtered_c_stderr`."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def quiet_exec_module(module):
+            with filtered_c_stderr(TF_STARTUP_NOISE):
+                exec_module(module)
+                # probing the devices now keeps its "failed call to cuInit" (no GPU) in here
+                module.config.list_physical_devices()
+
+        spec.loader.exec_module = quiet_exec_module
+        return spec
+
+
+def quiet_tensorflow_startup() -> None:
+    """Keep TensorFlow's start-up lines out of this package's processes (stages, their
+    workers, predict, served models), unless the user chose TF_CPP_MIN_LOG_LEVEL: then
+    TensorFlow logs as they asked. Call before TensorFlow is imported."""
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ and os.environ.get(QUIET_TF_ENV) != "1":
+        return  # the user's own setting wins
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # TensorFlow's own INFO and WARNING lines
+    os.environ[QUIET_TF_ENV] = "1"  # inherited by worker processes, which do the same
+    if "tensorflow" not in sys.modules and not any(
+        isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path
+    ):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
 
 SPLITS = ("train", "val", "test")
 
@@ -60,6 +133,17 @@ def resolve(path: str | Path) -> Path:
     """A config path made absolute against the repository root."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else repo_root() / path
+
+
+def dataset_classes(params: dict) -> list[str]:
+    """The class list, in class-index order: `dataset.classes`, or when that is null the
+    classes the clean stage recorded (the class folders the download stage found)."""
+    if params["dataset"].get("classes"):
+        return list(params["dataset"]["classes"])
+    path = resolve(params["paths"]["clean"]) / "dataset.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the clean stage first")
+    return list(json.loads(path.read_text())["classes"])
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -193,7 +277,9 @@ def stage_cli(
     Expected failures (PipelineError, a missing input file) end with one clear log line and
     exit status 2 instead of a traceback.
     """
-    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}", description=description)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m pipeline.stages.{name}", description=description
+    )
     parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
     if add_arguments:
         add_arguments(parser)

@@ -1,4 +1,4 @@
-"""`python -m pipeline.predict`: classify new videos (the command is `pipeline/serving/predict.py`)."""
+"""`python -m pipeline.predict`: classify new videos (the command: pipeline/serving/predict.py)."""
 
 from pipeline.serving.predict import main
 

@@ -52,10 +52,6 @@ def write_numbered_video(path: Path, n_frames: int, size=(64, 48), fps=10.0) -> 
     writer.release()
 
 
-def pytest_configure(config):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
 MODELS = ["frame_cnn", "cnn3d", "cnn_gru"]
 TINY = ["experiment=tiny"]
 
@@ -66,6 +62,34 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
         f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     )
     return proc.stdout + proc.stderr
+
+
+def readme_commands(start: str) -> list[str]:
+    """The commands of the README's bash blocks that begin with `start`, as printed (trailing
+    comments dropped, continuation lines joined)."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for command in re.sub(r"\\\n\s*", "", block).splitlines():
+            command = re.sub(r"\s+#.*$", "", command).strip()
+            if command.startswith(start):
+                commands.append(command)
+    assert commands, f"no command starting with {start!r} in the README's bash blocks"
+    return commands
+
+
+def new_shell_env(env: dict) -> dict:
+    """`env` as a new shell has it: no virtual environment active, its bin/ not on PATH."""
+    venv_bin = str(Path(sys.executable).parent)
+    path = [p for p in env["PATH"].split(os.pathsep) if p and p != venv_bin]
+    out = {k: v for k, v in env.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    return {**out, "PATH": os.pathsep.join(path)}
+
+
+def run_as_printed(command: str, repo: Path, env: dict) -> str:
+    """A README command exactly as printed, in a new shell that has run the README's one
+    set-up line `source .venv/bin/activate` (the project's `.venv` links to the test's)."""
+    return run(["bash", "-c", f"source .venv/bin/activate && {command}"], repo, new_shell_env(env))
 
 
 def run_json(cmd: list[str], cwd: Path, env: dict):
@@ -87,7 +111,8 @@ def stages_run(output: str) -> set[str]:
 @pytest.fixture(scope="session")
 def project(tmp_path_factory) -> tuple[Path, dict]:
     """The project as git would clone it, in a temporary git repository, after one real
-    `dvc repro` with `experiment=tiny`. Shared by the end-to-end modules (one repro per run);
+    `dvc repro` with `experiment=tiny` (the copy's default, so README commands run as
+    printed). Shared by the end-to-end modules (one repro per run);
     a test that changes it must say so and leave what later tests read as it was."""
     from pipeline.params import compose_params, dump_params
 
@@ -104,6 +129,13 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
         if src.is_file():
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, repo / rel)
+    # The README's commands run as printed here, at test sizes: this copy's default is tiny.
+    config = repo / "conf" / "config.yaml"
+    assert "  - experiment: sample\n" in config.read_text()
+    config.write_text(
+        config.read_text().replace("  - experiment: sample\n", "  - experiment: tiny\n")
+    )
+    (repo / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)  # gitignored
     (repo / "params.yaml").write_text(dump_params(compose_params(TINY, conf_dir=repo / "conf")))
     env = {
         **os.environ,
@@ -115,6 +147,8 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     }
     env.pop("DVC_ROOT", None)
     run(["git", "init", "-q", "-b", "main"], repo, env)
+    with open(repo / ".git" / "info" / "exclude", "a") as exclude:
+        exclude.write(".venv\n")  # the link (.gitignore's `.venv/` matches folders only)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-q", "-m", "project"], repo, env)
     output = run(["dvc", "repro"], repo, env)

@@ -92,9 +92,14 @@ def test_class_left_below_minimum_stops_with_its_name(messy_folder, in_tmp_root,
         f.unlink()
     params = folder_params(tiny_params, messy_folder, ["shot", "passing"], min_clips_per_class=2)
     download(params)
-    with pytest.raises(PipelineError, match=r"min_clips_per_class=2.*'passing': 1"):
+    with pytest.raises(PipelineError, match=r"min_clips_per_class=2.*'passing': 1") as err:
         clean(params)
     assert not (in_tmp_root / "data" / "clean").exists()
+    # the stage failed, so no quarantine report exists: the message lists the failing
+    # class's left-out clips with their reasons, and only that class's
+    listed = str(err.value).split("left out:\n", 1)[1].splitlines()
+    assert any(line.startswith("  passing/corrupt_act1.avi: ") for line in listed), listed
+    assert all(line.startswith("  passing/") for line in listed), listed
 
 
 def test_nothing_usable_stops_the_stage(tmp_path, in_tmp_root, tiny_params):

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import io
+import json
 import shutil
 import tarfile
 import threading
@@ -110,7 +111,10 @@ def test_archive_source_unpacks_into_raw(tmp_path, in_tmp_root, tiny_params, suf
     assert len(manifest) == 11 and set(manifest["label"]) == set(CLASSES)
     raw = in_tmp_root / "data" / "raw"
     assert not (raw / ".unpacked").exists()
-    assert sorted(p.name for p in raw.iterdir()) == sorted(CLASSES + ["manifest.csv"])
+    assert sorted(p.name for p in raw.iterdir()) == sorted(
+        CLASSES + ["classes.json", "manifest.csv"]
+    )
+    assert json.loads((raw / "classes.json").read_text()) == CLASSES  # the configured order
 
 
 def write_zip(path: Path, entries: dict[str, bytes]) -> Path:
@@ -209,3 +213,57 @@ def test_url_source_checks_sha256(tmp_path, in_tmp_root, tiny_params, http_serve
     assert len(manifest) == 11
     with pytest.raises(PipelineError, match="could not be downloaded"):
         download(uniri_params(tiny_params, source="url", url=f"{base}/absent.zip", sha256=digest))
+
+
+def test_class_folders_are_the_classes_when_none_are_given(
+    tmp_path, in_tmp_root, tiny_params, caplog
+):
+    """`dataset=folder` with no class list: the class folders (a level down, next to a folder
+    without videos) become the classes, sorted, with names normalised and aliases applied;
+    the list is logged and recorded for clean, frames and the models."""
+    import logging
+
+    from conftest import ROOT
+
+    from pipeline.params import compose_params
+    from pipeline.stages.clean import clean
+    from pipeline.stages.frames import extract_frames
+
+    season = tmp_path / "footage" / "season-1"
+    for folder in ("Pass", "Shot_On_Goal", "blok"):
+        (season / folder).mkdir(parents=True)
+        for scene in range(6):
+            write_numbered_video(season / folder / f"{folder}_S{scene}_act1.avi", 10)
+    (season / "docs").mkdir()
+    (season / "docs" / "protocol.txt").write_text("who filmed what")
+    ds = compose_params(["dataset=folder"], conf_dir=ROOT / "conf")["dataset"]
+    assert ds["classes"] is None  # the folder dataset's default
+    params = {
+        **tiny_params,
+        "workers": 2,
+        "dataset": {**ds, "path": str(tmp_path / "footage"), "aliases": {"blok": "block"}},
+    }
+    with caplog.at_level(logging.INFO):
+        manifest = download(params)
+    found = ["block", "pass", "shot-on-goal"]
+    assert sorted(set(manifest["label"])) == found and len(manifest) == 18
+    assert "block, pass, shot-on-goal" in caplog.text
+    assert json.loads((in_tmp_root / "data" / "raw" / "classes.json").read_text()) == found
+    clean(params)
+    dataset = json.loads((in_tmp_root / "data" / "clean" / "dataset.json").read_text())
+    assert dataset["classes"] == found
+    extract_frames(params)
+    assert json.loads((in_tmp_root / "data" / "frames" / "classes.json").read_text()) == found
+
+
+def test_a_folder_without_class_folders_names_the_keys_to_set(tmp_path, in_tmp_root, tiny_params):
+    from conftest import ROOT
+
+    from pipeline.params import compose_params
+
+    (tmp_path / "flat").mkdir()
+    write_numbered_video(tmp_path / "flat" / "clip_act1.avi", 10)
+    ds = compose_params(["dataset=folder"], conf_dir=ROOT / "conf")["dataset"]
+    params = {**tiny_params, "dataset": {**ds, "path": str(tmp_path / "flat")}}
+    with pytest.raises(PipelineError, match="set dataset.classes, or dataset.subdir"):
+        download(params)

@@ -78,25 +78,62 @@ def test_video_paths_finds_videos_in_folders(tmp_path):
 
 
 def test_request_rows_base64_or_path_with_clear_refusals(tmp_path, monkeypatch):
-    clip = tmp_path / "clip.avi"
+    monkeypatch.delenv("HANDBALL_SERVE_PATH_ROOT", raising=False)
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    clip = allowed / "clip.avi"
     write_numbered_video(clip, 5)
+    secret = outside / "secret.avi"
+    write_numbered_video(secret, 5)
     encoded = base64.b64encode(clip.read_bytes()).decode()
     [(row, path, temporary)] = list(request_videos(pd.DataFrame({"video": [encoded]})))
     assert row == 0 and temporary and path.read_bytes() == clip.read_bytes()
     path.unlink()
-    assert list(request_videos(pd.DataFrame({"path": [str(clip)]}))) == [(0, clip, False)]
 
-    def refused(frame: pd.DataFrame, match: str):
-        with pytest.raises(VideoError, match=match):
+    def refused(frame: pd.DataFrame, match: str) -> str:
+        with pytest.raises(VideoError, match=match) as err:
             list(request_videos(frame))
+        return str(err.value)
 
     refused(pd.DataFrame({"clip": [encoded]}), "needs a `video` field")
     refused(pd.DataFrame({"video": ["***"]}), "not valid base64")
     refused(pd.DataFrame({"video": [""]}), "both missing or empty")
-    refused(pd.DataFrame({"path": [str(tmp_path / "nope.avi")]}), "not a readable file")
+    # reading files by path is off unless a root is named, and then only under it
+    refused(pd.DataFrame({"path": [str(clip)]}), "does not read files by `path`")
+    monkeypatch.setenv("HANDBALL_SERVE_PATH_ROOT", str(allowed))
+    assert list(request_videos(pd.DataFrame({"path": [str(clip)]}))) == [(0, clip, False)]
+    # outside the root, through `..`, through a link, or missing: one answer for all
+    (allowed / "link.avi").symlink_to(secret)
+    answers = {
+        refused(pd.DataFrame({"path": [p]}), "not a readable file under")
+        for p in (
+            str(secret),
+            str(allowed / ".." / "outside" / "secret.avi"),
+            str(allowed / "link.avi"),
+            str(allowed / "nope.avi"),
+        )
+    }
+    assert len(answers) == 1
     monkeypatch.setenv("HANDBALL_MAX_VIDEO_MB", "0.001")
     refused(pd.DataFrame({"video": [encoded]}), "over the 0.001 MB limit")
     refused(pd.DataFrame({"path": [str(clip)]}), "over the 0.001 MB limit")
+    monkeypatch.setenv("HANDBALL_MAX_ROWS", "2")
+    refused(pd.DataFrame({"video": [encoded] * 3}), "3 rows: a request holds at most 2")
+
+
+def test_a_request_decodes_at_most_its_frame_budget(tmp_path):
+    """Decoding stops once the request's frame budget is spent; the clip is refused."""
+    from pipeline.serving.clips import FrameBudget, OverFrameBudget
+
+    video = tmp_path / "clip.avi"
+    write_numbered_video(video, 12)
+    budget = FrameBudget(30)
+    clip_frames(video, PRE, budget)
+    assert budget.remaining == 18
+    clip_frames(video, PRE, budget)
+    with pytest.raises(OverFrameBudget, match="more than 30 frames"):
+        clip_frames(video, PRE, budget)  # 12 more than the 6 left
 
 
 def test_models_logged_before_the_layered_package_find_their_class():
@@ -108,3 +145,22 @@ def test_models_logged_before_the_layered_package_find_their_class():
     from pipeline.serving.pyfunc import VideoClassifierModel
 
     assert pickle.loads(b"cpipeline.inference\nVideoClassifierModel\n.") is VideoClassifierModel
+
+
+def test_predict_json_has_every_class_probability_and_csv_the_top_k():
+    import json
+
+    import numpy as np
+
+    from pipeline.serving.predict import class_probabilities, ranked_columns, render, top_k
+
+    classes = ["passing", "shot", "defence"]
+    probs = np.array([0.2, 0.7, 0.1])
+    row = {"path": "a.avi", **ranked_columns(top_k(classes, probs, 2))}
+    row["probabilities"] = class_probabilities(classes, probs)
+    parsed = json.loads(render([row], "json"))[0]
+    assert parsed["probabilities"] == {"passing": 0.2, "shot": 0.7, "defence": 0.1}
+    assert (parsed["action_1"], parsed["action_2"]) == ("shot", "passing")
+    header = render([row], "csv").splitlines()[0]
+    assert header == "path,action_1,probability_1,action_2,probability_2"
+    assert "probabilities" not in render([row], "table")

@@ -67,7 +67,8 @@ def download_model(repo: Path, uri: str, dst: Path) -> str:
 def test_default_model_is_the_champion_else_the_latest_comparisons_best(
     first_repro_state, monkeypatch
 ):
-    from pipeline.serving.predict import default_model, use_project_store
+    from pipeline.serving.predict import use_project_store
+    from pipeline.serving.registry import default_model
 
     repo, _ = first_repro_state
     monkeypatch.chdir(repo)
@@ -114,6 +115,11 @@ def test_predict_reproduces_the_evaluation_predictions(first_repro_state, tmp_pa
             assert row["action_1"] == clip.predicted, (model, clip.path)
             assert row["probability_1"] == pytest.approx(clip.confidence, abs=2e-3)
             assert row["probability_2"] <= row["probability_1"]
+            # JSON also carries every class's probability, keyed by class
+            probabilities = row["probabilities"]
+            assert list(probabilities) == params["dataset"]["classes"]
+            assert sum(probabilities.values()) == pytest.approx(1.0, abs=0.01)
+            assert probabilities[row["action_1"]] == row["probability_1"]
         if default:
             name = params["compare"]["register_as"]
             assert f"the registered {name}@champion" in proc.stderr
@@ -165,6 +171,7 @@ def test_sliding_windows_give_a_timeline_and_a_png_strip(project, tmp_path):
     assert all(
         r["action_1"] in params["dataset"]["classes"] and 0 < r["probability_1"] <= 1 for r in rows
     )
+    assert all(r["probabilities"][r["action_1"]] == r["probability_1"] for r in rows)
     strip = cv2.imread(str(png))
     assert strip is not None and strip.shape[1] > strip.shape[0] > 50
 
@@ -189,7 +196,8 @@ def post(url: str, payload: dict) -> tuple[int, str]:
 @pytest.fixture
 def served_champion(first_repro_state):
     """`mlflow models serve -m models:/<name>@champion` on 127.0.0.1, as the README starts it
-    (local environment: this machine cannot build a fresh one offline), 1 MB request cap."""
+    (local environment: this machine cannot build a fresh one offline), with small request caps:
+    1 MB per video, 3 videos and 25 decoded frames per request."""
     repo, state = first_repro_state
     params = yaml.safe_load((repo / "params.yaml").read_text())
     port = free_port()
@@ -197,8 +205,12 @@ def served_champion(first_repro_state):
         **state["env"],
         "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
         "HANDBALL_MAX_VIDEO_MB": "1",
+        "HANDBALL_MAX_ROWS": "3",
+        "HANDBALL_MAX_FRAMES": "25",  # one tiny clip (10-14 frames) fits, three do not
     }
-    log = open(repo / "serve.log", "w")  # noqa: SIM115 (the server writes to it until the test stops it)
+    env.pop("HANDBALL_SERVE_PATH_ROOT", None)  # the default: no reading files by path
+    # the server writes to it until the test stops it
+    log = open(repo / "serve.log", "w")  # noqa: SIM115
     server = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "mlflow"),
@@ -268,6 +280,10 @@ def test_served_champion_classifies_posted_video_and_refuses_bad_requests(served
         ({"dataframe_records": [{"video": big}]}, "over the 1 MB limit"),
         ({"dataframe_records": [{"video": "%%% not base64"}]}, "not valid base64"),
         ({"dataframe_records": [{"clip": video}]}, "video"),
+        # files named by path are not read unless the server was started with a root
+        ({"dataframe_records": [{"path": str(clip)}]}, "does not read files by `path`"),
+        ({"dataframe_records": [{"video": video}] * 4}, "a request holds at most 3"),
+        ({"dataframe_records": [{"video": video}] * 3}, "decodes more than 25 frames"),
     ]:
         status, body = post(f"{url}/invocations", payload)
         assert 400 <= status < 500 and message in body, (status, body[:500])

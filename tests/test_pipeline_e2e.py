@@ -19,8 +19,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import MODELS, TINY, run, run_json, stages_run
+from conftest import MODELS, TINY, readme_commands, run, run_as_printed, run_json, stages_run
 
+from pipeline.common import TF_STARTUP_NOISE
 from pipeline.params import compose_params, dump_params
 
 BASELINES = ["baseline_majority", "baseline_motion_logreg"]
@@ -33,6 +34,8 @@ def test_first_repro_runs_every_stage(project):
     }
     assert stages_run(state["first"]) == expected
     assert not (repo / "data" / "source").exists()  # data.dvc's target is absent, repro still ran
+    # the stage processes keep TensorFlow's C++ start-up lines to themselves
+    assert not TF_STARTUP_NOISE.search(state["first"]), state["first"][-3000:]
 
 
 def test_outputs_metrics_and_reports(project):
@@ -236,7 +239,9 @@ def test_dvc_plots_render_confusion_matrices_and_learning_curves(project, tmp_pa
         assert {"actual", "predicted"} <= set(confusion[0])
 
 
-QUEUED_DROPOUTS = ("0.05", "0.15")  # values no other test trains, so nothing is restored early
+# the README's grid: neither is the default (0.3) nor a value another test trains through DVC,
+# so nothing is restored from the run cache early
+QUEUED_DROPOUTS = ("0.1", "0.5")
 
 
 def wait_for_queue(repo: Path, env: dict, names: list[str], timeout_s: float = 900) -> None:
@@ -261,10 +266,12 @@ def wait_for_queue(repo: Path, env: dict, names: list[str], timeout_s: float = 9
 
 @pytest.mark.slow  # ~80 s; CI runs it (make test-all)
 def test_queued_dvc_sweep_logs_each_experiment_into_the_root_store(project):
-    """The README's grid: `dvc exp run --queue -S 'models.cnn_gru.dropout=a,b'` and
-    `dvc queue start -j 2`. Both experiments run in DVC's temporary copies with their own
-    parameters, appear in `dvc exp show`, and log their MLflow runs into the repository's own
-    mlflow.db (artifacts under its mlruns/) tagged with the experiment name; the workspace is
+    """The README's grid, `dvc exp run --queue -S 'models.cnn_gru.dropout=0.1,0.5'` and
+    `dvc queue start -j 2`, as printed in a new shell after `source .venv/bin/activate` (the
+    queue's workers find `dvc`, and the stages `python`, on that PATH only). Both experiments
+    run in DVC's temporary copies with their own parameters, appear in `dvc exp show`, and log
+    their MLflow runs into the repository's own mlflow.db (artifacts under its mlruns/) tagged
+    with the experiment name; the workspace is
     left as it was and the registry's champion is the best model it has seen on this data."""
     import hashlib
 
@@ -277,23 +284,14 @@ def test_queued_dvc_sweep_logs_each_experiment_into_the_root_store(project):
     untouched = [repo / "params.yaml", repo / "metrics" / "cnn_gru.json"]
     before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in untouched]
 
-    output = run(
-        [
-            "dvc",
-            "exp",
-            "run",
-            "--queue",
-            "-S",
-            TINY[0],
-            "-S",
-            f"models.cnn_gru.dropout={','.join(QUEUED_DROPOUTS)}",
-        ],
-        repo,
-        env,
-    )
+    # exactly as the README prints them, in a new shell that activated the environment
+    (queue,) = readme_commands("dvc exp run --queue")
+    assert f"models.cnn_gru.dropout={','.join(QUEUED_DROPOUTS)}" in queue
+    output = run_as_printed(queue, repo, env)
     names = re.findall(r"Queued experiment '([^']+)'", output)
     assert len(names) == 2, output
-    run(["dvc", "queue", "start", "-j", "2"], repo, env)
+    (start,) = readme_commands("dvc queue start")
+    run_as_printed(start, repo, env)
     wait_for_queue(repo, env, names)
     assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in untouched] == before
 
@@ -370,11 +368,25 @@ def test_a_stage_restored_from_the_run_cache_leaves_compare_complete(project):
     )
 
 
+@pytest.mark.slow  # ~40 s; CI runs it
+def test_readme_one_variation_runs_as_printed_in_a_new_shell(project):
+    """`dvc exp run -S models.cnn_gru.dropout=0.2` exactly as the README prints it, in a new
+    shell after `source .venv/bin/activate`: DVC re-composes conf/ with the override and
+    reruns only train@cnn_gru and compare, with the project's python."""
+    repo, state = project
+    (command,) = readme_commands("dvc exp run -S models.cnn_gru")
+    output = run_as_printed(command, repo, state["env"])
+    assert stages_run(output) == {"train@cnn_gru", "compare"}, output[-3000:]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["models"]["cnn_gru"]["dropout"] == 0.2
+    assert params["frames"]["num_frames"] == 6  # the copy's default: experiment=tiny
+
+
 def test_one_cnn_gru_parameter_reruns_only_that_model_and_compare(project):
     repo, state = project
     env = state["env"]
     committed = (repo / "params.yaml").read_text()
-    change = "models.cnn_gru.dropout=0.2"
+    change = "models.cnn_gru.dropout=0.25"  # a value no earlier test ran
     (repo / "params.yaml").write_text(
         dump_params(compose_params(TINY + [change], conf_dir=repo / "conf"))
     )
@@ -384,11 +396,40 @@ def test_one_cnn_gru_parameter_reruns_only_that_model_and_compare(project):
     # `dvc exp run -S` doing the same for real: the queued-grid and run-cache tests above
 
 
+@pytest.mark.slow  # a whole (tiny) pipeline in DVC's temporary copy, ~2 min; CI runs it
+def test_a_folder_of_class_folders_needs_no_class_list(project, tmp_path):
+    """The README's `dvc exp run -S dataset=folder -S dataset.path=...` on a folder of three
+    class folders, with no class list: the experiment runs every stage (in a temporary copy,
+    `--temp`, so the workspace stays the sample's) and its models' classes are the folders'."""
+    from conftest import write_numbered_video
+    from mlflow.tracking import MlflowClient
+
+    repo, state = project
+    footage = tmp_path / "footage"
+    for folder in ("pass", "shot", "block"):
+        (footage / folder).mkdir(parents=True)
+        for scene in range(6):
+            write_numbered_video(footage / folder / f"{folder}_S{scene}_act1.avi", 10)
+    (command,) = readme_commands("dvc exp run -S dataset=folder -S dataset.path=/footage")
+    assert "dataset.classes" not in command
+    command = command.replace("/footage/actions", str(footage))
+    output = run_as_printed(f"{command} --temp", repo, state["env"])
+    assert {"download", "clean", "frames", "compare"} <= stages_run(output), output[-3000:]
+    name = re.findall(r"Ran experiment\(s\): (\S+)", output)[-1]
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("handball-actions").experiment_id
+    runs = client.search_runs([exp_id], filter_string=f"tags.dvc_exp_name = '{name}'")
+    trained = [r for r in runs if r.data.tags.get("model") in MODELS]
+    assert {r.data.tags["model"] for r in trained} == set(MODELS)
+    assert {r.data.params["dataset.classes"] for r in trained} == {"block,pass,shot"}
+
+
 def test_data_dvc_points_at_the_regenerated_sample(project, tmp_path):
     """data.dvc is a real pointer: regenerating the sample reproduces its recorded content."""
     repo, state = project
     default = tmp_path / "default_params.yaml"
-    default.write_text(dump_params(compose_params(conf_dir=repo / "conf")))
+    # the sample as the committed default composes it (this copy defaults to tiny)
+    default.write_text(dump_params(compose_params(["experiment=sample"], conf_dir=repo / "conf")))
     run(
         [
             sys.executable,
@@ -445,6 +486,11 @@ def test_changed_footage_reruns_download_by_content(project, tmp_path):
     assert json.loads(run(["dvc", "status", "--json", "download", "clean"], repo, env)) == {}
 
 
+def hydra_multirun(repo: Path, env: dict, *overrides: str) -> str:
+    """`python -m pipeline.sweep -m <overrides>` in the project."""
+    return run([sys.executable, "-m", "pipeline.sweep", "-m", *overrides], repo, env)
+
+
 def test_hydra_multirun_is_one_parent_run_with_a_child_per_job(project):
     """`python -m pipeline.sweep -m`: two jobs on the cached features, one MLflow parent with
     two finished children carrying their parameters and metrics, the best child named on
@@ -456,19 +502,7 @@ def test_hydra_multirun_is_one_parent_run_with_a_child_per_job(project):
     repo, state = project
     dvc_outputs = [repo / "metrics" / "cnn_gru.json", repo / "models" / "cnn_gru" / "model.keras"]
     before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in dvc_outputs]
-    output = run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.sweep",
-            "-m",
-            "model=cnn_gru",
-            TINY[0],
-            "model.dropout=0.1,0.3",
-        ],
-        repo,
-        state["env"],
-    )
+    output = hydra_multirun(repo, state["env"], "model=cnn_gru", TINY[0], "model.dropout=0.1,0.3")
     assert "Launching 2 jobs" in output
     assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in dvc_outputs] == before
     jobs = sorted((repo / "multirun").glob("*/*/[0-9]*"))
@@ -500,18 +534,8 @@ def test_a_failed_sweep_job_is_recorded_and_the_others_run(project):
     from mlflow.tracking import MlflowClient
 
     repo, state = project
-    output = run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.sweep",
-            "-m",
-            "model=cnn_gru",
-            TINY[0],
-            "model.train.optimizer=sgd,adam",
-        ],
-        repo,
-        state["env"],
+    output = hydra_multirun(
+        repo, state["env"], "model=cnn_gru", TINY[0], "model.train.optimizer=sgd,adam"
     )
     assert "train.optimizer='sgd' is not supported" in output
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
@@ -584,18 +608,8 @@ def test_optuna_search_space_runs_as_one_parent_with_trials(project):
     from mlflow.tracking import MlflowClient
 
     repo, state = project
-    output = run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.stages.train",
-            "-m",
-            "hparams_search=cnn_gru_optuna",
-            TINY[0],
-            "hydra.sweeper.n_trials=2",
-        ],
-        repo,
-        state["env"],
+    output = hydra_multirun(
+        repo, state["env"], "hparams_search=cnn_gru_optuna", TINY[0], "hydra.sweeper.n_trials=2"
     )
     assert "Best value" in output
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")

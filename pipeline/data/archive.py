@@ -13,9 +13,10 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Callable, Iterator
+from typing import IO
 
 from tqdm import tqdm
 
@@ -30,8 +31,8 @@ class UnsafeArchive(PipelineError):
 
 @dataclass
 class Entry:
-    name: str            # path inside the archive, '/'-separated
-    size: int            # declared uncompressed size
+    name: str  # path inside the archive, '/'-separated
+    size: int  # declared uncompressed size
     is_dir: bool
     open: Callable[[], IO[bytes]]
 
@@ -57,19 +58,20 @@ def _zip_entries(zf: zipfile.ZipFile, archive: Path) -> Iterator[Entry]:
         mode = info.external_attr >> 16
         if stat.S_ISLNK(mode):
             raise UnsafeArchive(f"{archive}: entry {info.filename!r} is a symbolic link")
-        yield Entry(info.filename, info.file_size, info.is_dir(),
-                    lambda info=info: zf.open(info))
+        yield Entry(info.filename, info.file_size, info.is_dir(), lambda info=info: zf.open(info))
 
 
 def _tar_entries(tf: tarfile.TarFile, archive: Path) -> Iterator[Entry]:
     for member in tf.getmembers():
         if member.issym() or member.islnk():
-            raise UnsafeArchive(f"{archive}: entry {member.name!r} is a link "
-                                f"(to {member.linkname!r})")
+            raise UnsafeArchive(
+                f"{archive}: entry {member.name!r} is a link (to {member.linkname!r})"
+            )
         if not (member.isfile() or member.isdir()):
             raise UnsafeArchive(f"{archive}: entry {member.name!r} is not a regular file")
-        yield Entry(member.name, member.size, member.isdir(),
-                    lambda member=member: tf.extractfile(member))
+        yield Entry(
+            member.name, member.size, member.isdir(), lambda member=member: tf.extractfile(member)
+        )
 
 
 def _open_archive(archive: Path):
@@ -99,16 +101,20 @@ def safe_extract(archive: str | Path, target: str | Path, max_bytes: int) -> int
         plan = [(safe_relative_path(e.name, archive), e) for e in entries]
         declared = sum(e.size for _, e in plan if not e.is_dir)
         if declared > max_bytes:
-            raise UnsafeArchive(f"{archive} unpacks to {declared / 1e9:.2f} GB, more than "
-                                f"dataset.max_unpacked_gb={max_bytes / 1e9:g}")
+            raise UnsafeArchive(
+                f"{archive} unpacks to {declared / 1e9:.2f} GB, more than "
+                f"dataset.max_unpacked_gb={max_bytes / 1e9:g}"
+            )
         written = 0
 
         def count(chunk: bytes) -> None:  # runs before each chunk is written
             nonlocal written
             written += len(chunk)
             if written > max_bytes:
-                raise UnsafeArchive(f"{archive}: unpacked bytes exceed dataset.max_unpacked_gb="
-                                    f"{max_bytes / 1e9:g} (at entry {entry.name!r})")
+                raise UnsafeArchive(
+                    f"{archive}: unpacked bytes exceed dataset.max_unpacked_gb="
+                    f"{max_bytes / 1e9:g} (at entry {entry.name!r})"
+                )
 
         for rel, entry in tqdm(plan, desc=f"unpack {archive.name}", unit="file"):
             dest = target.joinpath(*rel.parts) if rel.parts else target

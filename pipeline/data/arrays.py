@@ -27,12 +27,21 @@ class NpyRowWriter:
     """
 
     def __init__(self, path: Path, shape: tuple[int, ...], dtype) -> None:
-        self.path, self.shape, self.dtype = Path(path), tuple(int(d) for d in shape), np.dtype(dtype)
+        self.path, self.shape, self.dtype = (
+            Path(path),
+            tuple(int(d) for d in shape),
+            np.dtype(dtype),
+        )
         self.rows = 0
-        self.fh = open(self.path, "wb")
-        np.lib.format.write_array_header_2_0(self.fh, {
-            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-            "shape": self.shape})
+        self.fh = open(self.path, "wb")  # noqa: SIM115 (a writer object: close() ends it)
+        np.lib.format.write_array_header_2_0(
+            self.fh,
+            {
+                "descr": np.lib.format.dtype_to_descr(self.dtype),
+                "fortran_order": False,
+                "shape": self.shape,
+            },
+        )
 
     def write(self, row: np.ndarray) -> None:
         row = np.ascontiguousarray(row, dtype=self.dtype)
@@ -54,8 +63,7 @@ def load_arrays(directory: Path, *names: str, mmap_mode: str | None = None) -> l
         raise FileNotFoundError(
             f"{directory} lacks {', '.join(m + '.npy' for m in missing)}: run `dvc repro` first"
         )
-    return [np.load(directory / f"{n}.npy", allow_pickle=False, mmap_mode=mmap_mode)
-            for n in names]
+    return [np.load(directory / f"{n}.npy", allow_pickle=False, mmap_mode=mmap_mode) for n in names]
 
 
 def right_align(values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,8 +81,7 @@ def right_align(values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nd
     order = np.argsort(~mask, axis=1, kind="stable")
     pos = np.minimum(np.arange(t)[None, :], counts[:, None] - 1)
     src = np.take_along_axis(order, pos, axis=1)
-    aligned = np.take_along_axis(values, src.reshape(src.shape + (1,) * (values.ndim - 2)),
-                                 axis=1)
+    aligned = np.take_along_axis(values, src.reshape(src.shape + (1,) * (values.ndim - 2)), axis=1)
     return aligned, np.arange(t)[None, :] < counts[:, None]
 
 
@@ -83,8 +90,10 @@ def frame_subset(total: int, n: int | None) -> np.ndarray:
     if n is None or int(n) == total:
         return np.arange(total)
     if not 1 <= int(n) <= total:
-        raise ValueError(f"num_frames={n} but the cache holds {total} frames per clip "
-                         f"(frames.num_frames); lower the model's num_frames or raise frames.num_frames")
+        raise ValueError(
+            f"num_frames={n} but the cache holds {total} frames per clip "
+            f"(frames.num_frames); lower the model's num_frames or raise frames.num_frames"
+        )
     return np.linspace(0, total - 1, int(n)).round().astype(int)
 
 

@@ -18,8 +18,11 @@ def oversample_indices(labels: np.ndarray, rng: np.random.Generator) -> np.ndarr
     class present in `labels` up to the largest class count."""
     classes, counts = np.unique(labels, return_counts=True)
     target = counts.max() if len(counts) else 0
-    extra = [rng.choice(np.flatnonzero(labels == c), size=target - n, replace=True)
-             for c, n in zip(classes, counts) if n < target]
+    extra = [
+        rng.choice(np.flatnonzero(labels == c), size=target - n, replace=True)
+        for c, n in zip(classes, counts)
+        if n < target
+    ]
     return np.concatenate(extra).astype(np.int64) if extra else np.zeros(0, dtype=np.int64)
 
 
@@ -31,8 +34,9 @@ def jitter_indices(n: int, max_shift: int, rng: np.random.Generator) -> np.ndarr
     return np.sort(np.clip(shifted, 0, n - 1))
 
 
-def augment_clip(frames: np.ndarray, mask: np.ndarray, cfg: dict, rng: np.random.Generator,
-                 pad_value: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def augment_clip(
+    frames: np.ndarray, mask: np.ndarray, cfg: dict, rng: np.random.Generator, pad_value: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """An augmented copy of one clip (N x H x W x 3 uint8) and its frame mask.
 
     cfg keys: `hflip` (probability), `rotation_deg` (max absolute angle), `blur` (probability
@@ -49,9 +53,19 @@ def augment_clip(frames: np.ndarray, mask: np.ndarray, cfg: dict, rng: np.random
     angle = float(cfg.get("rotation_deg", 0))
     if angle > 0:
         matrix = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-angle, angle), 1.0)
-        out = np.stack([cv2.warpAffine(f, matrix, (w, h), flags=cv2.INTER_LINEAR,
-                                       borderMode=cv2.BORDER_CONSTANT,
-                                       borderValue=(pad_value,) * 3) for f in out])
+        out = np.stack(
+            [
+                cv2.warpAffine(
+                    f,
+                    matrix,
+                    (w, h),
+                    flags=cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT,
+                    borderValue=(pad_value,) * 3,
+                )
+                for f in out
+            ]
+        )
     if rng.random() < float(cfg.get("blur", 0)):
         out = np.stack([cv2.GaussianBlur(f, (3, 3), 0) for f in out])
     std = float(cfg.get("noise_std", 0))

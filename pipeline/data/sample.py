@@ -25,8 +25,6 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 
-
-
 SESSIONS = ("KS", "GR", "RK", "ZG")
 
 
@@ -55,8 +53,9 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(0, 256, size=3))
 
 
-def make_scene(court_rng: np.random.Generator, rng: np.random.Generator, width: int,
-               height: int) -> Scene:
+def make_scene(
+    court_rng: np.random.Generator, rng: np.random.Generator, width: int, height: int
+) -> Scene:
     """A scene on the court drawn from `court_rng` (one per session) with players, ball and
     camera details drawn from `rng` (one per scene)."""
     floor = court_rng.integers(40, 220, size=3).astype(np.float32)
@@ -73,8 +72,9 @@ def make_scene(court_rng: np.random.Generator, rng: np.random.Generator, width: 
     goal_left = bool(court_rng.integers(0, 2))
     goal_y = int(court_rng.integers(height // 3, height // 2))
     gx0, gx1 = (0, width // 12) if goal_left else (width - width // 12 - 1, width - 1)
-    cv2.rectangle(background, (gx0, goal_y - height // 6), (gx1, goal_y + height // 6),
-                  (235, 235, 235), 2)
+    cv2.rectangle(
+        background, (gx0, goal_y - height // 6), (gx1, goal_y + height // 6), (235, 235, 235), 2
+    )
     base = int(height * rng.uniform(0.45, 0.6))
     return Scene(
         background=background,
@@ -100,8 +100,16 @@ def draw_player(img, x, feet_y, h, colour, skin, leg_phase=0.0, arm_raise=0.0, a
     thick = max(2, int(h / 9))
     for sign in (1, -1):
         cv2.line(img, (int(x), int(hip_y)), (int(x + sign * stride), int(feet_y)), colour, thick)
-    cv2.ellipse(img, (int(x), int((hip_y + shoulder_y) / 2)),
-                (max(2, int(0.12 * h)), max(3, int(0.2 * h))), 0, 0, 360, colour, -1)
+    cv2.ellipse(
+        img,
+        (int(x), int((hip_y + shoulder_y) / 2)),
+        (max(2, int(0.12 * h)), max(3, int(0.2 * h))),
+        0,
+        0,
+        360,
+        colour,
+        -1,
+    )
     cv2.circle(img, (int(x), int(shoulder_y - head_r)), head_r, skin, -1)
     # Arms: raise lifts the hands above the head, forward stretches them sideways.
     hand_y = shoulder_y + 0.3 * h - arm_raise * 0.6 * h
@@ -115,8 +123,15 @@ def _lerp(a: float, b: float, t: float) -> float:
     return a + (b - a) * float(np.clip(t, 0.0, 1.0))
 
 
-def render_clip(action: str, scene: Scene, rng: np.random.Generator, length: int,
-                width: int, height: int, noise: float) -> list[np.ndarray]:
+def render_clip(
+    action: str,
+    scene: Scene,
+    rng: np.random.Generator,
+    length: int,
+    width: int,
+    height: int,
+    noise: float,
+) -> list[np.ndarray]:
     """Frames (H x W x 3 uint8, BGR) of one clip of `action` in `scene`."""
     speed = rng.uniform(0.75, 1.3)
     direction = 1 if rng.integers(0, 2) else -1
@@ -153,8 +168,10 @@ def render_clip(action: str, scene: Scene, rng: np.random.Generator, length: int
             forward = 0.8 if 0.3 < t < 0.5 else 0.1
             hand = (px + 0.2 * h, py - 0.5 * h)
             catch = (mx, my - 0.6 * mh)
-            ball = (_lerp(hand[0], catch[0], throw), _lerp(hand[1], catch[1], throw)
-                    - 0.25 * h * np.sin(np.pi * np.clip(throw, 0, 1)))
+            ball = (
+                _lerp(hand[0], catch[0], throw),
+                _lerp(hand[1], catch[1], throw) - 0.25 * h * np.sin(np.pi * np.clip(throw, 0, 1)),
+            )
             mate_raise = 0.6 if t > 0.5 else 0.0
         elif action in ("shot", "jump-shot"):
             release = 0.5 if action == "shot" else 0.6
@@ -167,8 +184,11 @@ def render_clip(action: str, scene: Scene, rng: np.random.Generator, length: int
             raise_ = 1.0 if release - 0.25 < t < release + 0.05 else 0.2
             hand = (px + 0.2 * h, py - 1.0 * h * raise_ - 0.3 * h)
             fly = (t - release) / 0.25
-            ball = (hand[0], hand[1]) if fly <= 0 else (
-                _lerp(hand[0], goal[0], fly), _lerp(hand[1], goal[1], fly))
+            ball = (
+                (hand[0], hand[1])
+                if fly <= 0
+                else (_lerp(hand[0], goal[0], fly), _lerp(hand[1], goal[1], fly))
+            )
         elif action == "crossing":
             # Main player and teammate run diagonally across each other; ball handed over mid-way.
             px = start_x + direction * speed * 0.35 * width * (t - 0.5)
@@ -185,10 +205,27 @@ def render_clip(action: str, scene: Scene, rng: np.random.Generator, length: int
         else:
             raise ValueError(f"the sample generator has no motion for action {action!r}")
         mate_leg = 8 * np.pi * t if action == "crossing" else 0.3 * np.sin(2 * np.pi * t)
-        draw_player(img, mx, my, mh, scene.teammate_colour, scene.skin_colour,
-                    leg_phase=mate_leg, arm_raise=mate_raise)
-        hand = draw_player(img, px, py, h, scene.player_colour, scene.skin_colour,
-                           leg_phase=leg, arm_raise=raise_, arm_forward=forward)
+        draw_player(
+            img,
+            mx,
+            my,
+            mh,
+            scene.teammate_colour,
+            scene.skin_colour,
+            leg_phase=mate_leg,
+            arm_raise=mate_raise,
+        )
+        hand = draw_player(
+            img,
+            px,
+            py,
+            h,
+            scene.player_colour,
+            scene.skin_colour,
+            leg_phase=leg,
+            arm_raise=raise_,
+            arm_forward=forward,
+        )
         bx, by = ball if ball is not None else hand
         cv2.circle(img, (int(bx), int(by)), max(4, h // 6), scene.ball_colour, -1)
         noisy = img.astype(np.float32) + brightness + rng.normal(0, noise, img.shape)

@@ -29,13 +29,61 @@ def normalise_name(name: str) -> str:
     return re.sub(r"[\s_]+", "-", name.strip().lower())
 
 
-def class_of_folder(folder: str, ds: dict) -> str | None:
-    """The class a folder's clips belong to, or None when the dataset does not keep it."""
+def folder_class_name(folder: str, ds: dict) -> str:
+    """A class folder's name as a class: normalised, then `dataset.aliases` and `merge`."""
     name = normalise_name(folder)
     aliases = {normalise_name(k): v for k, v in (ds.get("aliases") or {}).items()}
     name = aliases.get(name, name)
-    name = (ds.get("merge") or {}).get(name, name)
+    return (ds.get("merge") or {}).get(name, name)
+
+
+def class_of_folder(folder: str, ds: dict) -> str | None:
+    """The class a folder's clips belong to, or None when the dataset does not keep it."""
+    name = folder_class_name(folder, ds)
     return name if name in ds["classes"] else None
+
+
+def video_extensions(ds: dict) -> set[str]:
+    return {e.lower() if e.startswith(".") else f".{e.lower()}" for e in ds["extensions"]}
+
+
+def discover_classes(root: Path, ds: dict) -> list[str]:
+    """The classes of a collection whose `dataset.classes` is null: the names (as
+    `folder_class_name` makes them, sorted) of the sub-folders holding videos in
+    `dataset.subdir`, else in the shallowest folder under `root` with two or more such."""
+    exts = video_extensions(ds)
+
+    def holds_videos(folder: Path) -> bool:
+        return any(f.is_file() and f.suffix.lower() in exts for f in folder.rglob("*"))
+
+    def class_folders(folder: Path) -> list[Path]:
+        return [
+            d
+            for d in sorted(folder.iterdir())
+            if d.is_dir() and d.name not in IGNORED_DIRS and not d.name.startswith(".")
+        ]
+
+    level = [root / ds["subdir"]] if ds.get("subdir") else [root]
+    for _ in range(5):
+        for folder in level:
+            if not folder.is_dir():
+                raise PipelineError(f"dataset.subdir={ds['subdir']!r} is not a folder in {root}")
+            found = [d for d in class_folders(folder) if holds_videos(d)]
+            if len(found) >= 2 or (ds.get("subdir") and found):
+                classes = sorted({folder_class_name(d.name, ds) for d in found})
+                log.info(
+                    "download: dataset.classes is null, so the class folders of %s are the "
+                    "classes: %s",
+                    folder,
+                    ", ".join(classes),
+                )
+                return classes
+        level = [d for f in level for d in class_folders(f)]
+    raise PipelineError(
+        f"no folder under {root} has two or more sub-folders of videos "
+        f"({', '.join(sorted(exts))}) to take as classes; set dataset.classes, or "
+        f"dataset.subdir to the folder holding the class folders"
+    )
 
 
 def check_class_config(ds: dict) -> None:
@@ -44,8 +92,9 @@ def check_class_config(ds: dict) -> None:
         raise PipelineError(f"dataset.classes={classes} must be a non-empty list without repeats")
     bad = {k: v for k, v in (ds.get("merge") or {}).items() if v not in classes}
     if bad:
-        raise PipelineError(f"dataset.merge maps into classes that are not in dataset.classes: "
-                            f"{bad}")
+        raise PipelineError(
+            f"dataset.merge maps into classes that are not in dataset.classes: {bad}"
+        )
 
 
 def find_class_root(root: Path, ds: dict) -> Path:
@@ -63,21 +112,24 @@ def find_class_root(root: Path, ds: dict) -> Path:
             subdirs = [d for d in folder.iterdir() if d.is_dir()]
             if len({class_of_folder(d.name, ds) for d in subdirs} - {None}) >= need:
                 return folder
-        level = sorted(d for f in level for d in f.iterdir()
-                       if d.is_dir() and d.name not in IGNORED_DIRS)
+        level = sorted(
+            d for f in level for d in f.iterdir() if d.is_dir() and d.name not in IGNORED_DIRS
+        )
     raise PipelineError(
         f"no folder under {root} has sub-folders named after the classes {list(ds['classes'])} "
-        f"(aliases {dict(ds.get('aliases') or {})}); set dataset.subdir to the folder that does")
+        f"(aliases {dict(ds.get('aliases') or {})}); set dataset.subdir to the folder that does"
+    )
 
 
 def collect_clips(root: Path, ds: dict) -> list[tuple[Path, str]]:
     """(file, label) for every video of a kept class under `root`, in a stable order."""
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset.path={root} is not a directory of <class>/<clip> "
-                                f"folders")
+        raise FileNotFoundError(f"dataset.path={root} is not a directory of <class>/<clip> folders")
+    if ds.get("classes") is None:  # found from the class folders
+        ds = {**ds, "classes": discover_classes(root, ds)}
     check_class_config(ds)
     class_root = find_class_root(root, ds)
-    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in ds["extensions"]}
+    exts = video_extensions(ds)
     clips, skipped_folders, skipped_files = [], [], Counter()
     for folder in sorted(d for d in class_root.iterdir() if d.is_dir()):
         label = class_of_folder(folder.name, ds)
@@ -93,24 +145,29 @@ def collect_clips(root: Path, ds: dict) -> list[tuple[Path, str]]:
             else:
                 clips.append((f, label))
     if skipped_folders:
-        log.warning("download: skipped folders that are not in dataset.classes: %s",
-                    ", ".join(skipped_folders))
+        log.warning(
+            "download: skipped folders that are not in dataset.classes: %s",
+            ", ".join(skipped_folders),
+        )
     if skipped_files:
-        log.warning("download: skipped %d files that are hidden or not dataset.extensions (%s)",
-                    sum(skipped_files.values()),
-                    ", ".join(f"{k} x{v}" for k, v in skipped_files.most_common(5)))
+        log.warning(
+            "download: skipped %d files that are hidden or not dataset.extensions (%s)",
+            sum(skipped_files.values()),
+            ", ".join(f"{k} x{v}" for k, v in skipped_files.most_common(5)),
+        )
     found = {label for _, label in clips}
     missing = [c for c in ds["classes"] if c not in found]
     if missing:
         folders = sorted(d.name for d in class_root.iterdir() if d.is_dir())
-        raise PipelineError(f"no clips for classes {missing} in {class_root} (folders: {folders});"
-                            f" add dataset.aliases for their folder names or drop them from "
-                            f"dataset.classes")
+        raise PipelineError(
+            f"no clips for classes {missing} in {class_root} (folders: {folders});"
+            f" add dataset.aliases for their folder names or drop them from "
+            f"dataset.classes"
+        )
     return clips
 
 
-def place_clips(clips: list[tuple[Path, str]], root: Path, out_dir: Path, move: bool
-                ) -> list[dict]:
+def place_clips(clips: list[tuple[Path, str]], root: Path, out_dir: Path, move: bool) -> list[dict]:
     """Copy (or move, for files we unpacked ourselves) clips to `out_dir/<label>/<name>`."""
     rows, taken = [], set()
     for src, label in tqdm(clips, desc="move clips" if move else "copy clips", unit="clip"):
@@ -134,8 +191,10 @@ def place_clips(clips: list[tuple[Path, str]], root: Path, out_dir: Path, move: 
 def fetch_url(url: str, sha256: str | None, dest_dir: Path) -> Path:
     """Stream `url` into `dest_dir` while hashing it; refuse a missing or different sha256."""
     if not sha256:
-        raise PipelineError(f"dataset.sha256 is required for url sources ({url}): pin the "
-                            f"archive's content (sha256sum ARCHIVE)")
+        raise PipelineError(
+            f"dataset.sha256 is required for url sources ({url}): pin the "
+            f"archive's content (sha256sum ARCHIVE)"
+        )
     import fsspec
 
     name = Path(url.split("?", 1)[0].rstrip("/")).name or "archive"
@@ -147,20 +206,25 @@ def fetch_url(url: str, sha256: str | None, dest_dir: Path) -> Path:
             with tqdm(total=size, desc=f"download {name}", unit="B", unit_scale=True) as bar:
                 copy_stream(src, out, lambda chunk: (digest.update(chunk), bar.update(len(chunk))))
     except ImportError as exc:
-        raise PipelineError(f"dataset.url={url}: {exc}. Install the matching extra, e.g. "
-                            f"`pip install -e '.[gs]'` or `'.[s3]'`") from exc
+        raise PipelineError(
+            f"dataset.url={url}: {exc}. Install the matching extra, e.g. "
+            f"`pip install -e '.[gs]'` or `'.[s3]'`"
+        ) from exc
     except (OSError, ValueError) as exc:
         raise PipelineError(f"dataset.url={url} could not be downloaded: {exc}") from exc
     if digest.hexdigest() != sha256.lower():
-        raise PipelineError(f"dataset.url={url} has sha256 {digest.hexdigest()}, but "
-                            f"dataset.sha256={sha256}: refusing to use it")
+        raise PipelineError(
+            f"dataset.url={url} has sha256 {digest.hexdigest()}, but "
+            f"dataset.sha256={sha256}: refusing to use it"
+        )
     return dest
 
 
 def unpack_and_collect(archive: Path, ds: dict, tmp: Path) -> list[dict]:
     if not is_archive(archive):
-        raise PipelineError(f"{archive} is not a .zip/.tar/.tar.gz archive (dataset.source="
-                            f"{ds['source']})")
+        raise PipelineError(
+            f"{archive} is not a .zip/.tar/.tar.gz archive (dataset.source={ds['source']})"
+        )
     unpacked = tmp / ".unpacked"
     unpacked.mkdir()
     safe_extract(archive, unpacked, int(float(ds["max_unpacked_gb"]) * 1e9))
@@ -172,8 +236,12 @@ def unpack_and_collect(archive: Path, ds: dict, tmp: Path) -> list[dict]:
 def dataset_rows(ds: dict, tmp: Path) -> list[dict]:
     source = ds["source"]
     if source == "sample":
-        return [{**r, "source": r["path"]} for r in generate_sample(tmp, ds["sample"],
-                                                                     list(ds["classes"]))]
+        if not ds.get("classes"):
+            raise PipelineError("dataset.source=sample needs dataset.classes (the generator's)")
+        return [
+            {**r, "source": r["path"]}
+            for r in generate_sample(tmp, ds["sample"], list(ds["classes"]))
+        ]
     if source == "folder":
         root = resolve(ds["path"])
         return place_clips(collect_clips(root, ds), root, tmp, move=False)

@@ -45,8 +45,15 @@ def probe_clip(path: Path, threads: int | None = None) -> dict:
     often wrong or missing; only the first is converted, to read the displayed size (after
     OpenCV applies the rotation metadata). `threads` caps FFmpeg's decoding threads.
     """
-    info = {"frames": 0, "fps": 0.0, "width": 0, "height": 0, "duration_s": 0.0, "codec": "",
-            "error": ""}
+    info = {
+        "frames": 0,
+        "fps": 0.0,
+        "width": 0,
+        "height": 0,
+        "duration_s": 0.0,
+        "codec": "",
+        "error": "",
+    }
     if not path.is_file() or path.stat().st_size == 0:
         info["error"] = "empty or missing file"
         return info
@@ -111,7 +118,7 @@ def letterbox(frame: np.ndarray, size: int, pad_value: int = 0) -> np.ndarray:
     resized = cv2.resize(frame, (nw, nh), interpolation=interp)
     out = np.full((size, size, frame.shape[2]), pad_value, dtype=frame.dtype)
     top, left = (size - nh) // 2, (size - nw) // 2
-    out[top:top + nh, left:left + nw] = resized
+    out[top : top + nh, left : left + nw] = resized
     return out
 
 
@@ -120,11 +127,19 @@ def display_frame(frame: np.ndarray, size: int, pad_value: int) -> np.ndarray:
     return letterbox(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), size, pad_value)
 
 
-def read_indices(cap: cv2.VideoCapture, indices: np.ndarray, size: int, pad_value: int,
-                 count_all: bool = False) -> tuple[dict[int, np.ndarray], int]:
+def read_indices(
+    cap: cv2.VideoCapture,
+    indices: np.ndarray,
+    size: int,
+    pad_value: int,
+    count_all: bool = False,
+    limit: int | None = None,
+) -> tuple[dict[int, np.ndarray], int]:
     """Read an open capture front to back, keeping (letterboxed, RGB) only the frames in
     `indices`. Stops after the last of them, or with `count_all` at the end of the video, so
     the count returned is then every decodable frame. Returns the kept frames and the count.
+    With `limit`, decoding also stops after `limit + 1` frames (a count over `limit` says the
+    video is longer than that).
 
     Frames are grabbed without conversion and only the wanted ones retrieved, so memory holds
     n small frames and one full-size frame whatever the clip's length or resolution.
@@ -133,7 +148,7 @@ def read_indices(cap: cv2.VideoCapture, indices: np.ndarray, size: int, pad_valu
     last = int(indices.max()) if len(indices) else -1
     kept: dict[int, np.ndarray] = {}
     decoded = 0
-    while (count_all or decoded <= last) and cap.grab():
+    while (count_all or decoded <= last) and (limit is None or decoded <= limit) and cap.grab():
         if decoded in wanted:
             ok, frame = cap.retrieve()
             if ok:
@@ -142,22 +157,29 @@ def read_indices(cap: cv2.VideoCapture, indices: np.ndarray, size: int, pad_valu
     return kept, decoded
 
 
-def decode_indices(path: Path, indices: np.ndarray, size: int, pad_value: int,
-                   threads: int | None = None) -> tuple[dict[int, np.ndarray], int]:
+def decode_indices(
+    path: Path, indices: np.ndarray, size: int, pad_value: int, threads: int | None = None
+) -> tuple[dict[int, np.ndarray], int]:
     """`read_indices` on the clip at `path`; `threads` caps FFmpeg's decoding threads (None:
     its default). Returns the kept frames and how many frames were decoded."""
     cap = open_video(path, threads)
     if not cap.isOpened():
-        raise IOError(f"OpenCV cannot open {path}")
+        raise OSError(f"OpenCV cannot open {path}")
     try:
         return read_indices(cap, indices, size, pad_value)
     finally:
         cap.release()
 
 
-def sample_frames(path: Path, total: int, n: int, size: int, pad_value: int = 0,
-                  sampling: str = "uniform", threads: int | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def sample_frames(
+    path: Path,
+    total: int,
+    n: int,
+    size: int,
+    pad_value: int = 0,
+    sampling: str = "uniform",
+    threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The n sampled frames of one clip (n x size x size x 3 RGB uint8) and their mask.
 
     `mask[i]` is False where frame i repeats frame i-1 (a clip shorter than n). If the clip
@@ -169,14 +191,17 @@ def sample_frames(path: Path, total: int, n: int, size: int, pad_value: int = 0,
     if len(kept) < len(set(indices.tolist())):
         usable = min(decoded, total)
         if usable < 1:
-            raise IOError(f"{path}: no frame could be decoded (probe counted {total})")
-        log.warning("%s: only %d of %d probed frames decode; resampling over those", path,
-                    usable, total)
+            raise OSError(f"{path}: no frame could be decoded (probe counted {total})")
+        log.warning(
+            "%s: only %d of %d probed frames decode; resampling over those", path, usable, total
+        )
         indices = sample_indices(usable, n, sampling)
         kept, _ = decode_indices(path, indices, size, pad_value, threads)
         if len(kept) < len(set(indices.tolist())):
-            raise IOError(f"{path}: frames {sorted(set(indices.tolist()) - kept.keys())} could "
-                          f"not be decoded twice in a row")
+            raise OSError(
+                f"{path}: frames {sorted(set(indices.tolist()) - kept.keys())} could "
+                f"not be decoded twice in a row"
+            )
     return np.stack([kept[i] for i in indices]), repeat_mask(indices)
 
 

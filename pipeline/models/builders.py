@@ -85,6 +85,13 @@ def temporal_pool(x, pooling: str, key: str):
     return layers.Concatenate()([ops.mean(per_frame, axis=1), ops.max(per_frame, axis=1)])
 
 
+def pooled_classifier(x, cfg: dict, model: str, num_classes: int):
+    """B,T,h,w,D -> B,C: `temporal_pool` (B,D; mean_max B,2D), the dense head, softmax."""
+    x = temporal_pool(x, cfg.get("temporal_pooling", "mean"), f"models.{model}.temporal_pooling")
+    x = dense_head(x, cfg["head"]["units"], cfg["head"]["dropout"])
+    return layers.Dense(num_classes, activation="softmax")(x)
+
+
 def set_batchnorm_momentum(model: keras.Model, momentum: float | None) -> None:
     """Every BatchNormalization layer of `model` averages its statistics with `momentum`
     (None keeps Keras' 0.99, too slow when an epoch has few steps)."""
@@ -125,11 +132,7 @@ def build_frame_cnn(cfg: dict, num_frames: int, size: int, num_classes: int) -> 
     x = ops.reshape(x, (-1, size, size, channels))  # B*T,S,S,K
     x = backbone(x)  # B*T,s,s,1280
     x = ops.reshape(x, (-1, num_frames) + tuple(x.shape[1:]))  # B,T,s,s,1280
-    x = temporal_pool(
-        x, cfg.get("temporal_pooling", "mean"), "models.frame_cnn.temporal_pooling"
-    )  # B,1280 (mean_max: 2560)
-    x = dense_head(x, cfg["head"]["units"], cfg["head"]["dropout"])  # B,64
-    outputs = layers.Dense(num_classes, activation="softmax")(x)  # B,C
+    outputs = pooled_classifier(x, cfg, "frame_cnn", num_classes)  # B,1280 -> B,64 -> B,C
     return keras.Model(inputs, outputs, name="frame_cnn")
 
 
@@ -154,19 +157,15 @@ def build_cnn3d(cfg: dict, num_frames: int, size: int, num_classes: int) -> kera
         x = layers.BatchNormalization(momentum=float(conv.get("batchnorm_momentum", 0.99)))(x)
     # reference 10x224x224: 3 x (same conv, pool) -> B,10,28,28,128; valid conv -> B,8,26,26,256;
     # pool -> B,8,13,13,256; valid conv -> B,6,11,11,512; pool -> B,6,5,5,512
-    x = temporal_pool(
-        x, cfg.get("temporal_pooling", "mean"), "models.cnn3d.temporal_pooling"
-    )  # B,512 (mean_max: 1024)
-    x = dense_head(x, cfg["head"]["units"], cfg["head"]["dropout"])  # B,32
-    outputs = layers.Dense(num_classes, activation="softmax")(x)  # B,C
+    outputs = pooled_classifier(x, cfg, "cnn3d", num_classes)  # B,512 -> B,32 -> B,C
     return keras.Model(inputs, outputs, name="cnn3d")
 
 
 def build_cnn_gru(cfg: dict, num_frames: int, feature_dim: int, num_classes: int) -> keras.Model:
     """Stacked GRUs over per-frame backbone features; padding frames are masked out.
 
-    The mask must be right-padded (valid frames first, see `pipeline.data.arrays.right_align`): that is
-    the only layout cuDNN's GRU accepts on a GPU.
+    The mask must be right-padded (valid frames first, see `pipeline.data.arrays.right_align`):
+    that is the only layout cuDNN's GRU accepts on a GPU.
     """
     features = keras.Input((num_frames, feature_dim), name="features")  # B,T,2048
     mask = keras.Input((num_frames,), dtype="bool", name="mask")  # B,T

@@ -1,1 +1,1 @@
-"""Serving: the video classifier a logged model carries, its MLflow pyfunc, the registry, `predict`."""
+"""Serving: the video classifier a logged model carries, its pyfunc, the registry, `predict`."""

@@ -16,15 +16,38 @@ log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mov", ".mkv", ".mpg", ".mpeg", ".m4v", ".webm", ".wmv")
 
-
-MAX_VIDEO_MB_ENV = "HANDBALL_MAX_VIDEO_MB"  # request size cap of a served model
-
-
+# What a served model accepts per request (environment variables of the serving process).
+MAX_VIDEO_MB_ENV = "HANDBALL_MAX_VIDEO_MB"  # size of each video
 DEFAULT_MAX_VIDEO_MB = 200.0
+MAX_ROWS_ENV = "HANDBALL_MAX_ROWS"  # videos per request
+DEFAULT_MAX_ROWS = 32
+MAX_FRAMES_ENV = "HANDBALL_MAX_FRAMES"  # frames decoded per request, all its videos together
+DEFAULT_MAX_FRAMES = 20_000
+# A folder whose files requests may name by `path`; unset (the default), `path` is refused.
+PATH_ROOT_ENV = "HANDBALL_SERVE_PATH_ROOT"
 
 
 class VideoError(PipelineError):
     """One input video cannot be classified (unreadable, empty, too large...)."""
+
+
+class OverFrameBudget(VideoError):
+    """A request would decode more frames than it may."""
+
+
+class FrameBudget:
+    """Frames a request may still decode; `take` refuses a video that would go over."""
+
+    def __init__(self, frames: int):
+        self.remaining = int(frames)
+        self.limit = int(frames)
+
+    def take(self, decoded: int, path: Path) -> None:
+        if decoded > self.remaining:
+            raise OverFrameBudget(
+                f"the request decodes more than {self.limit} frames ({MAX_FRAMES_ENV})"
+            )
+        self.remaining -= decoded
 
 
 def window_bounds(
@@ -107,14 +130,17 @@ def count_frames(path: Path) -> tuple[int, float]:
     return info["frames"], info["fps"]
 
 
-def clip_frames(path: Path, pre: dict) -> tuple[np.ndarray, np.ndarray]:
+def clip_frames(
+    path: Path, pre: dict, budget: FrameBudget | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(N x S x S x 3 uint8, N mask) of one clip: the frames the frames stage would cache.
 
     The clean stage counts a clip's frames by decoding all of them and the frames stage then
     samples on that count. Here this takes one pass when the container's frame count is right
     (the usual case): the frames at the positions sampled for that count are kept while every
     frame is counted. If the count turns out to differ, the positions are redrawn on the true
-    count and the clip decoded again, so the result is always the stage's.
+    count and the clip decoded again, so the result is always the stage's. With a `budget`,
+    decoding stops once it is spent and the clip is refused.
     """
     import cv2
 
@@ -141,14 +167,19 @@ def clip_frames(path: Path, pre: dict) -> tuple[np.ndarray, np.ndarray]:
     hint = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
     wanted = sample_indices(hint, n, sampling) if hint > 0 else np.array([], dtype=int)
     try:
-        kept, total = read_indices(cap, wanted, size, pad, count_all=True)
+        limit = None if budget is None else budget.remaining
+        kept, total = read_indices(cap, wanted, size, pad, count_all=True, limit=limit)
     finally:
         cap.release()
+    if budget is not None:
+        budget.take(total, path)
     if total == 0:
         raise VideoError(f"{path}: no decodable frames")
     indices = sample_indices(total, n, sampling)
     if set(indices.tolist()) <= kept.keys():
         return np.stack([kept[i] for i in indices]), repeat_mask(indices)
+    if budget is not None:  # a second pass, up to the last sampled frame
+        budget.take(int(indices.max()) + 1, path)
     try:  # the container's count was off
         return sample_frames(path, total, n, size, pad, sampling)
     except OSError as exc:

@@ -31,6 +31,7 @@ from pipeline.common import (
 )
 from pipeline.serving.clips import VideoError, video_paths
 from pipeline.serving.pyfunc import load_video_classifier
+from pipeline.serving.registry import default_model
 
 log = logging.getLogger(__name__)
 
@@ -50,48 +51,6 @@ def use_project_store() -> str:
     return uri
 
 
-def default_model(params: dict, store: str) -> tuple[str, str]:
-    """(model URI, what it is): the registered champion, else the best model of the latest
-    comparison run in the project's MLflow store."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    name, alias = params["compare"].get("register_as"), params["compare"].get("alias")
-    if name and alias:
-        try:
-            version = client.get_model_version_by_alias(name, alias)
-            return (
-                f"models:/{name}@{alias}",
-                f"the registered {name}@{alias}: version {version.version}, "
-                f"{version.tags.get('model', '?')} from run {version.run_id}",
-            )
-        except MlflowException:
-            pass
-    experiment = client.get_experiment_by_name(params["mlflow"]["experiment"])
-    runs = (
-        client.search_runs(
-            [experiment.experiment_id],
-            filter_string="tags.model = 'comparison'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if experiment
-        else []
-    )
-    if runs and runs[0].data.tags.get("best_model_uri"):
-        tags = runs[0].data.tags
-        return (
-            tags["best_model_uri"],
-            f"no {name}@{alias} is registered; the best model ({tags.get('best_model')}) "
-            f"of the latest comparison run {runs[0].info.run_id}",
-        )
-    raise PipelineError(
-        f"no model to use: no registered {name}@{alias} and no comparison run "
-        f"in {store}. Run the pipeline first (`dvc repro`) or pass --model URI"
-    )
-
-
 def top_k(classes: list[str], probs: np.ndarray, k: int) -> list[tuple[str, float]]:
     order = np.argsort(-probs, kind="stable")[:k]
     return [(classes[i], float(probs[i])) for i in order]
@@ -103,6 +62,11 @@ def ranked_columns(ranked: list[tuple[str, float]]) -> dict:
         out[f"action_{rank}"] = action
         out[f"probability_{rank}"] = round(p, 4)
     return out
+
+
+def class_probabilities(classes: list[str], probs: np.ndarray) -> dict[str, float]:
+    """Every class's probability (JSON output: a script can read any class's score)."""
+    return {c: round(float(p), 4) for c, p in zip(classes, probs)}
 
 
 def clip_rows(classifier, paths: list[Path], k: int) -> list[dict]:
@@ -118,6 +82,7 @@ def clip_rows(classifier, paths: list[Path], k: int) -> list[dict]:
             row["error"] = error
         else:
             row.update(ranked_columns(top_k(classifier.classes, probs, k)))
+            row["probabilities"] = class_probabilities(classifier.classes, probs)
         rows.append(row)
         bar.update()
     bar.close()
@@ -170,11 +135,10 @@ def window_rows(
             "path": str(path),
             "start_s": r["start_s"],
             "end_s": r["end_s"],
-            **ranked_columns(
-                top_k(classifier.classes, r[classifier.classes].to_numpy(dtype=float), k)
-            ),
+            **ranked_columns(top_k(classifier.classes, probs, k)),
+            "probabilities": class_probabilities(classifier.classes, probs),
         }
-        for _, r in table.iterrows()
+        for (_, r), probs in zip(table.iterrows(), table[classifier.classes].to_numpy(dtype=float))
     ]
     fig = timeline_figure(
         pd.DataFrame(rows),
@@ -189,9 +153,11 @@ def window_rows(
 
 
 def render(rows: list[dict], fmt: str) -> str:
+    """JSON: each row with the top-k and a `probabilities` object of every class; table and
+    CSV: the top-k columns."""
     if fmt == "json":
         return json.dumps(rows, indent=2)
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame([{k: v for k, v in r.items() if k != "probabilities"} for r in rows])
     if fmt == "csv":
         return table.to_csv(index=False)
     return table.astype(object).where(table.notna(), "").to_string(index=False)

@@ -22,26 +22,63 @@ import pandas as pd
 
 from pipeline.common import PipelineError
 from pipeline.serving.classifier import SERVING_DISTRIBUTIONS, VideoClassifier
-from pipeline.serving.clips import DEFAULT_MAX_VIDEO_MB, MAX_VIDEO_MB_ENV, VideoError, clip_frames
+from pipeline.serving.clips import (
+    DEFAULT_MAX_FRAMES,
+    DEFAULT_MAX_ROWS,
+    DEFAULT_MAX_VIDEO_MB,
+    MAX_FRAMES_ENV,
+    MAX_ROWS_ENV,
+    MAX_VIDEO_MB_ENV,
+    PATH_ROOT_ENV,
+    FrameBudget,
+    OverFrameBudget,
+    VideoError,
+    clip_frames,
+)
 
 log = logging.getLogger(__name__)
 
 
-def max_video_mb() -> float:
-    return float(os.environ.get(MAX_VIDEO_MB_ENV, DEFAULT_MAX_VIDEO_MB))
+def env_number(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def path_root() -> Path | None:
+    """The folder requests may name files in (PATH_ROOT_ENV), or None: `path` is refused."""
+    root = os.environ.get(PATH_ROOT_ENV, "").strip()
+    return Path(root).resolve() if root else None
+
+
+def allowed_file(path: str, row: int) -> Path:
+    """The file a request row names by `path`, if reading paths is on and it lies under the
+    allowed root. A missing file and one outside the root get the same answer, so requests
+    cannot probe which files exist."""
+    root = path_root()
+    if root is None:
+        raise VideoError(
+            f"row {row}: this server does not read files by `path`; send the video's bytes as "
+            f"`video` (base64), or start it with {PATH_ROOT_ENV}=<folder> to allow files there"
+        )
+    file = Path(path).resolve()  # symlinks and `..` resolved before the check
+    if not (file.is_relative_to(root) and file.is_file()):
+        raise VideoError(f"row {row}: `path` is not a readable file under {PATH_ROOT_ENV}")
+    return file
 
 
 def request_videos(frame: pd.DataFrame) -> Iterator[tuple[int, Path, bool]]:
     """(row, file, is_temporary) for each input row: `video` (base64) is written to a temporary
-    file, `path` is used as it is. Anything else is refused with the reason."""
+    file; `path` is read only under PATH_ROOT_ENV. Anything else is refused with the reason."""
     has_video, has_path = "video" in frame, "path" in frame
     if not (has_video or has_path) or frame.empty:
         raise VideoError(
             "each input row needs a `video` field (the video file's bytes, "
-            "base64-encoded) or a `path` field (a file the server can read); got "
+            "base64-encoded) or a `path` field (a file the server may read); got "
             f"fields {sorted(map(str, frame.columns))} and {len(frame)} rows"
         )
-    limit_mb = max_video_mb()
+    max_rows = int(env_number(MAX_ROWS_ENV, DEFAULT_MAX_ROWS))
+    if len(frame) > max_rows:
+        raise VideoError(f"{len(frame)} rows: a request holds at most {max_rows} ({MAX_ROWS_ENV})")
+    limit_mb = env_number(MAX_VIDEO_MB_ENV, DEFAULT_MAX_VIDEO_MB)
     limit = limit_mb * 2**20
     for row in range(len(frame)):
         data = frame["video"].iloc[row] if has_video else None
@@ -62,12 +99,10 @@ def request_videos(frame: pd.DataFrame) -> Iterator[tuple[int, Path, bool]]:
                 fh.write(raw)
             yield row, Path(name), True
         elif isinstance(path, str) and path:
-            file = Path(path)
-            if not file.is_file():
-                raise VideoError(f"row {row}: `path` {path} is not a readable file")
+            file = allowed_file(path, row)
             if file.stat().st_size > limit:
                 raise VideoError(
-                    f"row {row}: {path} is over the {limit_mb:g} MB limit ({MAX_VIDEO_MB_ENV})"
+                    f"row {row}: the file is over the {limit_mb:g} MB limit ({MAX_VIDEO_MB_ENV})"
                 )
             yield row, file, False
         else:
@@ -75,7 +110,8 @@ def request_videos(frame: pd.DataFrame) -> Iterator[tuple[int, Path, bool]]:
 
 
 class VideoClassifierModel(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: input rows `video` (base64) or `path`, output class probabilities.
+    """MLflow pyfunc: input rows `video` (base64) or `path` (only under PATH_ROOT_ENV), output
+    class probabilities. Rows, video size and decoded frames per request are capped.
 
     Artifacts: `keras_model` (the trained .keras file), `preprocessing` (json) and, when the
     features backbone used a local weights file, `backbone_weights`.
@@ -102,9 +138,12 @@ class VideoClassifierModel(mlflow.pyfunc.PythonModel):
             for item in request_videos(model_input):
                 files.append(item)
             frames, masks = [], []
+            budget = FrameBudget(int(env_number(MAX_FRAMES_ENV, DEFAULT_MAX_FRAMES)))
             for row, path, _ in files:
                 try:
-                    clip, mask = clip_frames(path, self.classifier.pre)
+                    clip, mask = clip_frames(path, self.classifier.pre, budget)
+                except OverFrameBudget as exc:
+                    raise VideoError(f"row {row}: {exc}") from exc
                 except VideoError as exc:
                     raise VideoError(
                         f"row {row}: not a readable video ({str(exc).split(': ', 1)[-1]})"

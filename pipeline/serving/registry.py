@@ -1,5 +1,5 @@
-"""The MLflow Model Registry: register the champion with what it takes to reproduce it, and move
-its alias only as `compare.promote` says.
+"""The MLflow Model Registry: register the champion with what it takes to reproduce it, move
+its alias only as `compare.promote` says, and find the model `predict` uses by default.
 """
 
 from __future__ import annotations
@@ -158,3 +158,45 @@ def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
         reason,
     )
     return client.get_model_version(name, version.version)
+
+
+def default_model(params: dict, store: str) -> tuple[str, str]:
+    """(model URI, what it is): the registered champion, else the best model of the latest
+    comparison run in the project's MLflow store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    name, alias = params["compare"].get("register_as"), params["compare"].get("alias")
+    if name and alias:
+        try:
+            version = client.get_model_version_by_alias(name, alias)
+            return (
+                f"models:/{name}@{alias}",
+                f"the registered {name}@{alias}: version {version.version}, "
+                f"{version.tags.get('model', '?')} from run {version.run_id}",
+            )
+        except MlflowException:
+            pass
+    experiment = client.get_experiment_by_name(params["mlflow"]["experiment"])
+    runs = (
+        client.search_runs(
+            [experiment.experiment_id],
+            filter_string="tags.model = 'comparison'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if experiment
+        else []
+    )
+    if runs and runs[0].data.tags.get("best_model_uri"):
+        tags = runs[0].data.tags
+        return (
+            tags["best_model_uri"],
+            f"no {name}@{alias} is registered; the best model ({tags.get('best_model')}) "
+            f"of the latest comparison run {runs[0].info.run_id}",
+        )
+    raise PipelineError(
+        f"no model to use: no registered {name}@{alias} and no comparison run "
+        f"in {store}. Run the pipeline first (`dvc repro`) or pass --model URI"
+    )

@@ -18,6 +18,7 @@ with a given split. One bad file never stops the stage; no usable clip, or a cla
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 
 import numpy as np
@@ -48,11 +49,17 @@ log = logging.getLogger(__name__)
 
 def clean(params: dict) -> pd.DataFrame:
     cfg, ds = params["clean"], params["dataset"]
-    classes = list(ds["classes"])
     raw = resolve(params["paths"]["raw"])
     manifest_path = raw / "manifest.csv"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} not found: run the download stage first")
+    # dataset.classes, or (when it is null) the class folders the download stage found
+    if ds.get("classes"):
+        classes = list(ds["classes"])
+    elif (raw / "classes.json").is_file():
+        classes = json.loads((raw / "classes.json").read_text())
+    else:
+        raise FileNotFoundError(f"{raw / 'classes.json'} not found: rerun the download stage")
     manifest = pd.read_csv(manifest_path, dtype={"path": str, "label": str})
     if "source" not in manifest:
         manifest["source"] = manifest["path"]
@@ -80,7 +87,8 @@ def clean(params: dict) -> pd.DataFrame:
         if ds.get("split_file"):
             probe = apply_split_file(probe, resolve(ds["split_file"]), classes, tmp)
         usable = probe[probe["status"] == "ok"].copy()
-        check_class_minimum(usable, classes, int(cfg["min_clips_per_class"]))
+        dropped = probe[probe["status"] == "dropped"]
+        check_class_minimum(usable, classes, int(cfg["min_clips_per_class"]), dropped)
         if ds.get("split_file"):
             leaks = usable.groupby("group")["split"].nunique()
             if (leaks > 1).any():
@@ -94,7 +102,7 @@ def clean(params: dict) -> pd.DataFrame:
             usable["split"] = split_by_group(
                 usable, cfg["val_fraction"], cfg["test_fraction"], params["seed"]
             )
-        quarantine = probe[probe["status"] == "dropped"]
+        quarantine = dropped
         for rec in quarantine.itertuples():
             log.warning("quarantined %s: %s", rec.path, rec.reason)
         splits = usable[["path", "label", "group", "split", "frames", "fps", "width", "height"]]

@@ -36,6 +36,7 @@ import pandas as pd  # noqa: E402
 
 from pipeline.common import (  # noqa: E402
     PipelineError,
+    dataset_classes,
     resolve,
     stage_cli,
     write_bytes_atomic,
@@ -128,7 +129,7 @@ def selection_order(table: pd.DataFrame, metric: str) -> pd.DataFrame:
 def comparison_table(params: dict) -> pd.DataFrame:
     """Models ranked by validation score, then the baseline rows; `flags` says which model
     does not beat the logistic regression baseline on test or predicts a single class."""
-    classes = list(params["dataset"]["classes"])
+    classes = dataset_classes(params)
     metric = params["compare"]["metric"]
     if metric not in SCORES:
         raise PipelineError(f"compare.metric={metric!r}: one of {SCORES}")
@@ -236,7 +237,7 @@ def compare(params: dict) -> pd.DataFrame:
 
     from pipeline.tracking import run_tags, use_experiment
 
-    classes = list(params["dataset"]["classes"])
+    classes = dataset_classes(params)
     confidence = float(params["compare"]["confidence"])
     check_promote_policy(params["compare"].get("promote", "better"))  # before any work
     table = comparison_table(params)

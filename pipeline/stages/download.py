@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.common import PipelineError, atomic_dir, resolve, stage_cli
+from pipeline.common import PipelineError, atomic_dir, resolve, stage_cli, write_json_atomic
 from pipeline.data.sources import dataset_rows
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ def download(params: dict, target: Path | None = None) -> pd.DataFrame:
             raise PipelineError(f"dataset {ds['name']!r} produced no clips")
         manifest = pd.DataFrame(rows, columns=["path", "label", "source"])
         manifest.to_csv(tmp / "manifest.csv", index=False)
+        # the class list in its index order: dataset.classes, or the class folders found
+        classes = list(ds["classes"]) if ds.get("classes") else sorted(set(manifest["label"]))
+        write_json_atomic(tmp / "classes.json", classes)
     counts = manifest["label"].value_counts().to_dict()
     log.info(
         "download: %d clips of %d classes in %s (%s)",

@@ -17,6 +17,7 @@ import pandas as pd
 from pipeline.common import (
     SPLITS,
     atomic_dir,
+    dataset_classes,
     parallel_map,
     resolve,
     stage_cli,
@@ -44,7 +45,7 @@ def extract_frames(params: dict) -> None:
     `frames.npy`, so memory holds a few clips' frames, not the dataset.
     """
     cfg = params["frames"]
-    classes = list(params["dataset"]["classes"])
+    classes = dataset_classes(params)
     raw = resolve(params["paths"]["raw"])
     splits = pd.read_csv(resolve(params["paths"]["clean"]) / "splits.csv")
     n, size = int(cfg["num_frames"]), int(cfg["size"])

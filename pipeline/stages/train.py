@@ -156,6 +156,7 @@ def train_and_evaluate(
                     "dataset": {
                         "name": dataset["name"],
                         "split_source": dataset.get("split_source"),
+                        "classes": ",".join(classes),  # in class-index order
                     },
                 }
             )

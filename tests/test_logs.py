@@ -1,0 +1,58 @@
+"""TensorFlow's C++ start-up lines stay out of the package's processes unless the user asked
+for them with TF_CPP_MIN_LOG_LEVEL; other stderr output passes through."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+from pipeline.common import QUIET_TF_ENV, TF_STARTUP_NOISE
+
+# what a stage does: import the package, then Keras/TensorFlow, then run something
+USES_TENSORFLOW = (
+    "import os, pipeline.models.builders, keras, tensorflow as tf; "
+    "keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).predict(tf.ones((1, 3)), "
+    "verbose=0); print(os.environ['TF_CPP_MIN_LOG_LEVEL'])"
+)
+
+
+def python(code: str, **env: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_ENV)}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
+def test_tensorflow_start_up_lines_are_silenced_by_default():
+    proc = python(USES_TENSORFLOW)
+    assert proc.stdout.strip() == "2"
+    assert not [line for line in proc.stderr.splitlines() if TF_STARTUP_NOISE.search(line)]
+
+
+def test_the_users_tf_cpp_min_log_level_wins():
+    """With the user's own level TensorFlow logs as usual (on this CPU-only machine: the
+    oneDNN and CUDA lines), which also shows that the default test above is not vacuous."""
+    proc = python(USES_TENSORFLOW, TF_CPP_MIN_LOG_LEVEL="0")
+    assert proc.stdout.strip() == "0"
+    assert TF_STARTUP_NOISE.search(proc.stderr), proc.stderr[-2000:]
+
+
+def test_other_c_level_stderr_lines_pass_through():
+    code = (
+        "import os\n"
+        "from pipeline.common import TF_STARTUP_NOISE, filtered_c_stderr\n"
+        "with filtered_c_stderr(TF_STARTUP_NOISE):\n"
+        "    os.write(2, b'I0000 cudart_stub.cc:31] Could not find cuda drivers\\n')\n"
+        "    os.write(2, b'E0000 something real went wrong\\n')\n"
+    )
+    proc = python(code)
+    assert "something real went wrong" in proc.stderr
+    assert "cudart_stub" not in proc.stderr
