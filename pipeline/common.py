@@ -42,7 +42,11 @@ def filtered_c_stderr(noise: re.Pattern) -> Iterator[None]:
     """Send file descriptor 2 (where C++ libraries write) to a temporary file while the block
     runs, then pass on every line that does not match `noise`."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 to redirect: nothing to filter
+        yield
+        return
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
@@ -74,7 +78,8 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
             with filtered_c_stderr(TF_STARTUP_NOISE):
                 exec_module(module)
                 # probing the devices now keeps its "failed call to cuInit" (no GPU) in here
-                module.config.list_physical_devices()
+                with contextlib.suppress(Exception):
+                    module.config.list_physical_devices()
 
         spec.loader.exec_module = quiet_exec_module
         return spec
