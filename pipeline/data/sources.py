@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -47,6 +48,23 @@ def video_extensions(ds: dict) -> set[str]:
     return {e.lower() if e.startswith(".") else f".{e.lower()}" for e in ds["extensions"]}
 
 
+def class_root_candidates(root: Path, ds: dict) -> Iterator[Path]:
+    """Where the class folders may sit: `dataset.subdir` (which must exist), else `root` and
+    the folders under it, shallowest first, down to 5 levels."""
+    if ds.get("subdir"):
+        chosen = root / ds["subdir"]
+        if not chosen.is_dir():
+            raise PipelineError(f"dataset.subdir={ds['subdir']!r} is not a folder in {root}")
+        yield chosen
+        return
+    level = [root]
+    for _ in range(5):
+        yield from level
+        level = sorted(
+            d for f in level for d in f.iterdir() if d.is_dir() and d.name not in IGNORED_DIRS
+        )
+
+
 def discover_classes(root: Path, ds: dict) -> list[str]:
     """The classes of a collection whose `dataset.classes` is null: the names (as
     `folder_class_name` makes them, sorted) of the sub-folders holding videos in
@@ -63,22 +81,16 @@ def discover_classes(root: Path, ds: dict) -> list[str]:
             if d.is_dir() and d.name not in IGNORED_DIRS and not d.name.startswith(".")
         ]
 
-    level = [root / ds["subdir"]] if ds.get("subdir") else [root]
-    for _ in range(5):
-        for folder in level:
-            if not folder.is_dir():
-                raise PipelineError(f"dataset.subdir={ds['subdir']!r} is not a folder in {root}")
-            found = [d for d in class_folders(folder) if holds_videos(d)]
-            if len(found) >= 2 or (ds.get("subdir") and found):
-                classes = sorted({folder_class_name(d.name, ds) for d in found})
-                log.info(
-                    "download: dataset.classes is null, so the class folders of %s are the "
-                    "classes: %s",
-                    folder,
-                    ", ".join(classes),
-                )
-                return classes
-        level = [d for f in level for d in class_folders(f)]
+    for folder in class_root_candidates(root, ds):
+        found = [d for d in class_folders(folder) if holds_videos(d)]
+        if len(found) >= 2 or (ds.get("subdir") and found):
+            classes = sorted({folder_class_name(d.name, ds) for d in found})
+            log.info(
+                "download: dataset.classes is null, so the class folders of %s are the classes: %s",
+                folder,
+                ", ".join(classes),
+            )
+            return classes
     raise PipelineError(
         f"no folder under {root} has two or more sub-folders of videos "
         f"({', '.join(sorted(exts))}) to take as classes; set dataset.classes, or "
@@ -100,21 +112,13 @@ def check_class_config(ds: dict) -> None:
 def find_class_root(root: Path, ds: dict) -> Path:
     """The folder whose sub-folders are the classes: `dataset.subdir`, else the shallowest
     folder under `root` that has a sub-folder for most of the kept classes."""
-    if ds.get("subdir"):
-        chosen = root / ds["subdir"]
-        if not chosen.is_dir():
-            raise PipelineError(f"dataset.subdir={ds['subdir']!r} is not a folder in {root}")
-        return chosen
     need = max(1, (len(ds["classes"]) + 1) // 2)
-    level = [root]
-    for _ in range(5):
-        for folder in level:
-            subdirs = [d for d in folder.iterdir() if d.is_dir()]
-            if len({class_of_folder(d.name, ds) for d in subdirs} - {None}) >= need:
-                return folder
-        level = sorted(
-            d for f in level for d in f.iterdir() if d.is_dir() and d.name not in IGNORED_DIRS
-        )
+    for folder in class_root_candidates(root, ds):
+        if ds.get("subdir"):
+            return folder
+        subdirs = [d for d in folder.iterdir() if d.is_dir()]
+        if len({class_of_folder(d.name, ds) for d in subdirs} - {None}) >= need:
+            return folder
     raise PipelineError(
         f"no folder under {root} has sub-folders named after the classes {list(ds['classes'])} "
         f"(aliases {dict(ds.get('aliases') or {})}); set dataset.subdir to the folder that does"

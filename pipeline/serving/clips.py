@@ -42,7 +42,7 @@ class FrameBudget:
         self.remaining = int(frames)
         self.limit = int(frames)
 
-    def take(self, decoded: int, path: Path) -> None:
+    def take(self, decoded: int) -> None:
         if decoded > self.remaining:
             raise OverFrameBudget(
                 f"the request decodes more than {self.limit} frames ({MAX_FRAMES_ENV})"
@@ -172,14 +172,14 @@ def clip_frames(
     finally:
         cap.release()
     if budget is not None:
-        budget.take(total, path)
+        budget.take(total)
     if total == 0:
         raise VideoError(f"{path}: no decodable frames")
     indices = sample_indices(total, n, sampling)
     if set(indices.tolist()) <= kept.keys():
         return np.stack([kept[i] for i in indices]), repeat_mask(indices)
     if budget is not None:  # a second pass, up to the last sampled frame
-        budget.take(int(indices.max()) + 1, path)
+        budget.take(int(indices.max()) + 1)
     try:  # the container's count was off
         return sample_frames(path, total, n, size, pad, sampling)
     except OSError as exc:
