@@ -25,6 +25,7 @@ repro: setup
 	@echo "  dvc metrics show"
 	@echo "  cat reports/comparison.md"
 	@echo "  mlflow ui --backend-store-uri sqlite:///mlflow.db   # then open http://127.0.0.1:5000"
+	@echo "  (in the UI, click 'Model training' at the top left once: MLflow opens on GenAI)"
 
 # Style and architecture: ruff (pyproject.toml [tool.ruff]) and the import contracts
 # (pyproject.toml [tool.importlinter]: layers, serving without training code, no cycles).

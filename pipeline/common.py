@@ -140,6 +140,19 @@ def resolve(path: str | Path) -> Path:
     return path if path.is_absolute() else repo_root() / path
 
 
+def dataset_name(ds: dict) -> str:
+    """`dataset.name`, or (when it is null) the name of the folder, archive or URL the clips
+    come from (`cricket_shots` for `.../cricket_shots` or `cricket_shots.tar.gz`)."""
+    if ds.get("name"):
+        return str(ds["name"])
+    where = str(ds.get("url") or ds.get("path") or ds.get("source") or "dataset")
+    name = Path(where.rstrip("/").split("?")[0]).name or "dataset"
+    for suffix in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def dataset_classes(params: dict) -> list[str]:
     """The class list, in class-index order: `dataset.classes`, or when that is null the
     classes the clean stage recorded (the class folders the download stage found)."""

@@ -6,8 +6,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -76,6 +79,32 @@ def readme_commands(start: str) -> list[str]:
                 commands.append(command)
     assert commands, f"no command starting with {start!r} in the README's bash blocks"
     return commands
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(url: str, server: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll `url` until it answers 200; fail with the end of the server's log when the server
+    exits or `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(
+                f"{' '.join(map(str, server.args))} did not start:\n{log.read_text()[-4000:]}"
+            )
+        time.sleep(0.5)
 
 
 def new_shell_env(env: dict) -> dict:

@@ -267,3 +267,14 @@ def test_a_folder_without_class_folders_names_the_keys_to_set(tmp_path, in_tmp_r
     params = {**tiny_params, "dataset": {**ds, "path": str(tmp_path / "flat")}}
     with pytest.raises(PipelineError, match="set dataset.classes, or dataset.subdir"):
         download(params)
+
+
+def test_a_dataset_without_a_name_is_named_after_its_folder_or_archive():
+    from pipeline.common import dataset_name
+
+    assert dataset_name({"name": "uniri_hbd", "path": "data/source"}) == "uniri_hbd"
+    assert dataset_name({"name": None, "path": "../shared/data/real/cricket_shots/"}) == (
+        "cricket_shots"
+    )
+    assert dataset_name({"name": None, "path": "/dl/UNIRI-HBD.tar.gz"}) == "UNIRI-HBD"
+    assert dataset_name({"name": None, "url": "https://x.org/a/clips.zip?sig=1"}) == "clips"

@@ -11,10 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,7 +21,7 @@ import cv2
 import pandas as pd
 import pytest
 import yaml
-from conftest import MODELS
+from conftest import MODELS, free_port, wait_until_serving
 
 
 def predict_cli(repo: Path, env: dict, *args: str) -> tuple[subprocess.CompletedProcess, object]:
@@ -101,7 +99,7 @@ def test_predict_reproduces_the_evaluation_predictions(first_repro_state, tmp_pa
         if model == "frame_cnn":  # a model folder on disk, as `mlflow artifacts download` gives
             uri = download_model(repo, ref["model_uri"], tmp_path / "frame_cnn_model")
         else:  # the run that logged it
-            uri = f"runs:/{ref['run_id']}/model"
+            uri = f"runs:/{ref['run_id']}/{model}"
         default = model == champion
         args = [*clips, str(bad)] if default else [*clips, "--model", uri]
         proc, rows = predict_cli(repo, state["env"], *args, "--top-k", "2")
@@ -176,12 +174,6 @@ def test_sliding_windows_give_a_timeline_and_a_png_strip(project, tmp_path):
     assert strip is not None and strip.shape[1] > strip.shape[0] > 50
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, payload: dict) -> tuple[int, str]:
     request = urllib.request.Request(
         url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
@@ -231,18 +223,7 @@ def served_champion(first_repro_state):
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail("the server did not start:\n" + (repo / "serve.log").read_text()[-4000:])
-        time.sleep(1)
+    wait_until_serving(f"{url}/ping", server, repo / "serve.log", timeout=180)
     try:
         yield url, repo, params
     finally:

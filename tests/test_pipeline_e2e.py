@@ -154,7 +154,19 @@ def test_best_model_is_the_registered_champion(project):
     )
     assert version.tags["git_commit"] == state["commit"]
     assert "dvc_exp_name" in version.tags
-    assert yaml.safe_load(version.tags["config"]) == params
+    # the config is the training run's artifact, not a tag; the version says what it is
+    assert "config" not in version.tags
+    mlflow.set_tracking_uri(uri)
+    config = yaml.safe_load(mlflow.artifacts.load_text(version.tags["config_artifact"]))
+    assert config == params
+    assert best in version.description and "validation" in version.description
+    assert client.get_registered_model(cfg["register_as"]).description
+    # the champion's run page says it is the champion
+    assert (
+        client.get_run(ref["run_id"])
+        .data.tags["champion"]
+        .startswith(f"{cfg['register_as']}@{cfg['alias']}")
+    )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model(f"models:/{cfg['register_as']}@{cfg['alias']}")
@@ -180,6 +192,19 @@ def test_mlflow_runs_are_comparable(project):
     runs = client.search_runs([exp.experiment_id])
     by_model = {r.data.tags["model"]: r for r in runs}
     assert set(by_model) == set(MODELS) | {"comparison"} and len(runs) == 4
+    # the UI opens on training runs and says what they are
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "comparison" in exp.tags["mlflow.note.content"]
+    dataset = json.loads((repo / "data" / "clean" / "dataset.json").read_text())
+    for what, run_ in by_model.items():
+        assert run_.info.run_name == f"{what} · {dataset['name']}"  # no DVC experiment here
+        assert run_.data.tags["mlflow.note.content"]
+    comparison_metrics = set(by_model["comparison"].data.metrics)
+    assert comparison_metrics and all(k.startswith("comparison/") for k in comparison_metrics)
+    metric = params["compare"]["metric"]
+    for row in [*MODELS, *BASELINES]:
+        assert f"comparison/{row}_test_{metric}" in comparison_metrics
+    assert f"comparison/cnn3d_test_{metric}_low" in comparison_metrics
     metric_keys = [set(by_model[m].data.metrics) for m in MODELS]
     assert metric_keys[0] == metric_keys[1] == metric_keys[2]
     dataset_hash = json.loads((repo / "data" / "clean" / "dataset.json").read_text())[
@@ -198,14 +223,34 @@ def test_mlflow_runs_are_comparable(project):
         assert len(client.get_metric_history(run_.info.run_id, "val_loss")) == epochs
         assert run_.data.params["model.name"] == model
         artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
-        assert {"confusion_matrix.png", "classification_report.txt"} <= artifacts
+        assert {"confusion_matrix.png", "classification_report.txt", "config.yaml"} <= artifacts
+        # the run's dataset (the UI's Datasets column): name, digest of content and split
+        (data_input,) = run_.inputs.dataset_inputs
+        assert data_input.dataset.name == dataset["name"]
+        assert data_input.dataset.digest == (
+            f"{dataset['dataset_hash'][:8]}-{dataset['split_hash'][:8]}"
+        )
+        input_tags = {t.key: t.value for t in data_input.tags}
+        assert input_tags["test_clips"] == str(sum(dataset["counts"]["test"].values()))
+        # the logged model is named after the model and carries its scores
+        (logged,) = client.search_logged_models(
+            [exp.experiment_id], filter_string=f"source_run_id = '{run_.info.run_id}'"
+        )
+        assert logged.name == model
+        scores = {m.key: m.value for m in logged.metrics}
+        assert scores["test_macro_f1"] == pytest.approx(run_.data.metrics["test_macro_f1"])
+        assert scores["eval_val_macro_f1"] == pytest.approx(run_.data.metrics["eval_val_macro_f1"])
+        # logged once: Keras' per-epoch validation history keeps one point per epoch
+        history = client.get_metric_history(run_.info.run_id, "val_accuracy")
+        assert len(history) == epochs
+        assert len(client.get_metric_history(run_.info.run_id, "test_macro_f1")) == 1
         # the logged model loads back as a video classifier around the trained Keras model
         import mlflow
 
         from pipeline.serving.pyfunc import load_video_classifier
 
         mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-        classifier, _ = load_video_classifier(f"runs:/{run_.info.run_id}/model")
+        classifier, _ = load_video_classifier(f"runs:/{run_.info.run_id}/{model}")
         assert classifier.model.output_shape == (None, len(params["dataset"]["classes"]))
         assert (
             classifier.pre["model"] == model and classifier.classes == params["dataset"]["classes"]
@@ -315,6 +360,7 @@ def test_queued_dvc_sweep_logs_each_experiment_into_the_root_store(project):
         assert set(by_model) == {"cnn_gru", "comparison"}, sorted(by_model)  # only what changed
         trained = by_model["cnn_gru"]
         assert trained.info.status == "FINISHED"
+        assert trained.info.run_name == f"cnn_gru · sample · {name}"  # model, data, experiment
         assert trained.data.params["model.dropout"] == str(dropout)  # its own params.yaml
         assert trained.data.metrics["test_macro_f1"] == pytest.approx(macro_f1, abs=1e-4)
         assert trained.info.artifact_uri.startswith((repo / "mlruns").as_uri())
@@ -422,6 +468,9 @@ def test_a_folder_of_class_folders_needs_no_class_list(project, tmp_path):
     trained = [r for r in runs if r.data.tags.get("model") in MODELS]
     assert {r.data.tags["model"] for r in trained} == set(MODELS)
     assert {r.data.params["dataset.classes"] for r in trained} == {"block,pass,shot"}
+    # `dataset.name` is null for a folder: runs and their dataset carry the folder's name
+    assert {r.info.run_name for r in trained} == {f"{m} · footage · {name}" for m in MODELS}
+    assert {r.inputs.dataset_inputs[0].dataset.name for r in trained} == {"footage"}
 
 
 def test_data_dvc_points_at_the_regenerated_sample(project, tmp_path):

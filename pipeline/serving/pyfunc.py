@@ -175,9 +175,10 @@ def model_signature(classes: list[str]):
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def log_video_classifier(model_file: Path, pre: dict):
-    """Log the trained model as the run's `model`: a VideoClassifierModel pyfunc carrying the
-    .keras file, its preprocessing and the pipeline code. Returns MLflow's ModelInfo."""
+def log_video_classifier(model_file: Path, pre: dict, name: str = "model"):
+    """Log the trained model in the active run as `name` (the model's own, e.g. `cnn3d`): a
+    VideoClassifierModel pyfunc carrying the .keras file, its preprocessing and the pipeline
+    code. Returns MLflow's ModelInfo."""
     from importlib.metadata import version
 
     import mlflow
@@ -193,7 +194,7 @@ def log_video_classifier(model_file: Path, pre: dict):
             artifacts["backbone_weights"] = str(resolve(weights))
         requirements = [f"{dist}=={version(dist)}" for dist in SERVING_DISTRIBUTIONS]
         return mlflow.pyfunc.log_model(
-            name="model",
+            name=name,
             python_model=VideoClassifierModel(),
             artifacts=artifacts,
             code_paths=[str(Path(__file__).resolve().parent)],

@@ -4,10 +4,10 @@ its alias only as `compare.promote` says, and find the model `predict` uses by d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
-import yaml
 from filelock import FileLock
 
 from pipeline.common import PipelineError, resolve, store_root
@@ -56,6 +56,43 @@ def promotion_reason(
     if float(candidate[metric]) > float(current[metric]):
         return f"{metric} {candidate[metric]} beats the champion's {current[metric]}"
     return None
+
+
+REGISTERED_MODEL_DESCRIPTION = """\
+Handball action classifier of this project's pipeline: one of `frame_cnn`, `cnn3d`, `cnn_gru`
+with its preprocessing, as an MLflow pyfunc. Input: a DataFrame with a `video` column (the
+file's bytes, base64) or `path`; output: `top_action`, `top_probability` and every class's
+probability. The `champion` alias is the best model by **validation** score; it moves only to
+a model that beats it on the same data and split (`compare.promote: better`). Each version's
+description says which model, data, split and scores it is.
+"""
+
+
+def version_description(best: dict, tags: dict, metric: str) -> str:
+    """A registered version's description: which model on which data and split, how it was
+    chosen, its scores, where its config is."""
+    selected_by = f"val_{metric}"
+    exp = f", DVC experiment `{tags['dvc_exp_name']}`" if tags.get("dvc_exp_name") else ""
+    return (
+        f"**{best['model']}** trained on **{tags['dataset_name']}** (dataset "
+        f"`{tags['dataset_hash'][:12]}`, split `{tags['split_hash'][:12]}`; git "
+        f"`{tags['git_commit'][:8]}`{exp}).\n\n"
+        f"Chosen by validation {metric} {best[selected_by]:.3f}, the best of its pipeline run. "
+        f"Test {metric} {best[metric]:.3f} [{best[metric + '_low']:.3f}, "
+        f"{best[metric + '_high']:.3f}] (reported, never used to choose).\n\n"
+        f"Config: `{tags['config_artifact']}`."
+    )
+
+
+def mark_champion_run(client, version, previous, label: str) -> None:
+    """Tag the training run of the new champion `champion` (the run page then says so) and
+    take the tag off the previous champion's run."""
+    from mlflow.exceptions import MlflowException
+
+    if previous is not None and previous.run_id and previous.run_id != version.run_id:
+        with contextlib.suppress(MlflowException):  # the old run or its tag is gone
+            client.delete_tag(previous.run_id, "champion")
+    client.set_tag(version.run_id, "champion", label)
 
 
 def model_ref(params: dict, model: str) -> dict:
@@ -112,15 +149,22 @@ def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
         # reported, never used to choose
         f"test_{metric}": f"{best[metric]:.4f}",
         f"test_{metric}_ci": f"[{best[metric + '_low']:.4f}, {best[metric + '_high']:.4f}]",
-        "config": yaml.safe_dump(params, sort_keys=False),
+        # the composed config is the run's artifact `config.yaml` (a tag would swamp the UI)
+        "config_artifact": f"runs:/{run_id}/config.yaml",
     }
     # Queued experiments finish concurrently: read, decide and move the alias one at a time.
     with FileLock(store_root() / "mlflow.db.lock"):
         # A run restored from DVC's run cache is registered once, however often it comes back.
         existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        version = (
-            existing[0] if existing else mlflow.register_model(ref["model_uri"], name, tags=tags)
-        )
+        if existing:
+            version = existing[0]
+        else:
+            version = mlflow.register_model(ref["model_uri"], name, tags=tags)
+            client.update_model_version(
+                name, version.version, description=version_description(best, tags, metric)
+            )
+        if not client.get_registered_model(name).description:
+            client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
         try:
             current = client.get_model_version_by_alias(name, alias)
         except MlflowException:
@@ -148,6 +192,7 @@ def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
             )
             return current
         client.set_registered_model_alias(name, alias, version.version)
+        mark_champion_run(client, version, current, f"{name}@{alias} (version {version.version})")
     log.info(
         "registered %s (run %s) as %s version %s, alias @%s: %s",
         best["model"],

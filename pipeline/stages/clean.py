@@ -28,6 +28,7 @@ from pipeline.common import (
     SPLITS,
     PipelineError,
     atomic_dir,
+    dataset_name,
     parallel_map,
     resolve,
     stage_cli,
@@ -118,7 +119,7 @@ def clean(params: dict) -> pd.DataFrame:
             "".join(f"{p}\t{s}\n" for p, s in sorted(zip(splits["path"], splits["split"]))).encode()
         ).hexdigest()
         summary = {
-            "name": ds["name"],
+            "name": dataset_name(ds),
             "classes": classes,
             "dataset_hash": dataset_hash,
             "split_hash": split_hash,

@@ -232,10 +232,30 @@ def comparison_figure(table: pd.DataFrame, classes: list[str], confidence: float
     return fig
 
 
+def comparison_metrics(table: pd.DataFrame, metric: str) -> dict[str, float]:
+    """The comparison run's metrics: for every model and baseline row, the test score by
+    `compare.metric` with its interval and the validation score, named
+    `comparison/<row>_test_<metric>[_low|_high]` and `comparison/<row>_val_<metric>`, so the
+    UI charts them in one section of their own, apart from the model runs' metrics. The full
+    table (every score, per-class F1, costs) is the run's artifact `comparison.json`."""
+    names = {
+        metric: f"test_{metric}",
+        f"{metric}_low": f"test_{metric}_low",
+        f"{metric}_high": f"test_{metric}_high",
+        f"val_{metric}": f"val_{metric}",
+    }
+    return {
+        f"comparison/{row['model']}_{name}": float(row[column])
+        for row in table.to_dict("records")
+        for column, name in names.items()
+        if pd.notna(row[column])
+    }
+
+
 def compare(params: dict) -> pd.DataFrame:
     import mlflow
 
-    from pipeline.tracking import run_tags, use_experiment
+    from pipeline.tracking import DESCRIPTION_TAG, run_name, run_tags, use_experiment
 
     classes = dataset_classes(params)
     confidence = float(params["compare"]["confidence"])
@@ -268,21 +288,12 @@ def compare(params: dict) -> pd.DataFrame:
         # what `pipeline.predict` uses when no champion is registered
         "best_model_uri": best_ref.get("model_uri", ""),
     }
-    with mlflow.start_run(run_name="comparison", tags=tags):
+    with mlflow.start_run(run_name=run_name("comparison", dataset), tags=tags):
         mlflow.log_table(table, "comparison.json")
         mlflow.log_text(markdown, "comparison.md")
         mlflow.log_figure(fig, "comparison.png")
-        mlflow.log_metrics(
-            {
-                f"{r['model']}_{s}": float(r[s])
-                for r in table.to_dict("records")
-                for s in SCORES
-                + [f"{x}_{e}" for x in SCORES for e in ("low", "high")]
-                + [f"val_{x}" for x in SCORES]
-                + ["inference_ms_per_clip"]
-                if pd.notna(r[s])
-            }
-        )
+        mlflow.log_metrics(comparison_metrics(table, metric))
+        mlflow.set_tag(DESCRIPTION_TAG, markdown)
         version = register_champion(params, best, best_ref, dataset)
         if version is not None:
             mlflow.set_tags({"champion": f"{params['compare']['register_as']}/{version.version}"})

@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.common import PipelineError, atomic_dir, resolve, stage_cli, write_json_atomic
+from pipeline.common import (
+    PipelineError,
+    atomic_dir,
+    dataset_name,
+    resolve,
+    stage_cli,
+    write_json_atomic,
+)
 from pipeline.data.sources import dataset_rows
 
 log = logging.getLogger(__name__)
@@ -34,7 +41,7 @@ def download(params: dict, target: Path | None = None) -> pd.DataFrame:
     with atomic_dir(target) as tmp:
         rows = dataset_rows(ds, tmp)
         if not rows:
-            raise PipelineError(f"dataset {ds['name']!r} produced no clips")
+            raise PipelineError(f"dataset {dataset_name(ds)!r} produced no clips")
         manifest = pd.DataFrame(rows, columns=["path", "label", "source"])
         manifest.to_csv(tmp / "manifest.csv", index=False)
         # the class list in its index order: dataset.classes, or the class folders found

@@ -14,7 +14,6 @@ import functools
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,25 +23,6 @@ from pipeline.data.arrays import input_dir, load_split
 from pipeline.models.fitting import fit_model
 
 log = logging.getLogger(__name__)
-
-
-def log_dataset_counts(dataset: dict, train_clips: int, clean_dir: Path) -> None:
-    """What the model was trained on, in the active MLflow run: clip counts, what the clean
-    stage quarantined and why (metrics `data_*`), and the quarantine report itself."""
-    import mlflow
-
-    metrics = {
-        "data_clips": dataset["clips"],
-        "data_usable": dataset["usable"],
-        "data_quarantined": dataset.get("quarantined", 0),
-        "data_train_clips": train_clips,
-    }
-    metrics.update(
-        {f"data_quarantined_{k}": v for k, v in dataset.get("quarantined_by_reason", {}).items()}
-    )
-    mlflow.log_metrics(metrics)
-    if (clean_dir / "quarantine.csv").is_file():
-        mlflow.log_artifact(str(clean_dir / "quarantine.csv"), artifact_path="data")
 
 
 def model_ms_per_clip(model, inputs, batch_size: int) -> float:
@@ -75,10 +55,11 @@ def backbone_ms_per_clip(backbone_name: str, size: int, num_frames: int) -> floa
 
 
 def repeat_over_seeds(
-    params: dict, name: str, data: dict, classes: list[str], first: dict, tags: dict
+    params: dict, name: str, data: dict, classes: list[str], first: dict, tags: dict, title: str
 ) -> dict:
     """Train again with every seed of `train_seeds` other than `seed`, each as a nested MLflow
-    run, and return mean and standard deviation of the test scores over all seeds."""
+    run (`<title> · seed N`), and return mean and standard deviation of the test scores over
+    all seeds."""
     import keras
     import mlflow
 
@@ -93,7 +74,7 @@ def repeat_over_seeds(
     for seed in seeds:
         keras.backend.clear_session()
         with mlflow.start_run(
-            run_name=f"{name} seed {seed}", nested=True, tags={**tags, "seed": str(seed)}
+            run_name=f"{title} · seed {seed}", nested=True, tags={**tags, "seed": str(seed)}
         ):
             mlflow.log_param("seed", seed)
             model, _, _ = fit_model(params, name, data, len(classes), seed)
@@ -121,7 +102,15 @@ def train_and_evaluate(
     from pipeline.evaluate import classification_metrics, confusion_figure, report_text
     from pipeline.serving.classifier import preprocessing_config
     from pipeline.serving.pyfunc import log_video_classifier
-    from pipeline.tracking import flatten, run_tags, use_experiment
+    from pipeline.tracking import (
+        DESCRIPTION_TAG,
+        flatten,
+        log_dataset,
+        run_description,
+        run_name,
+        run_tags,
+        use_experiment,
+    )
 
     if name not in params["models"]:
         raise ValueError(f"no config for model {name!r} under models: {sorted(params['models'])}")
@@ -143,7 +132,10 @@ def train_and_evaluate(
     reports = resolve(params["paths"]["reports"]) / name
     tags = {**run_tags(name, dataset), **(extra_tags or {})}
     with mlflow.start_run(
-        run_name=name, tags=tags, parent_run_id=parent_run_id, nested=parent_run_id is not None
+        run_name=run_name(name, dataset),
+        tags=tags,
+        parent_run_id=parent_run_id,
+        nested=parent_run_id is not None,
     ) as run:
         mlflow.log_params(
             flatten(
@@ -163,7 +155,8 @@ def train_and_evaluate(
         )
         if train_cfg.get("oversample"):
             mlflow.log_params(flatten({"augment": params["augment"]}))
-        log_dataset_counts(dataset, len(y_train), resolve(params["paths"]["clean"]))
+        mlflow.log_dict(params, "config.yaml")  # the composed config this run trained with
+        log_dataset(params, dataset, len(y_train), resolve(params["paths"]["clean"]))
         model, history, train_time = fit_model(
             params, name, data, len(classes), int(params["seed"])
         )
@@ -203,9 +196,6 @@ def train_and_evaluate(
             "backbone_ms_per_clip": round(backbone_ms, 2),
         }
         mlflow.log_metrics(
-            {f"test_{k}": summary[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
-        )
-        mlflow.log_metrics(
             {
                 "num_params": summary["params"],
                 "epochs_trained": summary["epochs"],
@@ -216,10 +206,9 @@ def train_and_evaluate(
                 },
             }
         )
-        mlflow.log_metrics({f"test_f1_{c}": s["f1"] for c, s in scores["per_class"].items()})
-        # `eval_val_*`: Keras already logs a per-epoch `val_accuracy` history
+        # apart from the headline scores (a section of their own in the UI's charts)
         mlflow.log_metrics(
-            {f"eval_val_{k}": val_scores[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+            {f"per_class/test_f1_{c}": s["f1"] for c, s in scores["per_class"].items()}
         )
 
         fig = confusion_figure(y_test, y_pred, classes, f"{name}: test confusion matrix")
@@ -249,17 +238,30 @@ def train_and_evaluate(
             model.save(tmp / "model.keras")
         # the MLflow model classifies video files: it carries this run's preprocessing
         info = log_video_classifier(
-            model_dir / "model.keras", preprocessing_config(params, name, classes)
+            model_dir / "model.keras", preprocessing_config(params, name, classes), name
         )
         # where this model lives in the local MLflow store (compare registers the champion)
         write_json_atomic(
             reports / "mlflow.json", {"run_id": run.info.run_id, "model_uri": info.model_uri}
         )
-        spread = repeat_over_seeds(params, name, data, classes, summary, tags)
+        # test and validation scores, of the run and of its logged model (the UI's Models tab
+        # lists them side by side); `eval_val_*`, since Keras logs a per-epoch `val_accuracy`
+        mlflow.log_metrics(
+            {
+                f"{prefix}{k}": summary[f"{key}{k}"]
+                for prefix, key in (("test_", ""), ("eval_val_", "val_"))
+                for k in ("accuracy", "balanced_accuracy", "macro_f1")
+            },
+            model_id=info.model_id,
+        )
+        spread = repeat_over_seeds(
+            params, name, data, classes, summary, tags, run_name(name, dataset)
+        )
         if spread:
             summary.update({k: round(v, 4) for k, v in spread.items()})
             mlflow.log_metrics({f"test_{k}": v for k, v in spread.items() if k != "seeds"})
             mlflow.log_metric("seeds", spread["seeds"])
+        mlflow.set_tag(DESCRIPTION_TAG, run_description(name, dataset, params, summary))
     write_json_atomic(resolve(params["paths"]["metrics"]) / f"{name}.json", summary)
     log.info(
         "%s: test accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f after %d epochs "
