@@ -1,14 +1,19 @@
-"""Feature caching throughput: the `features` stage's loop against the raw batched forward pass.
+"""Feature caching throughput: every `features.runtime` x `features.precision`, side by side
+with stock Keras float32, and the `features` stage's loop against each runtime's raw forward pass.
 
     .venv/bin/python benchmarks/feature_caching.py [--clips 16] [--frames 16] [--size 224]
 
-Same ResNet101V2 (`pooling="avg"`, random init: speed does not depend on the weights), same
-frames, same batch size (`features.batch_size`):
-- reference: `backbone.predict_on_batch(preprocess(batch))` over an in-memory float array,
-  batch after batch, results kept in memory (the fastest plain Keras loop);
-- stage: `pipeline.models.backbones.frame_features` as the stage calls it, reading the uint8 frames
-  through a memory map and writing features into a memory-mapped `.npy`.
-Both are warmed up (graph traced) first; best of `--repeats`. Target: stage >= 0.9x.
+Same seeded ResNet101V2 (`pooling="avg"`, random init: speed does not depend on the weights),
+same frames, same batch size (`features.batch_size`), built by `build_feature_backbone` as the
+stage builds it. Per setting:
+- raw: `backbone.predict_on_batch(preprocess(batch))` over an in-memory float array, batch
+  after batch, results kept in memory (the fastest plain loop for that runtime);
+- stage: `pipeline.models.backbones.frame_features` as the stage calls it, reading the uint8
+  frames through a memory map and writing features into a memory-mapped `.npy`.
+Printed: frames/s of both, raw speed-up over Keras float32 (the reference), the largest
+relative difference of the features from Keras float32, and stage/raw (target >= 0.9x: the
+stage's own overhead <= 10 %). All warmed up first; best of `--repeats`. The CPU's bfloat16
+flags are printed: without AVX512-BF16/AMX, bfloat16 settings fall back to float32.
 """
 
 from __future__ import annotations
@@ -38,64 +43,78 @@ def main() -> None:
     import numpy as np
 
     from pipeline.common import seed_everything
-    from pipeline.models.backbones import build_backbone, frame_features, preprocess_for
+    from pipeline.models.backbones import build_feature_backbone, cpu_has_bfloat16, frame_features
 
-    seed_everything(0)
     shape = (args.size, args.size, 3)
-    backbone = build_backbone(
-        "resnet101v2", None, shape, config_key="features.weights", pooling="avg"
-    )
-    preprocess = preprocess_for("resnet101v2")
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (args.clips, args.frames) + shape, dtype=np.uint8)
     bs, total = args.batch_size, args.clips * args.frames
-
-    def reference() -> np.ndarray:
-        flat = frames.reshape((total,) + shape).astype(np.float32)
-        outs = []
-        for start in range(0, total, bs):
-            batch = np.zeros((bs,) + shape, np.float32)
-            chunk = flat[start : start + bs]
-            batch[: len(chunk)] = chunk
-            outs.append(backbone.predict_on_batch(preprocess(batch))[: len(chunk)])
-        return np.concatenate(outs)
-
+    settings = [(r, p) for r in ("keras", "openvino") for p in ("float32", "bfloat16")]
+    results = {}
     with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp:
         np.save(Path(tmp) / "frames.npy", frames)
         mapped = np.load(Path(tmp) / "frames.npy", mmap_mode="r")
-
-        def stage() -> np.ndarray:
-            out = np.lib.format.open_memmap(
-                Path(tmp) / "features.npy",
-                mode="w+",
-                dtype=np.float32,
-                shape=(args.clips, args.frames, backbone.output_shape[-1]),
+        for runtime, precision in settings:
+            seed_everything(0)
+            cfg = {"backbone": "resnet101v2", "weights": None}
+            backbone, preprocess, used = build_feature_backbone(
+                {**cfg, "runtime": runtime, "precision": precision}, args.size
             )
-            frame_features(backbone, preprocess, mapped, bs, out=out)
-            out.flush()
-            return out
 
-        backbone.predict_on_batch(preprocess(np.zeros((bs,) + shape, np.float32)))  # trace
-        times = {"reference": [], "stage": []}
-        for _ in range(args.repeats):  # interleaved, so drift in machine load hits both
-            for name, fn in (("reference", reference), ("stage", stage)):
-                start = time.perf_counter()
-                result = fn()
-                times[name].append(time.perf_counter() - start)
-        same = np.allclose(np.asarray(result).reshape(total, -1), reference(), atol=1e-4)
+            def raw(backbone=backbone, preprocess=preprocess) -> np.ndarray:
+                flat = frames.reshape((total,) + shape).astype(np.float32)
+                outs = []
+                for start in range(0, total, bs):
+                    batch = np.zeros((bs,) + shape, np.float32)
+                    chunk = flat[start : start + bs]
+                    batch[: len(chunk)] = chunk
+                    outs.append(
+                        np.asarray(backbone.predict_on_batch(preprocess(batch)))[: len(chunk)]
+                    )
+                return np.concatenate(outs).astype(np.float32)
 
+            def stage(backbone=backbone, preprocess=preprocess) -> np.ndarray:
+                out = np.lib.format.open_memmap(
+                    Path(tmp) / "features.npy",
+                    mode="w+",
+                    dtype=np.float32,
+                    shape=(args.clips, args.frames, backbone.output_shape[-1]),
+                )
+                frame_features(backbone, preprocess, mapped, bs, out=out)
+                out.flush()
+                return np.array(out).reshape(total, -1)
+
+            backbone.predict_on_batch(preprocess(np.zeros((bs,) + shape, np.float32)))  # warm
+            times = {"raw": [], "stage": []}
+            for _ in range(args.repeats):  # interleaved, so drift in machine load hits both
+                for name, fn in (("raw", raw), ("stage", stage)):
+                    start = time.perf_counter()
+                    out = fn()
+                    times[name].append(time.perf_counter() - start)
+            results[(runtime, precision)] = (used, {k: min(v) for k, v in times.items()}, out)
+            del backbone
+
+    reference = results[("keras", "float32")]
+    flags = "AVX512-BF16/AMX: yes" if cpu_has_bfloat16() else "no bfloat16 instructions"
     print(
         f"feature caching: ResNet101V2 avg-pool, {total} frames of {args.size}x{args.size}, "
-        f"batch {bs}; {os.cpu_count()} CPUs; outputs equal: {same}"
+        f"batch {bs}; {os.cpu_count()} CPUs, {flags}"
     )
-    print(f"{'':34}{'seconds':>9}{'frames/s':>10}")
-    best = {k: min(v) for k, v in times.items()}
-    for name, label in (
-        ("reference", "raw batched forward pass (ref.)"),
-        ("stage", "features stage loop"),
-    ):
-        print(f"{label:34}{best[name]:9.2f}{total / best[name]:10.1f}")
-    print(f"ratio: {best['reference'] / best['stage']:.2f}x of the reference (target >= 0.9x)")
+    print(
+        f"{'setting (as run)':28}{'raw fps':>9}{'stage fps':>10}{'x keras f32':>12}"
+        f"{'max rel diff':>14}{'stage/raw':>11}"
+    )
+    for (runtime, precision), (used, best, out) in results.items():
+        label = f"{runtime} {precision}" + (
+            "" if used == (runtime, precision) else f" ({used[0]} {used[1]})"
+        )
+        diff = np.abs(out - reference[2]).max() / np.abs(reference[2]).max()
+        print(
+            f"{label:28}{total / best['raw']:9.1f}{total / best['stage']:10.1f}"
+            f"{reference[1]['raw'] / best['raw']:12.2f}{diff:14.1e}"
+            f"{best['raw'] / best['stage']:11.2f}"
+        )
+    print("reference: keras float32 raw forward pass; stage/raw target >= 0.9")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ of FOLDER (e.g. real broadcast footage, ../shared/data/real/cricket_shots):
   count, sampling, letterbox), feature backbone (cnn_gru) and model, each timed separately;
 - throughput of a batch of files (`classify_clips` on all of them, 8 clips per forward pass);
 - the raw forward pass on already preprocessed inputs, batch 1, measured in the same run:
-  the reference the end-to-end figures are compared with.
+  the reference the end-to-end figures are compared with;
+- for models on features (cnn_gru), once per `features.runtime` x `features.precision`
+  (keras/openvino x float32/bfloat16; the logged model's own setting is marked *), with the
+  largest relative difference of the clip's features from Keras float32's.
 
 Timings are medians over `--repeats` passes after one warm-up pass.
 """
@@ -43,13 +46,27 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def measure(uri: str, clips: list[Path], repeats: int) -> dict:
+SETTINGS = [(r, p) for r in ("keras", "openvino") for p in ("float32", "bfloat16")]
+
+
+def measure(uri: str, clips: list[Path], repeats: int, setting: tuple | None = None) -> dict:
+    """Timings of model `uri`; `setting` (runtime, precision) replaces the feature backbone's
+    recorded one (models on features only)."""
     import numpy as np
 
+    from pipeline.models.backbones import feature_runtime
     from pipeline.serving.clips import clip_frames
     from pipeline.serving.pyfunc import load_video_classifier
 
     classifier, _ = load_video_classifier(uri)
+    label = classifier.pre["model"]
+    if "features" in classifier.pre:
+        feats = classifier.pre["features"]
+        logged = (feats.get("runtime", "keras"), feats.get("precision", "float32"))
+        if setting:
+            feats.update(runtime=setting[0], precision=setting[1])
+        used = feature_runtime(feats)
+        label += f" {used[0]} {used[1]}" + ("*" if used == logged else "")
     one = clips[:1]
     decode_s, (frames, mask) = timed(lambda: clip_frames(one[0], classifier.pre), repeats)
     frames, mask = frames[None], mask[None]
@@ -59,7 +76,8 @@ def measure(uri: str, clips: list[Path], repeats: int) -> dict:
     batch_s, results = timed(lambda: list(classifier.classify_clips(clips)), repeats)
     assert all(probs is not None for _, probs, _ in results), "a benchmark clip did not decode"
     return {
-        "model": classifier.pre["model"],
+        "model": label,
+        "features": np.asarray(inputs["features"]) if isinstance(inputs, dict) else None,
         "decode_ms": 1000 * decode_s,
         "backbone_ms": 1000 * prep_s if "features" in classifier.pre else 0.0,
         "forward_ms": 1000 * forward_s,
@@ -111,20 +129,29 @@ def main() -> None:
         f"{len(clips)} clips from {source}, median of {args.repeats} passes, {os.cpu_count()} CPUs"
     )
     print(
-        f"{'model':10} {'frames':>6} {'decode':>9} {'backbone':>9} {'forward':>9} "
-        f"{'latency':>9} {'forward/latency':>15} {'batched':>12}"
+        f"{'model':28} {'frames':>6} {'decode':>9} {'backbone':>9} {'forward':>9} "
+        f"{'latency':>9} {'forward/latency':>15} {'batched':>12} {'feature diff':>12}"
     )
     for uri in uris:
-        r = measure(uri, clips, args.repeats)
-        print(
-            f"{r['model']:10} {r['frames']:6d} {r['decode_ms']:7.1f}ms {r['backbone_ms']:7.1f}ms "
-            f"{r['forward_ms']:7.1f}ms {r['latency_ms']:7.1f}ms {r['forward_share']:15.0%} "
-            f"{r['clips_per_s']:7.2f} clip/s"
-        )
+        rows = [measure(uri, clips, args.repeats)]
+        if rows[0]["features"] is not None:  # every runtime and precision, Keras float32 first
+            rows = [measure(uri, clips, args.repeats, setting) for setting in SETTINGS]
+        for r in rows:
+            diff = ""
+            if r["features"] is not None:
+                ref = rows[0]["features"]
+                diff = f"{abs(r['features'] - ref).max() / abs(ref).max():12.1e}"
+            print(
+                f"{r['model']:28} {r['frames']:6d} {r['decode_ms']:7.1f}ms "
+                f"{r['backbone_ms']:7.1f}ms {r['forward_ms']:7.1f}ms {r['latency_ms']:7.1f}ms "
+                f"{r['forward_share']:15.0%} {r['clips_per_s']:7.2f} clip/s {diff}"
+            )
     print(
         "decode: count + sample + letterbox one clip; backbone: cnn_gru's ResNet101V2 features; "
         "forward: the model alone on preprocessed input (batch 1, the reference); latency: one "
-        "file end to end; batched: files/s through classify_clips (8 per forward pass)"
+        "file end to end; batched: files/s through classify_clips (8 per forward pass); "
+        "feature diff: largest relative difference from Keras float32's features; * the "
+        "setting the model was logged with"
     )
 
 

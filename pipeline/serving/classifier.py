@@ -61,6 +61,9 @@ def preprocessing_config(params: dict, name: str, classes: list[str]) -> dict:
             "batch_size": int(feats["batch_size"]),
             "seed": int(params["seed"]),
             "motion": bool(feats.get("motion")),
+            # what the test features were computed with (models logged before: Keras float32)
+            "runtime": feats.get("runtime", "keras"),
+            "precision": feats.get("precision", "float32"),
         }
     return pre
 
@@ -80,21 +83,13 @@ class VideoClassifier:
         right before construction, so `weights: null` gives the same random weights."""
         if self._backbone is None:
             from pipeline.common import seed_everything
-            from pipeline.models.backbones import build_backbone, preprocess_for
+            from pipeline.models.backbones import build_feature_backbone
 
             feats, size = self.pre["features"], int(self.pre["frames"]["size"])
-            weights = self._backbone_weights or feats["weights"]
             seed_everything(int(feats["seed"]))
-            self._backbone = (
-                build_backbone(
-                    feats["backbone"],
-                    weights,
-                    (size, size, 3),
-                    config_key="features.weights",
-                    pooling="avg",
-                ),
-                preprocess_for(feats["backbone"]),
-            )
+            # the runtime and precision the model was evaluated with, where this machine can
+            backbone, preprocess, _ = build_feature_backbone(feats, size, self._backbone_weights)
+            self._backbone = (backbone, preprocess)
         return self._backbone
 
     def model_inputs(self, frames: np.ndarray, masks: np.ndarray):

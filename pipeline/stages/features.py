@@ -19,12 +19,7 @@ from tqdm import tqdm
 
 from pipeline.common import SPLITS, atomic_dir, resolve, seed_everything, stage_cli
 from pipeline.data.arrays import load_arrays, save_arrays
-from pipeline.models.backbones import (
-    build_backbone,
-    feature_width,
-    frame_features,
-    preprocess_for,
-)
+from pipeline.models.backbones import build_feature_backbone, feature_width, frame_features
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +69,7 @@ def extract_features(params: dict) -> None:
     size = int(params["frames"]["size"])
     copies = int(cfg.get("augmented_copies") or 0)
     seed_everything(int(params["seed"]))  # `weights: null` means a seeded random init
-    backbone = build_backbone(
-        cfg["backbone"],
-        cfg["weights"],
-        (size, size, 3),
-        config_key="features.weights",
-        pooling="avg",
-    )
-    preprocess = preprocess_for(cfg["backbone"])
+    backbone, preprocess, (runtime, precision) = build_feature_backbone(cfg, size)
     frames_dir = resolve(params["paths"]["frames"])
     motion = bool(cfg.get("motion"))
     dim = feature_width(backbone, motion)
@@ -116,10 +104,12 @@ def extract_features(params: dict) -> None:
             total += frames.shape[0] * frames.shape[1]
         shutil.copy2(frames_dir / "classes.json", tmp / "classes.json")
     log.info(
-        "features: %d frames -> %d-d %s features%s in %s%s",
+        "features: %d frames -> %d-d %s features (%s, %s)%s in %s%s",
         total,
         dim,
         cfg["backbone"],
+        runtime,
+        precision,
         " (appearance + motion streams)" if motion else "",
         params["paths"]["features"],
         f" (+ {copies} augmented copies of each training clip)" if copies else "",

@@ -1,0 +1,92 @@
+"""`features.runtime` (keras | openvino) and `features.precision` (float32 | bfloat16): the same
+seeded ResNet101V2 gives the same features through every runtime, within each precision's
+tolerance, and the same again on a second build; what this machine cannot do falls back to
+Keras / float32 with a log line. Real OpenVINO (the `openvino` wheel, in the dev extra)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.common import seed_everything
+from pipeline.models import backbones
+from pipeline.models.backbones import build_feature_backbone, cpu_has_bfloat16, frame_features
+
+SIZE = 32  # the smallest input ResNet101V2 takes
+
+
+def features(runtime: str, precision: str, frames: np.ndarray) -> tuple[np.ndarray, tuple]:
+    cfg = {"backbone": "resnet101v2", "weights": None, "runtime": runtime, "precision": precision}
+    seed_everything(3)
+    backbone, preprocess, used = build_feature_backbone(cfg, SIZE)
+    return frame_features(backbone, preprocess, frames, batch_size=8, desc=""), used
+
+
+@pytest.fixture(scope="module")
+def frames() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (2, 6, SIZE, SIZE, 3), dtype=np.uint8)  # 2 clips x 6 frames
+
+
+@pytest.fixture(scope="module")
+def reference(frames) -> np.ndarray:
+    out, used = features("keras", "float32", frames)
+    assert used == ("keras", "float32") and out.dtype == np.float32
+    return out
+
+
+def relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_openvino_float32_gives_the_keras_features_and_repeats_them_exactly(frames, reference):
+    pytest.importorskip("openvino")
+    first, used = features("openvino", "float32", frames)
+    assert used == ("openvino", "float32")
+    assert first.shape == reference.shape and first.dtype == np.float32
+    assert relative(first, reference) < 1e-4
+    again, _ = features("openvino", "float32", frames)  # a new export and compilation
+    assert np.array_equal(first, again)
+
+
+@pytest.mark.skipif(not cpu_has_bfloat16(), reason="this CPU has no bfloat16 instructions")
+@pytest.mark.parametrize("runtime", ["keras", "openvino"])
+def test_bfloat16_features_stay_close_to_float32_and_repeat_exactly(frames, reference, runtime):
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    first, used = features(runtime, "bfloat16", frames)
+    assert used == (runtime, "bfloat16") and first.dtype == np.float32
+    difference = relative(first, reference)
+    assert 0 < difference < 2e-2  # bfloat16 keeps 8 bits of mantissa: close, not equal
+    again, _ = features(runtime, "bfloat16", frames)
+    assert np.array_equal(first, again)
+    # the mixed policy was only for the backbone: what is built next is float32 again
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_without_openvino_or_bfloat16_the_features_fall_back_with_a_log_line(
+    frames, reference, monkeypatch, caplog
+):
+    # OpenVINO absent: an import that fails, as on a machine without the wheel
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    # A CPU without bfloat16 cannot be had here: the flag check answers no (a stand-in)
+    monkeypatch.setattr(backbones, "cpu_has_bfloat16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="pipeline.models.backbones"):
+        out, used = features("openvino", "bfloat16", frames)
+    assert used == ("keras", "float32")
+    assert np.array_equal(out, reference)
+    text = caplog.text
+    assert "OpenVINO is not installed" in text and "no bfloat16 instructions" in text
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("runtime", "onnx"), ("precision", "float16")], ids=["runtime", "precision"]
+)
+def test_an_unknown_runtime_or_precision_names_its_key(key, value):
+    cfg = {"backbone": "resnet101v2", "weights": None, key: value}
+    with pytest.raises(ValueError, match=f"features.{key}={value!r}"):
+        build_feature_backbone(cfg, SIZE)
