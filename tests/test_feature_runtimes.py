@@ -90,3 +90,22 @@ def test_an_unknown_runtime_or_precision_names_its_key(key, value):
     cfg = {"backbone": "resnet101v2", "weights": None, key: value}
     with pytest.raises(ValueError, match=f"features.{key}={value!r}"):
         build_feature_backbone(cfg, SIZE)
+
+
+def test_a_logged_model_records_what_computed_its_features(tiny_params, tmp_path):
+    """The features stage writes the runtime and precision it ran with after any fallback
+    (`runtime.json`); the preprocessing a cnn_gru is logged with takes them from there, so
+    serving computes features as the evaluated ones were, not as the config hoped."""
+    import copy
+    import json
+
+    from pipeline.serving.classifier import preprocessing_config
+
+    params = copy.deepcopy(tiny_params)
+    params["features"].update(runtime="openvino", precision="bfloat16")
+    params["paths"]["features"] = str(tmp_path)
+    assert preprocessing_config(params, "cnn_gru", ["a", "b"])["features"]["runtime"] == "openvino"
+    (tmp_path / "runtime.json").write_text(json.dumps({"runtime": "keras", "precision": "float32"}))
+    pre = preprocessing_config(params, "cnn_gru", ["a", "b"])["features"]
+    assert (pre["runtime"], pre["precision"]) == ("keras", "float32")
+    assert "features" not in preprocessing_config(params, "cnn3d", ["a", "b"])

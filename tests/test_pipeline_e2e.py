@@ -258,6 +258,9 @@ def test_mlflow_runs_are_comparable(project):
         assert classifier.pre["frames"] == {
             k: params["frames"][k] for k in classifier.pre["frames"]
         }
+        if "features" in classifier.pre:  # served with what computed the evaluated features
+            used = json.loads((repo / "data" / "features" / "runtime.json").read_text())
+            assert {k: classifier.pre["features"][k] for k in used} == used
 
 
 def test_second_repro_does_nothing(project):

@@ -10,6 +10,7 @@ config of whoever loads it. The MLflow wrapper is `pipeline.serving.pyfunc`.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.common import resolve
 from pipeline.serving.clips import (
     VideoError,
     clip_frames,
@@ -61,10 +63,14 @@ def preprocessing_config(params: dict, name: str, classes: list[str]) -> dict:
             "batch_size": int(feats["batch_size"]),
             "seed": int(params["seed"]),
             "motion": bool(feats.get("motion")),
-            # what the test features were computed with (models logged before: Keras float32)
+            # what the test features were computed with: the features stage's record (after
+            # any fallback), else the config (models logged before both: Keras float32)
             "runtime": feats.get("runtime", "keras"),
             "precision": feats.get("precision", "float32"),
         }
+        used = resolve(params["paths"]["features"]) / "runtime.json"
+        if used.is_file():
+            pre["features"].update(json.loads(used.read_text()))
     return pre
 
 

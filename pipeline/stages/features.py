@@ -5,7 +5,8 @@ frame (a second, motion stream through the same backbone, as in two-stream actio
 appended: 4096-d per frame.
 
 Outputs one folder per split under `paths.features`: `features.npy` (clips x N x D, float32),
-`labels.npy`, `mask.npy` and `clips.csv` (copied from the frames cache, row order unchanged).
+`labels.npy`, `mask.npy` and `clips.csv` (copied from the frames cache, row order unchanged),
+and `runtime.json`: the `features.runtime` and `features.precision` that computed them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.common import SPLITS, atomic_dir, resolve, seed_everything, stage_cli
+from pipeline.common import (
+    SPLITS,
+    atomic_dir,
+    resolve,
+    seed_everything,
+    stage_cli,
+    write_json_atomic,
+)
 from pipeline.data.arrays import load_arrays, save_arrays
 from pipeline.models.backbones import build_feature_backbone, feature_width, frame_features
 
@@ -103,6 +111,8 @@ def extract_features(params: dict) -> None:
             shutil.copy2(frames_dir / split / "clips.csv", tmp / split / "clips.csv")
             total += frames.shape[0] * frames.shape[1]
         shutil.copy2(frames_dir / "classes.json", tmp / "classes.json")
+        # what actually computed them (after any fallback): a logged cnn_gru serves with it
+        write_json_atomic(tmp / "runtime.json", {"runtime": runtime, "precision": precision})
     log.info(
         "features: %d frames -> %d-d %s features (%s, %s)%s in %s%s",
         total,
