@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline.common import repo_root, resolve, store_root
+from pipeline.common import SPLITS, repo_root, resolve, store_root
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +137,10 @@ def log_dataset(params: dict, dataset: dict, train_clips: int, clean_dir: Path) 
             name=dataset["name"],
             digest=dataset_digest(dataset),
         )
-    counts = splits["split"].value_counts()
     mlflow.log_input(
         data,
         context="training",
-        tags={f"{s}_clips": str(int(counts.get(s, 0))) for s in ("train", "val", "test")},
+        tags={f"{s}_clips": str(n) for s, n in split_counts(dataset).items()},
     )
     metrics = {
         "data_clips": dataset["clips"],
@@ -157,6 +156,12 @@ def log_dataset(params: dict, dataset: dict, train_clips: int, clean_dir: Path) 
         mlflow.log_artifact(str(clean_dir / "quarantine.csv"), artifact_path="data")
 
 
+def split_counts(dataset: dict) -> dict[str, int]:
+    """Clips per split, from the clean stage's per-class counts (`dataset.json`)."""
+    counts = dataset.get("counts", {})
+    return {s: sum(counts.get(s, {}).values()) for s in SPLITS}
+
+
 def dataset_digest(dataset: dict) -> str:
     """MLflow's dataset digest: the first 8 hex digits of the content hash and of the split
     hash (`dataset_hash`, `split_hash` tags), so runs on the same clips split differently
@@ -166,7 +171,7 @@ def dataset_digest(dataset: dict) -> str:
 
 def run_description(name: str, dataset: dict, params: dict, summary: dict) -> str:
     """The run's description in the MLflow UI: data, split, seeds, headline scores."""
-    counts = {s: sum(c.values()) for s, c in dataset.get("counts", {}).items()}
+    counts = split_counts(dataset)
     split = "given split file" if dataset.get("split_source") == "split_file" else "grouped split"
     seeds = f"seed {params['seed']}"
     if summary.get("seeds"):
@@ -176,8 +181,8 @@ def run_description(name: str, dataset: dict, params: dict, summary: dict) -> st
         )
     return (
         f"**{name}** on **{dataset['name']}** ({len(dataset['classes'])} classes; "
-        f"{split}: train {counts.get('train', 0)} / val {counts.get('val', 0)} / "
-        f"test {counts.get('test', 0)} clips), {seeds}.\n\n"
+        f"{split}: train {counts['train']} / val {counts['val']} / "
+        f"test {counts['test']} clips), {seeds}.\n\n"
         f"Validation macro-F1 {summary['val_macro_f1']:.3f} (what the champion is chosen by); "
         f"test macro-F1 {summary['macro_f1']:.3f}, accuracy {summary['accuracy']:.3f} "
         f"(reported only). {summary['epochs']} epochs in {summary['train_time_s']:.0f} s. "

@@ -91,7 +91,6 @@ class OpenVinoBackbone:
         hint = {"float32": "f32", "bfloat16": "bf16"}[precision]
         self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
         self.output_shape = keras_backbone.output_shape
-        self.precision = precision
 
     def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.compiled(np.ascontiguousarray(batch, np.float32))[0], np.float32)
