@@ -43,7 +43,8 @@ def main() -> None:
     import numpy as np
 
     from pipeline.common import seed_everything
-    from pipeline.models.backbones import build_feature_backbone, cpu_has_bfloat16, frame_features
+    from pipeline.models.backbones import build_feature_backbone, frame_features
+    from pipeline.models.runtimes import cpu_has_bfloat16
 
     shape = (args.size, args.size, 3)
     rng = np.random.default_rng(0)

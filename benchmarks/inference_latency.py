@@ -14,7 +14,10 @@ of FOLDER (e.g. real broadcast footage, ../shared/data/real/cricket_shots):
   the reference the end-to-end figures are compared with;
 - for models on features (cnn_gru), once per `features.runtime` x `features.precision`
   (keras/openvino x float32/bfloat16; the logged model's own setting is marked *), with the
-  largest relative difference of the clip's features from Keras float32's.
+  largest relative difference of the clip's features from Keras float32's;
+- for models on frames (frame_cnn, cnn3d), once per runtime of the classifier itself (Keras,
+  then OpenVINO float32, what `predict` and serving use by default;
+  HANDBALL_INFERENCE_RUNTIME=keras keeps Keras).
 
 Timings are medians over `--repeats` passes after one warm-up pass.
 """
@@ -49,29 +52,29 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 SETTINGS = [(r, p) for r in ("keras", "openvino") for p in ("float32", "bfloat16")]
 
 
-def measure(uri: str, clips: list[Path], repeats: int, setting: tuple | None = None) -> dict:
-    """Timings of model `uri`; `setting` (runtime, precision) replaces the feature backbone's
-    recorded one (models on features only)."""
+def measure(uri: str, clips: list[Path], repeats: int, setting: tuple) -> dict:
+    """Timings of model `uri` with `setting`: (runtime, precision) of the feature backbone for
+    models on features, replacing the recorded one; (runtime,) of the classifier itself for
+    models on frames."""
     import numpy as np
 
-    from pipeline.models.backbones import feature_runtime
+    from pipeline.models.runtimes import INFERENCE_RUNTIME_VARIABLE
     from pipeline.serving.clips import clip_frames
     from pipeline.serving.pyfunc import load_video_classifier
 
+    os.environ[INFERENCE_RUNTIME_VARIABLE] = setting[0]
     classifier, _ = load_video_classifier(uri)
-    label = classifier.pre["model"]
-    if "features" in classifier.pre:
-        feats = classifier.pre["features"]
-        logged = (feats.get("runtime", "keras"), feats.get("precision", "float32"))
-        if setting:
-            feats.update(runtime=setting[0], precision=setting[1])
-        used = feature_runtime(feats)
-        label += f" {used[0]} {used[1]}" + ("*" if used == logged else "")
+    feats = classifier.pre.get("features")
+    logged = feats and (feats.get("runtime", "keras"), feats.get("precision", "float32"))
+    if feats:
+        feats.update(runtime=setting[0], precision=setting[1])
     one = clips[:1]
     decode_s, (frames, mask) = timed(lambda: clip_frames(one[0], classifier.pre), repeats)
     frames, mask = frames[None], mask[None]
     prep_s, inputs = timed(lambda: classifier.model_inputs(frames, mask), repeats)
-    forward_s, _ = timed(lambda: classifier.model.predict_on_batch(inputs), repeats)
+    forward_s, _ = timed(lambda: classifier.runner().predict_on_batch(inputs), repeats)
+    used = classifier.backbone_runtime if feats else (classifier.runtime,)
+    label = " ".join([classifier.pre["model"], *used]) + ("*" if feats and used == logged else "")
     latency_s, _ = timed(lambda: list(classifier.classify_clips(one)), repeats)
     batch_s, results = timed(lambda: list(classifier.classify_clips(clips)), repeats)
     assert all(probs is not None for _, probs, _ in results), "a benchmark clip did not decode"
@@ -133,9 +136,10 @@ def main() -> None:
         f"{'latency':>9} {'forward/latency':>15} {'batched':>12} {'feature diff':>12}"
     )
     for uri in uris:
-        rows = [measure(uri, clips, args.repeats)]
-        if rows[0]["features"] is not None:  # every runtime and precision, Keras float32 first
-            rows = [measure(uri, clips, args.repeats, setting) for setting in SETTINGS]
+        # every setting, Keras (float32) first: the reference of the rows below it
+        rows = [measure(uri, clips, args.repeats, SETTINGS[0])]
+        others = SETTINGS[1:] if rows[0]["features"] is not None else [("openvino",)]
+        rows += [measure(uri, clips, args.repeats, setting) for setting in others]
         for r in rows:
             diff = ""
             if r["features"] is not None:
@@ -148,7 +152,8 @@ def main() -> None:
             )
     print(
         "decode: count + sample + letterbox one clip; backbone: cnn_gru's ResNet101V2 features; "
-        "forward: the model alone on preprocessed input (batch 1, the reference); latency: one "
+        "forward: the classifier alone on preprocessed input (batch 1; the Keras row is the "
+        "reference); latency: one "
         "file end to end; batched: files/s through classify_clips (8 per forward pass); "
         "feature diff: largest relative difference from Keras float32's features; * the "
         "setting the model was logged with"

@@ -22,6 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "real"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def openvino_cache(tmp_path_factory):
+    """Converted OpenVINO models go to a folder of this test session (inherited by the `dvc`
+    and `mlflow` processes the tests start), never to the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("openvino-cache")
+    previous = os.environ.get("HANDBALL_OPENVINO_CACHE")
+    os.environ["HANDBALL_OPENVINO_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("HANDBALL_OPENVINO_CACHE", None)
+    else:
+        os.environ["HANDBALL_OPENVINO_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_params() -> dict:
     """The real conf/ tree composed with `experiment=tiny` (what the end-to-end test runs)."""

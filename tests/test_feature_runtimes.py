@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from pipeline.common import seed_everything
-from pipeline.models import backbones
-from pipeline.models.backbones import build_feature_backbone, cpu_has_bfloat16, frame_features
+from pipeline.models import runtimes
+from pipeline.models.backbones import build_feature_backbone, frame_features
+from pipeline.models.runtimes import cpu_has_bfloat16
 
 SIZE = 32  # the smallest input ResNet101V2 takes
 
@@ -49,8 +50,35 @@ def test_openvino_float32_gives_the_keras_features_and_repeats_them_exactly(fram
     assert used == ("openvino", "float32")
     assert first.shape == reference.shape and first.dtype == np.float32
     assert relative(first, reference) < 1e-4
-    again, _ = features("openvino", "float32", frames)  # a new export and compilation
+    again, _ = features("openvino", "float32", frames)  # from the conversion cache
     assert np.array_equal(first, again)
+
+
+def test_a_converted_model_is_kept_and_reused(frames, tmp_path, monkeypatch, caplog):
+    """The first OpenVINO build converts and keeps the model (IR with float32 weights, named
+    by a digest of the weights); the next loads it without exporting anything and computes
+    the same features; a cache that cannot be written is logged, not fatal."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("HANDBALL_OPENVINO_CACHE", str(tmp_path / "cache"))
+    first, _ = features("openvino", "float32", frames)
+    kept = sorted(p.suffix for p in (tmp_path / "cache").iterdir())
+    assert kept == [".bin", ".xml"]  # no partial folder left behind
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again instead of reading the cache")
+
+    monkeypatch.setattr(keras.Model, "export", no_export)
+    again, _ = features("openvino", "float32", frames)
+    assert np.array_equal(first, again)
+    monkeypatch.undo()
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("HANDBALL_OPENVINO_CACHE", str(blocked))
+    with caplog.at_level(logging.WARNING, logger="pipeline.models.runtimes"):
+        uncached, _ = features("openvino", "float32", frames)
+    assert np.array_equal(first, uncached)
+    assert "not cached" in caplog.text
 
 
 @pytest.mark.skipif(not cpu_has_bfloat16(), reason="this CPU has no bfloat16 instructions")
@@ -74,13 +102,34 @@ def test_without_openvino_or_bfloat16_the_features_fall_back_with_a_log_line(
     # OpenVINO absent: an import that fails, as on a machine without the wheel
     monkeypatch.setitem(sys.modules, "openvino", None)
     # A CPU without bfloat16 cannot be had here: the flag check answers no (a stand-in)
-    monkeypatch.setattr(backbones, "cpu_has_bfloat16", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="pipeline.models.backbones"):
+    monkeypatch.setattr(runtimes, "cpu_has_bfloat16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="pipeline.models.runtimes"):
         out, used = features("openvino", "bfloat16", frames)
     assert used == ("keras", "float32")
     assert np.array_equal(out, reference)
     text = caplog.text
     assert "OpenVINO is not installed" in text and "no bfloat16 instructions" in text
+
+
+def test_with_a_gpu_the_features_run_on_keras_in_the_precision_asked(monkeypatch, caplog):
+    # No GPU can be had here: TensorFlow's device list answers "one GPU" (a stand-in), and the
+    # CPU's flag check "no bfloat16", which must not matter when the GPU computes.
+    monkeypatch.setattr(runtimes, "tensorflow_sees_gpu", lambda: True)
+    monkeypatch.setattr(runtimes, "cpu_has_bfloat16", lambda: False)
+    cfg = {"runtime": "openvino", "precision": "bfloat16"}
+    with caplog.at_level(logging.WARNING, logger="pipeline.models.runtimes"):
+        assert runtimes.feature_runtime(cfg) == ("keras", "bfloat16")
+    assert "TensorFlow has a GPU here" in caplog.text
+    assert runtimes.feature_runtime({"runtime": "keras", "precision": "float32"}) == (
+        "keras",
+        "float32",
+    )
+
+
+def test_the_default_is_openvino_bfloat16(tiny_params):
+    """The composed config (what `dvc repro` runs) asks for the fast path by default."""
+    feats = tiny_params["features"]
+    assert (feats["runtime"], feats["precision"]) == ("openvino", "bfloat16")
 
 
 @pytest.mark.parametrize(

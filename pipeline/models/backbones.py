@@ -5,8 +5,6 @@ features they give (with an optional motion stream of frame changes).
 from __future__ import annotations
 
 import logging
-import re
-import tempfile
 from pathlib import Path
 
 import keras
@@ -14,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.common import PipelineError, resolve
+from pipeline.models.runtimes import OpenVinoModel, feature_runtime
 
 log = logging.getLogger(__name__)
 
@@ -64,66 +63,6 @@ def build_backbone(
         raise
 
 
-RUNTIMES = ("keras", "openvino")
-PRECISIONS = ("float32", "bfloat16")
-
-
-def cpu_has_bfloat16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
-
-
-class OpenVinoBackbone:
-    """A Keras backbone exported as a TF SavedModel and compiled by OpenVINO for the CPU, in
-    `precision`; it stands in for the Keras model (`predict_on_batch`, `output_shape`).
-    OpenVINO's own CPU plugin picks the kernels: bfloat16 uses AVX512-BF16 or AMX."""
-
-    def __init__(self, keras_backbone, precision: str):
-        import openvino as ov
-
-        with tempfile.TemporaryDirectory(prefix="openvino-") as tmp:
-            keras_backbone.export(tmp, format="tf_saved_model", verbose=False)
-            model = ov.convert_model(tmp)
-        hint = {"float32": "f32", "bfloat16": "bf16"}[precision]
-        self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
-        self.output_shape = keras_backbone.output_shape
-
-    def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self.compiled(np.ascontiguousarray(batch, np.float32))[0], np.float32)
-
-
-def feature_runtime(cfg: dict) -> tuple[str, str]:
-    """(runtime, precision) the features backbone runs with on this machine: `cfg["runtime"]`
-    and `cfg["precision"]` (the `features` section, or what a logged model recorded), except
-    where this machine cannot, which is logged: no OpenVINO installed -> Keras; no bfloat16
-    instructions -> float32."""
-    runtime, precision = cfg.get("runtime") or "keras", cfg.get("precision") or "float32"
-    if runtime not in RUNTIMES:
-        raise ValueError(f"features.runtime={runtime!r}: one of {RUNTIMES}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"features.precision={precision!r}: one of {PRECISIONS}")
-    if runtime == "openvino":
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
-            log.warning(
-                "features.runtime=openvino, but OpenVINO is not installed here "
-                "(pip install 'openvino>=2025.1'): computing features with Keras"
-            )
-            runtime = "keras"
-    if precision == "bfloat16" and not cpu_has_bfloat16():
-        log.warning(
-            "features.precision=bfloat16, but this CPU has no bfloat16 instructions "
-            "(AVX512-BF16 or AMX): computing features in float32"
-        )
-        precision = "float32"
-    return runtime, precision
-
-
 def build_feature_backbone(cfg: dict, size: int, weights=None):
     """The features backbone (`pooling="avg"`) of the `features` section `cfg` as
     `feature_runtime` resolves its runtime and precision. Call `seed_everything` first: with
@@ -144,7 +83,7 @@ def build_feature_backbone(cfg: dict, size: int, weights=None):
     finally:
         keras.config.set_dtype_policy(previous)
     if runtime == "openvino":
-        backbone = OpenVinoBackbone(backbone, precision)
+        backbone = OpenVinoModel(backbone, precision)
     return backbone, preprocess_for(cfg["backbone"]), (runtime, precision)
 
 

@@ -1,0 +1,169 @@
+"""What runs a Keras model for inference: Keras itself, or OpenVINO compiled for the CPU, in
+float32 or bfloat16; what this machine can run of that (with a log line where it cannot); and
+the OpenVINO conversion, kept in a cache so that it is paid once per model and machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("keras", "openvino")
+PRECISIONS = ("float32", "bfloat16")
+# Where converted models are kept (OpenVINO IR, named by a digest of the model, its weights and
+# the OpenVINO version). Override with this variable; unset: $XDG_CACHE_HOME or ~/.cache.
+CACHE_VARIABLE = "HANDBALL_OPENVINO_CACHE"
+# What runs a logged frame_cnn or cnn3d in `predict` and serving: openvino (default; float32,
+# the evaluated Keras probabilities to ~1e-6) or keras.
+INFERENCE_RUNTIME_VARIABLE = "HANDBALL_INFERENCE_RUNTIME"
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def tensorflow_sees_gpu() -> bool:
+    """Whether TensorFlow has a GPU to run Keras models on."""
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def usable_runtime(
+    runtime: str, precision: str, runtime_key: str, precision_key: str
+) -> tuple[str, str]:
+    """(runtime, precision) as this machine can run them, the keys naming the settings in
+    errors and log lines: OpenVINO not installed, or a GPU that TensorFlow uses (OpenVINO runs on the
+    CPU here) -> Keras; no bfloat16 instructions on the CPU that computes -> float32."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"{runtime_key}={runtime!r}: one of {RUNTIMES}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"{precision_key}={precision!r}: one of {PRECISIONS}")
+    gpu = tensorflow_sees_gpu()
+    if runtime == "openvino" and gpu:
+        log.warning(
+            "%s=openvino runs on the CPU, but TensorFlow has a GPU here: running Keras on the GPU",
+            runtime_key,
+        )
+        runtime = "keras"
+    if runtime == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            log.warning(
+                "%s=openvino, but OpenVINO is not installed here "
+                "(pip install 'openvino>=2025.1'): running Keras",
+                runtime_key,
+            )
+            runtime = "keras"
+    if precision == "bfloat16" and not gpu and not cpu_has_bfloat16():
+        log.warning(
+            "%s=bfloat16, but this CPU has no bfloat16 instructions "
+            "(AVX512-BF16 or AMX): computing in float32",
+            precision_key,
+        )
+        precision = "float32"
+    return runtime, precision
+
+
+def feature_runtime(cfg: dict) -> tuple[str, str]:
+    """`usable_runtime` of the `features` section `cfg` (or what a logged model recorded)."""
+    runtime, precision = cfg.get("runtime") or "keras", cfg.get("precision") or "float32"
+    return usable_runtime(runtime, precision, "features.runtime", "features.precision")
+
+
+def cache_dir() -> Path:
+    """The folder of converted models: $HANDBALL_OPENVINO_CACHE, else
+    $XDG_CACHE_HOME/handball-actions/openvino, else ~/.cache/handball-actions/openvino."""
+    if os.environ.get(CACHE_VARIABLE):
+        return Path(os.environ[CACHE_VARIABLE])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "handball-actions" / "openvino"
+
+
+def model_digest(keras_model) -> str:
+    """A digest of what the converted model depends on: every layer's type and configuration
+    (less its name, which Keras numbers anew each time a model is built), the input shape,
+    every weight's bytes and the OpenVINO version: a model trained again, another input size or
+    a new OpenVINO gets a new entry."""
+    import keras
+    import openvino as ov
+
+    digest = hashlib.sha256(f"{ov.get_version()} {keras_model.input_shape}".encode())
+    for layer in keras_model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.Model):
+            continue  # its layers are visited one by one
+        config = {k: v for k, v in layer.get_config().items() if k != "name"}
+        digest.update(type(layer).__name__.encode())
+        digest.update(json.dumps(config, sort_keys=True, default=repr).encode())
+    for weight in keras_model.weights:
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def converted_model(keras_model):
+    """The OpenVINO model of `keras_model` (Keras -> TF SavedModel -> OpenVINO IR), from the
+    cache when it holds it; a new conversion is saved there atomically (float32 weights kept).
+    A cache that cannot be written is logged and skipped."""
+    import openvino as ov
+
+    core = ov.Core()
+    folder = cache_dir()
+    name = model_digest(keras_model)
+    xml = folder / f"{name}.xml"
+    if xml.is_file():
+        try:
+            return core.read_model(xml)
+        except RuntimeError as exc:
+            log.warning("unreadable OpenVINO cache entry %s (%s): converting again", xml, exc)
+    tf_log = logging.getLogger("tensorflow")
+    level = tf_log.level
+    tf_log.setLevel(logging.WARNING)  # "Assets written to <temporary folder>"
+    try:
+        with tempfile.TemporaryDirectory(prefix="openvino-") as tmp:
+            keras_model.export(tmp, format="tf_saved_model", verbose=False)
+            model = ov.convert_model(tmp)
+    finally:
+        tf_log.setLevel(level)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".partial-") as tmp:
+            ov.save_model(model, Path(tmp) / xml.name, compress_to_fp16=False)
+            # the .xml last: where it exists, its .bin is complete
+            os.replace(Path(tmp) / f"{name}.bin", folder / f"{name}.bin")
+            os.replace(Path(tmp) / xml.name, xml)
+    except OSError as exc:
+        log.warning("could not keep the OpenVINO model in %s (%s): not cached", folder, exc)
+    return model
+
+
+class OpenVinoModel:
+    """A Keras model with one input compiled by OpenVINO for the CPU in `precision`; it stands
+    in for the Keras model (`predict_on_batch`, `output_shape`). OpenVINO's CPU plugin picks
+    the kernels: bfloat16 uses AVX512-BF16 or AMX."""
+
+    def __init__(self, keras_model, precision: str):
+        import openvino as ov
+
+        hint = {"float32": "f32", "bfloat16": "bf16"}[precision]
+        self.compiled = ov.Core().compile_model(
+            converted_model(keras_model), "CPU", {"INFERENCE_PRECISION_HINT": hint}
+        )
+        self.output_shape = keras_model.output_shape
+
+    def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.compiled(np.ascontiguousarray(batch, np.float32))[0], np.float32)
