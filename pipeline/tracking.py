@@ -16,9 +16,16 @@ log = logging.getLogger(__name__)
 
 
 def tracking_uri() -> str:
-    """`sqlite:///<repository>/mlflow.db`, anchored at DVC_ROOT so queued experiments, which run
-    in temporary copies, log into the repository's own store."""
-    return f"sqlite:///{store_root() / 'mlflow.db'}"
+    """Where runs and models go: MLFLOW_TRACKING_URI where it is set (a team's tracking server,
+    e.g. `http://mlflow.example.org:5000`), else `sqlite:///<repository>/mlflow.db`, anchored
+    at DVC_ROOT so queued experiments, which run in temporary copies, log into the
+    repository's own store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
+
+
+def uses_project_store() -> bool:
+    """Whether runs go to the repository's own store (not a tracking server)."""
+    return tracking_uri() == f"sqlite:///{store_root() / 'mlflow.db'}"
 
 
 # The MLflow UI opens an experiment of this kind on its training runs ("Machine learning"),
@@ -62,15 +69,16 @@ def run_name(what: str, dataset: dict | None = None) -> str:
 def use_experiment(name: str) -> str:
     """Point MLflow at the repository store and return the id of experiment `name`.
 
-    The experiment is created with its artifact root under `<repo root>/mlruns`, never the
-    working directory of whichever process happens to create it first, and described
+    In the repository's store the experiment is created with its artifact root under
+    `<repo root>/mlruns`, never the working directory of whichever process happens to create
+    it first; on a tracking server, where the server puts artifacts. It is described
     (`describe_experiment`), also when it was created by an older version of the pipeline.
     """
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        artifacts = (store_root() / "mlruns").as_uri()
+        artifacts = (store_root() / "mlruns").as_uri() if uses_project_store() else None
         try:
             exp_id = client.create_experiment(name, artifact_location=artifacts)
         except mlflow.exceptions.MlflowException:  # created concurrently by another stage

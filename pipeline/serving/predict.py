@@ -45,7 +45,7 @@ def use_project_store() -> str:
 
     from pipeline.tracking import tracking_uri
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri()
+    uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
     return uri
