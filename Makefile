@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro lint test test-real test-all params clean-outputs
+.PHONY: setup repro lint test test-real test-all params clean-outputs serving-image
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -43,6 +43,15 @@ test-real: setup
 
 test-all: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+# The build context of the serving image for deploy/k8s/serving.yaml: a Dockerfile and the
+# registered champion (compare.register_as, @champion) from MLFLOW_TRACKING_URI, else this
+# project's store. Then: docker build -t REGISTRY/handball-action-classifier:champion $(SERVING_IMAGE_DIR)
+SERVING_IMAGE_DIR ?= deploy/serving-image
+serving-image: setup
+	rm -rf $(SERVING_IMAGE_DIR)
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+	  $(BIN)/mlflow models generate-dockerfile -m models:/handball-action-classifier@champion -d $(SERVING_IMAGE_DIR)
 
 params: setup
 	$(BIN)/python -m pipeline.params

@@ -197,7 +197,9 @@ def log_video_classifier(model_file: Path, pre: dict, name: str = "model"):
             name=name,
             python_model=VideoClassifierModel(),
             artifacts=artifacts,
-            code_paths=[str(Path(__file__).resolve().parent)],
+            # the whole `pipeline` package (serving imports models/, data/, common): the model
+            # loads where the project is not installed, e.g. the image of `make serving-image`
+            code_paths=[str(Path(__file__).resolve().parents[1])],
             signature=model_signature(pre["classes"]),
             pip_requirements=requirements,
         )

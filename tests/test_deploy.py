@@ -1,0 +1,134 @@
+"""Deployment artefacts, checked offline (no cluster and no Docker daemon can run here):
+the Kubernetes manifests in deploy/k8s/ against the API schemas of a stated Kubernetes version
+(`kubernetes-validate --strict`, which ships the schemas), and the serving image's Dockerfile
+that `mlflow models generate-dockerfile` writes for the registered champion, whose model must
+load and classify a clip without the project installed (as in the image).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, run
+
+KUBERNETES_VERSION = (
+    "1.31.0"  # the oldest minor version EKS and GKE still offer standard support for
+)
+MANIFESTS = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+
+
+def validate(paths: list[Path]) -> subprocess.CompletedProcess:
+    tool = Path(sys.executable).parent / "kubernetes-validate"
+    return subprocess.run(
+        [str(tool), "--strict", "-k", KUBERNETES_VERSION, *map(str, paths)],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_every_manifest_is_valid_for_the_stated_kubernetes_version(tmp_path):
+    assert {p.name for p in MANIFESTS} >= {"mlflow-server.yaml", "serving.yaml"}
+    checked = validate(MANIFESTS)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    kinds = {
+        doc["kind"] for path in MANIFESTS for doc in yaml.safe_load_all(path.read_text()) if doc
+    }
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "Secret"} <= kinds
+    # the check is strict: a misspelt field fails it
+    broken = tmp_path / "serving.yaml"
+    broken.write_text(
+        (ROOT / "deploy" / "k8s" / "serving.yaml")
+        .read_text()
+        .replace("  replicas: 2", "  replica: 2", 1)
+    )
+    assert validate([broken]).returncode != 0
+
+
+def test_the_served_model_is_ready_on_ping_and_scales_on_cpu():
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "serving.yaml").read_text())]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ping"
+    assert container["ports"][0]["containerPort"] == 8080  # the generated image's port
+    assert container["resources"]["requests"]["cpu"]
+    hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+def test_generated_dockerfile_serves_the_registered_champion(project, tmp_path):
+    """`make serving-image`'s command on the tested project: the image copies the champion's
+    model and serves it; that model loads and classifies a clip in a process where the
+    project's own `pipeline` package is not importable (the editable install hidden), as in
+    the image, where only the model's copy of the code exists."""
+    from mlflow.tracking import MlflowClient
+
+    repo, state = project
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    env = {**state["env"], "MLFLOW_TRACKING_URI": store}
+    out = tmp_path / "serving-image"
+    command = next(
+        line.strip().split("$(BIN)/", 1)[1]
+        for line in (ROOT / "Makefile").read_text().splitlines()
+        if "generate-dockerfile" in line
+    )
+    command = command.replace("$(SERVING_IMAGE_DIR)", str(out))
+    run(["bash", "-c", command], repo, env)
+    dockerfile = (out / "Dockerfile").read_text()
+    assert "COPY model_dir /opt/ml/model" in dockerfile and "_serve(" in dockerfile
+    champion = MlflowClient(tracking_uri=store).get_model_version_by_alias(
+        "handball-action-classifier", "champion"
+    )
+    mlmodel = yaml.safe_load((out / "model_dir" / "MLmodel").read_text())
+    assert mlmodel["run_id"] == champion.run_id
+    requirements = (out / "model_dir" / "requirements.txt").read_text()
+    for dist in ("tensorflow", "openvino", "opencv-python-headless", "mlflow"):
+        assert dist in requirements
+
+    clip = next((repo / "data" / "raw").rglob("*.avi"))
+    probe = f"""
+import base64, json, sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f)]
+sys.path = [p for p in sys.path if p not in ("", {str(ROOT)!r}, {str(repo)!r})]
+try:
+    import pipeline
+    raise SystemExit("the project's pipeline package is still importable: " + pipeline.__file__)
+except ModuleNotFoundError:
+    pass
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model({str(out / "model_dir")!r})
+video = base64.b64encode(open({str(clip)!r}, "rb").read()).decode()
+row = model.predict(pd.DataFrame({{"video": [video]}})).iloc[0]
+print(json.dumps({{"action": row["top_action"], "from": sys.modules["pipeline"].__file__}}))
+"""
+    shutil.rmtree(tmp_path / "cwd", ignore_errors=True)
+    (tmp_path / "cwd").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path / "cwd",
+        env={k: v for k, v in env.items() if k != "PYTHONPATH"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    classes = json.loads((repo / "data" / "raw" / "classes.json").read_text())
+    assert answer["action"] in classes
+    assert str(out / "model_dir") in answer["from"]  # the model's own copy of the code
+    assert os.path.isfile(out / "model_dir" / "code" / "pipeline" / "serving" / "pyfunc.py")
+
+
+@pytest.mark.parametrize("name", ["mlflow-server.Dockerfile"])
+def test_the_tracking_server_image_pins_the_tested_mlflow(name):
+    from importlib.metadata import version
+
+    text = (ROOT / "deploy" / name).read_text()
+    assert f"mlflow=={version('mlflow')}" in text
+    assert "psycopg2-binary" in text and "boto3" in text
