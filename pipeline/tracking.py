@@ -15,17 +15,21 @@ from pipeline.common import SPLITS, repo_root, resolve, store_root
 log = logging.getLogger(__name__)
 
 
+def project_store_uri() -> str:
+    """`sqlite:///<repository>/mlflow.db`, anchored at DVC_ROOT so queued experiments, which
+    run in temporary copies, log into the repository's own store."""
+    return f"sqlite:///{store_root() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
     """Where runs and models go: MLFLOW_TRACKING_URI where it is set (a team's tracking server,
-    e.g. `http://mlflow.example.org:5000`), else `sqlite:///<repository>/mlflow.db`, anchored
-    at DVC_ROOT so queued experiments, which run in temporary copies, log into the
-    repository's own store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
+    e.g. `http://mlflow.example.org:5000`), else the repository's own store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or project_store_uri()
 
 
 def uses_project_store() -> bool:
     """Whether runs go to the repository's own store (not a tracking server)."""
-    return tracking_uri() == f"sqlite:///{store_root() / 'mlflow.db'}"
+    return tracking_uri() == project_store_uri()
 
 
 # The MLflow UI opens an experiment of this kind on its training runs ("Machine learning"),

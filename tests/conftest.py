@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -122,6 +123,18 @@ def wait_until_serving(url: str, server: subprocess.Popen, log: Path, timeout: f
                 f"{' '.join(map(str, server.args))} did not start:\n{log.read_text()[-4000:]}"
             )
         time.sleep(0.5)
+
+
+def stop_process_group(server: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a server started with `start_new_session=True` and every process it spawned
+    (workers): SIGTERM to its group, SIGKILL if it has not ended within `timeout` seconds."""
+    with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 def new_shell_env(env: dict) -> dict:
@@ -256,13 +269,7 @@ def s3_server(tmp_path_factory) -> dict:
             time.sleep(0.5)
         yield {"endpoint": endpoint, "key": S3_KEY, "secret": S3_SECRET, "bucket": S3_BUCKET}
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(10)
+        stop_process_group(server)
         for port in ports.values():
             for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
                 sock.unlink(missing_ok=True)

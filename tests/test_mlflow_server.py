@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import MODELS, free_port, run, wait_until_serving
+from conftest import MODELS, free_port, run, stop_process_group, wait_until_serving
 from test_inference_e2e import predict_cli
 from test_pipeline_e2e import wait_for_queue
 
@@ -114,9 +114,7 @@ def mlflow_server(postgres, s3_server, tmp_path_factory):
         wait_until_serving(f"http://127.0.0.1:{port}/health", server, log, timeout=120)
         yield f"http://127.0.0.1:{port}"
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, 15)
-            server.wait(30)
+        stop_process_group(server)
 
 
 def test_the_pipeline_a_queued_grid_and_predict_use_the_team_server(

@@ -4,7 +4,6 @@ features they give (with an optional motion stream of frame changes).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import keras
@@ -13,8 +12,6 @@ from tqdm import tqdm
 
 from pipeline.common import PipelineError, resolve
 from pipeline.models.runtimes import OpenVinoModel, feature_runtime
-
-log = logging.getLogger(__name__)
 
 APPLICATIONS = {
     "resnet101v2": (keras.applications.ResNet101V2, keras.applications.resnet_v2.preprocess_input),
