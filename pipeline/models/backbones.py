@@ -60,11 +60,12 @@ def build_backbone(
         raise
 
 
-def build_feature_backbone(cfg: dict, size: int, weights=None):
+def build_feature_backbone(cfg: dict, size: int, weights=None, initial=None):
     """The features backbone (`pooling="avg"`) of the `features` section `cfg` as
     `feature_runtime` resolves its runtime and precision. Call `seed_everything` first: with
-    `weights: null` the random weights come from the seed, whatever the runtime.
-    Returns (backbone, preprocess, (runtime, precision))."""
+    `weights: null` the random weights come from the seed, whatever the runtime. `initial`:
+    the weights (`get_weights()`) of this backbone as another process built it, set before
+    the runtime takes the model. Returns (backbone, preprocess, (runtime, precision))."""
     runtime, precision = feature_runtime(cfg)
     previous = keras.config.dtype_policy()
     if runtime == "keras" and precision == "bfloat16":
@@ -79,6 +80,8 @@ def build_feature_backbone(cfg: dict, size: int, weights=None):
         )
     finally:
         keras.config.set_dtype_policy(previous)
+    if initial is not None:
+        backbone.set_weights(initial)
     if runtime == "openvino":
         backbone = OpenVinoModel(backbone, precision)
     return backbone, preprocess_for(cfg["backbone"]), (runtime, precision)

@@ -24,12 +24,12 @@ import logging
 import numpy as np
 import pandas as pd
 
+from pipeline.cluster import clip_map
 from pipeline.common import (
     SPLITS,
     PipelineError,
     atomic_dir,
     dataset_name,
-    parallel_map,
     resolve,
     stage_cli,
     write_json_atomic,
@@ -68,14 +68,8 @@ def clean(params: dict) -> pd.DataFrame:
     if unknown:
         raise PipelineError(f"{manifest_path} has labels not in dataset.classes: {unknown}")
 
-    infos = list(
-        parallel_map(
-            probe_and_hash,
-            [raw / p for p in manifest["path"]],
-            params.get("workers"),
-            "probe clips",
-        )
-    )
+    clips = [raw / p for p in manifest["path"]]
+    infos = list(clip_map(probe_and_hash, clips, params, "probe clips", clips))
     probe = pd.concat([manifest.reset_index(drop=True), pd.DataFrame(infos)], axis=1)
     reasons = [drop_reason(info, cfg) for info in infos]
     probe["reason_code"] = [code for code, _ in reasons]

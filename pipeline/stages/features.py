@@ -11,15 +11,19 @@ and `runtime.json`: the `features.runtime` and `features.precision` that compute
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import logging
 import shutil
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.cluster import clips_per_task, cluster_map, dask_client, dask_scheduler
 from pipeline.common import (
     SPLITS,
+    PipelineError,
     atomic_dir,
     resolve,
     seed_everything,
@@ -32,89 +36,190 @@ from pipeline.models.backbones import build_feature_backbone, feature_width, fra
 log = logging.getLogger(__name__)
 
 
-def augmented_features(
-    backbone,
-    preprocess,
-    frames: np.ndarray,
-    mask: np.ndarray,
-    copies: int,
-    params: dict,
-    directory: Path,
-) -> None:
-    """Features of `copies` augmented versions of every training clip, for oversampling:
-    `aug_features.npy` (clips x copies x N x D) and `aug_mask.npy` (clips x copies x N)."""
+def augmented_clip_features(
+    backbone, preprocess, frames: np.ndarray, mask: np.ndarray, index: int, params: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features of `features.augmented_copies` augmented versions of training clip `index`
+    (frames: N x H x W x 3): (copies x N x D float32, copies x N masks). The augmentation is
+    seeded by `seed` and the clip's index, so it does not matter which process computes it."""
     from pipeline.data.augment import augment_clip
 
-    clips, n = frames.shape[:2]
-    motion = bool(params["features"].get("motion"))
-    dim = feature_width(backbone, motion)
-    out = np.lib.format.open_memmap(
-        directory / "aug_features.npy", mode="w+", dtype=np.float32, shape=(clips, copies, n, dim)
-    )
-    masks = np.zeros((clips, copies, n), dtype=bool)
+    copies = int(params["features"]["augmented_copies"])
+    rng = np.random.default_rng([int(params["seed"]), index])
     pad = int(params["frames"]["pad_value"])
-    for i in tqdm(range(clips), desc="augmented train features", unit="clip"):
-        rng = np.random.default_rng([int(params["seed"]), i])
-        versions = [
-            augment_clip(frames[i], mask[i], params["augment"], rng, pad) for _ in range(copies)
-        ]
-        masks[i] = np.stack([m for _, m in versions])
-        frame_features(
-            backbone,
-            preprocess,
-            np.stack([f for f, _ in versions]),
-            int(params["features"]["batch_size"]),
-            desc="",
-            out=out[i],
-            motion=motion,
+    versions = [augment_clip(frames, mask, params["augment"], rng, pad) for _ in range(copies)]
+    features = frame_features(
+        backbone,
+        preprocess,
+        np.stack([f for f, _ in versions]),
+        int(params["features"]["batch_size"]),
+        desc="",
+        motion=bool(params["features"].get("motion")),
+    )
+    return features, np.stack([m for _, m in versions])
+
+
+def seeded_backbone(params: dict, initial=None):
+    """(backbone, preprocess, (runtime, precision)) as the stage builds it: `weights: null`
+    means a random init seeded by `seed`; `initial` replaces the weights (see `built_weights`)."""
+    seed_everything(int(params["seed"]))
+    return build_feature_backbone(
+        params["features"], int(params["frames"]["size"]), initial=initial
+    )
+
+
+def built_weights(params: dict) -> list[np.ndarray]:
+    """The backbone's weights as this process builds them for a local run, for the Dask
+    workers. They do not rebuild them from the seed: Keras draws the seeds of a random init
+    from Python's global `random`, which the threads of a Dask worker use too."""
+    keras_float32 = {**params["features"], "runtime": "keras", "precision": "float32"}
+    backbone, _, _ = seeded_backbone({**params, "features": keras_float32})
+    return backbone.get_weights()
+
+
+_WORKER_BACKBONES: dict[str, tuple] = {}
+
+
+def worker_backbone(params: dict, weights: list[np.ndarray]):
+    """The stage's backbone with the weights `built_weights` sent, once per Dask worker
+    process for all the blocks it computes."""
+    key = json.dumps([params["features"], params["frames"]["size"], params["seed"]])
+    if key not in _WORKER_BACKBONES:
+        _WORKER_BACKBONES[key] = seeded_backbone(params, initial=weights)
+    return _WORKER_BACKBONES[key]
+
+
+def backbone_facts(params: dict, weights: list[np.ndarray]) -> tuple[int, tuple[str, str]]:
+    """Dask task: the feature width and (runtime, precision) the workers compute with."""
+    backbone, _, runtime = worker_backbone(params, weights)
+    return feature_width(backbone, bool(params["features"].get("motion"))), runtime
+
+
+def features_block(params: dict, weights: list[np.ndarray], block: tuple) -> tuple:
+    """Dask task: features of a block of clips (first index, frames, masks, augment?) and, for
+    training clips, of their augmented copies; with the (runtime, precision) that made them."""
+    first, frames, mask, augment = block
+    backbone, preprocess, runtime = worker_backbone(params, weights)
+    features = frame_features(
+        backbone,
+        preprocess,
+        frames,
+        int(params["features"]["batch_size"]),
+        desc="",
+        motion=bool(params["features"].get("motion")),
+    )
+    augmented = [
+        augmented_clip_features(backbone, preprocess, frames[i], mask[i], first + i, params)
+        for i in range(len(frames) if augment else 0)
+    ]
+    return features, augmented, runtime
+
+
+def features_here(backbone, preprocess, params, split, frames, mask, out, aug) -> None:
+    """One split's features in this process, into `out` (and `aug`: features, masks)."""
+    frame_features(
+        backbone,
+        preprocess,
+        frames,
+        int(params["features"]["batch_size"]),
+        desc=f"features {split}",
+        out=out,
+        motion=bool(params["features"].get("motion")),
+    )
+    for i in tqdm(range(len(frames) if aug else 0), desc="augmented train features", unit="clip"):
+        aug[0][i], aug[1][i] = augmented_clip_features(
+            backbone, preprocess, frames[i], mask[i], i, params
         )
-    out.flush()
-    save_arrays(directory, aug_mask=masks)
+
+
+def features_on_cluster(client, params, weights, runtime, split, frames, mask, out, aug) -> None:
+    """One split's features on the Dask cluster, a block of clips per task, written into `out`
+    (and `aug`) in order; every block must come from the same runtime and precision."""
+    per_task = clips_per_task(params)
+    starts = range(0, len(frames), per_task)
+    blocks = (
+        [
+            (
+                (
+                    s,
+                    np.asarray(frames[s : s + per_task]),
+                    np.asarray(mask[s : s + per_task]),
+                    bool(aug),
+                ),
+                None,
+            )
+        ]
+        for s in starts  # (block, None): the arrays travel with the task, no file to share
+    )
+    results = cluster_map(
+        client, features_block, blocks, f"features {split}", unit="block", shared=(params, weights)
+    )
+    for start, (features, augmented, block_runtime) in zip(starts, results, strict=True):
+        if tuple(block_runtime) != tuple(runtime):
+            raise PipelineError(
+                f"Dask workers computed features with different runtimes ({runtime} and "
+                f"{block_runtime}): give every worker the same image (OpenVINO, CPU kind)"
+            )
+        out[start : start + len(features)] = features
+        for i, (copies, masks) in enumerate(augmented):
+            aug[0][start + i], aug[1][start + i] = copies, masks
 
 
 def extract_features(params: dict) -> None:
     cfg = params["features"]
-    size = int(params["frames"]["size"])
     copies = int(cfg.get("augmented_copies") or 0)
-    seed_everything(int(params["seed"]))  # `weights: null` means a seeded random init
-    backbone, preprocess, (runtime, precision) = build_feature_backbone(cfg, size)
     frames_dir = resolve(params["paths"]["frames"])
     motion = bool(cfg.get("motion"))
-    dim = feature_width(backbone, motion)
+    address = dask_scheduler(params)
     total = 0
-    with atomic_dir(resolve(params["paths"]["features"])) as tmp:
-        for split in SPLITS:
-            frames, labels, mask = load_arrays(
-                frames_dir / split, "frames", "labels", "mask", mmap_mode="r"
-            )
-            (tmp / split).mkdir()
-            out = np.lib.format.open_memmap(
-                tmp / split / "features.npy",
-                mode="w+",
-                dtype=np.float32,
-                shape=frames.shape[:2] + (dim,),
-            )
-            frame_features(
-                backbone,
-                preprocess,
-                frames,
-                int(cfg["batch_size"]),
-                desc=f"features {split}",
-                out=out,
-                motion=motion,
-            )
-            out.flush()
-            del out
-            save_arrays(tmp / split, labels=labels, mask=mask)
-            if split == "train" and copies > 0:
-                augmented_features(backbone, preprocess, frames, mask, copies, params, tmp / split)
-            shutil.copy2(frames_dir / split / "clips.csv", tmp / split / "clips.csv")
-            total += frames.shape[0] * frames.shape[1]
-        shutil.copy2(frames_dir / "classes.json", tmp / "classes.json")
-        # what actually computed them (after any fallback): a logged cnn_gru serves with it
-        write_json_atomic(tmp / "runtime.json", {"runtime": runtime, "precision": precision})
+    # built before a Dask client starts its threads (see `built_weights`)
+    weights = built_weights(params) if address else None
+    with dask_client(params) if address else contextlib.nullcontext() as client:
+        if client is None:
+            backbone, preprocess, runtime = seeded_backbone(params)
+            dim = feature_width(backbone, motion)
+            compute = functools.partial(features_here, backbone, preprocess, params)
+        else:  # each worker gets the weights once and builds the runtime's model from them
+            weights = client.scatter([weights], broadcast=True)[0]  # one future, not one per array
+            dim, runtime = client.submit(backbone_facts, params, weights, pure=False).result()
+            compute = functools.partial(features_on_cluster, client, params, weights, runtime)
+        with atomic_dir(resolve(params["paths"]["features"])) as tmp:
+            for split in SPLITS:
+                frames, labels, mask = load_arrays(
+                    frames_dir / split, "frames", "labels", "mask", mmap_mode="r"
+                )
+                clips, n = frames.shape[:2]
+                (tmp / split).mkdir()
+                out = np.lib.format.open_memmap(
+                    tmp / split / "features.npy", mode="w+", dtype=np.float32, shape=(clips, n, dim)
+                )
+                aug = None
+                if split == "train" and copies > 0:  # for oversampling
+                    aug = (
+                        np.lib.format.open_memmap(
+                            tmp / split / "aug_features.npy",
+                            mode="w+",
+                            dtype=np.float32,
+                            shape=(clips, copies, n, dim),
+                        ),
+                        np.zeros((clips, copies, n), dtype=bool),
+                    )
+                compute(split, frames, mask, out, aug)
+                out.flush()
+                del out
+                save_arrays(tmp / split, labels=labels, mask=mask)
+                if aug:
+                    aug[0].flush()
+                    save_arrays(tmp / split, aug_mask=aug[1])
+                    del aug
+                shutil.copy2(frames_dir / split / "clips.csv", tmp / split / "clips.csv")
+                total += clips * n
+            shutil.copy2(frames_dir / "classes.json", tmp / "classes.json")
+            # what actually computed them (after any fallback): a logged cnn_gru serves with it
+            runtime, precision = runtime
+            write_json_atomic(tmp / "runtime.json", {"runtime": runtime, "precision": precision})
     log.info(
-        "features: %d frames -> %d-d %s features (%s, %s)%s in %s%s",
+        "features: %d frames -> %d-d %s features (%s, %s)%s in %s%s%s",
         total,
         dim,
         cfg["backbone"],
@@ -123,6 +228,7 @@ def extract_features(params: dict) -> None:
         " (appearance + motion streams)" if motion else "",
         params["paths"]["features"],
         f" (+ {copies} augmented copies of each training clip)" if copies else "",
+        f" on the Dask cluster at {address}" if address else "",
     )
 
 

@@ -14,11 +14,11 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline.cluster import clip_map
 from pipeline.common import (
     SPLITS,
     atomic_dir,
     dataset_classes,
-    parallel_map,
     resolve,
     stage_cli,
     write_json_atomic,
@@ -57,7 +57,7 @@ def extract_frames(params: dict) -> None:
         for s in SPLITS
         for rec in parts[s].itertuples()
     ]
-    results = parallel_map(sample_frames_task, tasks, params.get("workers"), "frames")
+    results = clip_map(sample_frames_task, tasks, params, "frames", [t[0] for t in tasks])
     with atomic_dir(resolve(params["paths"]["frames"])) as tmp:
         for split in SPLITS:
             rows = parts[split]

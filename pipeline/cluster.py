@@ -1,0 +1,128 @@
+"""The per-clip stages (clean's probe, frames, features) on a Dask distributed cluster.
+
+`dask.scheduler` in conf/config.yaml names a running scheduler (`tcp://scheduler:8786`); null
+keeps the local worker pool (`common.parallel_map`) and imports nothing from Dask. Work goes out
+in blocks of `dask.clips_per_task` clips; the results come back in input order with a bounded
+number of blocks in flight, so a stage streams them to its outputs as it does locally and
+writes the same bytes. Like `workers`, the setting moves the work, never changes a result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from pipeline.common import PipelineError, parallel_map
+
+log = logging.getLogger(__name__)
+
+
+def dask_scheduler(params: dict) -> str | None:
+    """The scheduler address the config names, or None for the local worker pool."""
+    return (params.get("dask") or {}).get("scheduler") or None
+
+
+def clips_per_task(params: dict) -> int:
+    per_task = int((params.get("dask") or {}).get("clips_per_task") or 1)
+    if per_task < 1:
+        raise PipelineError(f"dask.clips_per_task must be at least 1 (got {per_task})")
+    return per_task
+
+
+@contextlib.contextmanager
+def dask_client(params: dict) -> Iterator[Any]:
+    """A client of the scheduler `dask.scheduler` names, closed afterwards (the cluster keeps
+    running)."""
+    address = dask_scheduler(params)
+    timeout = float((params.get("dask") or {}).get("connect_timeout_s") or 30)
+    try:
+        from distributed import Client
+    except ImportError as err:
+        raise PipelineError(
+            f"dask.scheduler is {address!r} but Dask is not installed: "
+            "pip install -e '.[dask]', or set dask.scheduler=null for the local worker pool"
+        ) from err
+    try:
+        client = Client(address, timeout=f"{timeout}s")
+    except OSError as err:
+        raise PipelineError(
+            f"no Dask scheduler answered at dask.scheduler={address!r} within "
+            f"dask.connect_timeout_s={timeout:g}: {err}"
+        ) from err
+    try:
+        workers = len(client.scheduler_info().get("workers", {}))
+        log.info("Dask scheduler %s: %d workers", address, workers)
+        yield client
+    finally:
+        client.close()
+
+
+def run_block(fn: Callable[..., Any], block: list, *shared: Any) -> list:
+    """One task on a worker: `fn(*shared, item)` over a block of (item, path) pairs. A path is a file the
+    stage's own machine has; a worker that cannot see it stops the stage (the per-clip stages
+    would otherwise record the clip as unreadable and drop it)."""
+    for _, path in block:
+        if path is not None and not Path(path).is_file():
+            raise PipelineError(
+                f"the Dask worker on {socket.gethostname()} cannot read {path}: the workers "
+                "need the repository's data folders at the same paths (a shared volume)"
+            )
+    return [fn(*shared, item) for item, _ in block]
+
+
+def blocks_of(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while block := list(islice(it, size)):
+        yield block
+
+
+def cluster_map(
+    client: Any,
+    fn: Callable[..., Any],
+    blocks: Iterable[list],
+    desc: str,
+    unit: str = "clip",
+    shared: tuple = (),
+) -> Iterator[Any]:
+    """`fn(*shared, item)` over every item of `blocks` (one task per block) on the cluster; each
+    item's result in input order. `shared` may hold futures of scattered data (Dask resolves
+    them on the worker). At most two blocks per worker are in flight, and `blocks` is read lazily,
+    so neither the caller nor the scheduler holds the whole input or output."""
+    from tqdm import tqdm
+
+    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    blocks = iter(blocks)
+    pending = deque(
+        client.submit(run_block, fn, block, *shared, pure=False)
+        for block in islice(blocks, 2 * workers)
+    )
+    with tqdm(desc=f"{desc} (dask)", unit=unit) as bar:
+        while pending:
+            results = pending.popleft().result()
+            pending.extend(
+                client.submit(run_block, fn, b, *shared, pure=False) for b in islice(blocks, 1)
+            )
+            for result in results:
+                yield result
+                bar.update()
+
+
+def clip_map(
+    fn: Callable[[Any], Any], items: list, params: dict, desc: str, paths: list[Path]
+) -> Iterator[Any]:
+    """`fn` over `items` (the clip of each is `paths[i]`), results in input order: on the
+    Dask cluster `dask.scheduler` names, else in the local worker pool (`workers`)."""
+    address = dask_scheduler(params)
+    if address is None:
+        yield from parallel_map(fn, items, params.get("workers"), desc)
+        return
+    here = [str(p) if Path(p).is_file() else None for p in paths]
+    with dask_client(params) as client:
+        blocks = blocks_of(zip(items, here, strict=True), clips_per_task(params))
+        yield from cluster_map(client, fn, blocks, desc)

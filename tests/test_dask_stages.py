@@ -1,0 +1,89 @@
+"""The per-clip stages on a Dask distributed cluster (`dask.scheduler`): clean's probe, frames
+and features on a real LocalCluster (two worker processes on 127.0.0.1) write the same bytes as
+the local worker pool, on the generated sample at tiny size (its motion stream and augmented
+copies included)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.common import PipelineError
+
+distributed = pytest.importorskip("distributed")
+
+OUTPUTS = ("data/clean", "data/frames", "data/features")
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for out in OUTPUTS
+        for p in sorted((root / out).rglob("*"))
+        if p.is_file()
+    }
+
+
+def per_clip_stages(params: dict) -> None:
+    from pipeline.stages.clean import clean
+    from pipeline.stages.features import extract_features
+    from pipeline.stages.frames import extract_frames
+
+    clean(params)
+    extract_frames(params)
+    extract_features(params)
+
+
+def local_cluster() -> distributed.LocalCluster:
+    """Two single-threaded worker processes, as `dask worker` runs them on two machines."""
+    return distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    )
+
+
+def test_the_per_clip_stages_on_a_cluster_write_the_local_bytes(in_tmp_root, tiny_params, caplog):
+    from pipeline.stages.download import download
+
+    download(tiny_params)
+    per_clip_stages(tiny_params)  # dask.scheduler: null, the local pool
+    local = digests(in_tmp_root)
+    assert any(name.endswith("aug_features.npy") for name in local)
+    for out in OUTPUTS:
+        shutil.rmtree(in_tmp_root / out)
+
+    with local_cluster() as cluster, distributed.Client(cluster) as watcher:
+        # three clips per task: splits and tasks do not line up, and the last block is short
+        dask = {"scheduler": cluster.scheduler_address, "clips_per_task": 3}
+        with distributed.get_task_stream(watcher) as tasks, caplog.at_level(logging.INFO):
+            per_clip_stages({**tiny_params, "dask": dask})
+    assert f"on the Dask cluster at {cluster.scheduler_address}" in caplog.text
+    assert len({task["worker"] for task in tasks.data}) == 2  # the work was spread
+    assert digests(in_tmp_root) == local
+
+
+def test_a_worker_that_cannot_see_a_clip_stops_the_stage(tmp_path):
+    """A clip this machine has but a worker cannot read (no shared volume) is an error, not a
+    clip recorded as unreadable and dropped."""
+    from pipeline.cluster import cluster_map
+    from pipeline.data.video import probe_and_hash
+
+    missing = tmp_path / "not-on-the-worker.avi"
+    with (
+        local_cluster() as cluster,
+        distributed.Client(cluster) as client,
+        pytest.raises(PipelineError, match="cannot read .*not-on-the-worker.avi.*shared"),
+    ):
+        list(cluster_map(client, probe_and_hash, [[(missing, str(missing))]], "probe clips"))
+
+
+def test_an_unreachable_scheduler_names_the_key(tmp_path):
+    from pipeline.cluster import clip_map
+    from pipeline.data.video import probe_and_hash
+
+    dask = {"scheduler": "tcp://127.0.0.1:9", "clips_per_task": 4, "connect_timeout_s": 2}
+    with pytest.raises(PipelineError, match="dask.scheduler='tcp://127.0.0.1:9'"):
+        list(clip_map(probe_and_hash, [tmp_path], {"dask": dask}, "probe clips", [tmp_path]))
