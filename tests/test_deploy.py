@@ -132,3 +132,67 @@ def test_the_tracking_server_image_pins_the_tested_mlflow(name):
     text = (ROOT / "deploy" / name).read_text()
     assert f"mlflow=={version('mlflow')}" in text
     assert "psycopg2-binary" in text and "boto3" in text
+
+
+def test_each_training_pod_builds_its_tf_config_from_its_completion_index(tmp_path):
+    """The Job's own script, run by bash as a pod would run it, with stand-ins for `dvc` and
+    `python` on PATH (no cluster, image or remote here) that record their arguments and the
+    TF_CONFIG they were started with."""
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "training-job.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "Job")
+    service = next(d for d in docs if d["kind"] == "Service")
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == int(env["TRAIN_WORKERS"])
+    assert pod["subdomain"] == service["metadata"]["name"] == env["TRAIN_SERVICE"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dvc", "python"):
+        stand_in = bin_dir / tool
+        stand_in.write_text(
+            f'#!/bin/sh\nprintf \'%s\\n\' "{tool} $*" >> "$CALLS"\n'
+            'printf \'%s\\n\' "$TF_CONFIG" >> "$CALLS.tf_config"\n'
+        )
+        stand_in.chmod(0o755)
+    calls = tmp_path / "calls"
+    script = container["args"][0]
+    proc = subprocess.run(
+        [*container["command"], script],
+        env={
+            **env,
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "JOB_COMPLETION_INDEX": "1",
+            "CALLS": str(calls),
+        },
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert calls.read_text().splitlines() == [
+        f"dvc pull {env['MODEL_INPUTS']}",
+        f"python -m pipeline.params distribute=multi_worker {env['TRAIN_OVERRIDES']}",
+        f"python -m pipeline.stages.train --model {env['MODEL']}",
+    ]
+    tf_configs = {
+        json.dumps(json.loads(line))
+        for line in (tmp_path / "calls.tf_config").read_text().splitlines()
+    }
+    (tf_config,) = map(json.loads, tf_configs)  # the same for every command
+    name, port = env["TRAIN_SERVICE"], container["ports"][0]["containerPort"]
+    assert tf_config == {
+        "cluster": {"worker": [f"{name}-0.{name}:{port}", f"{name}-1.{name}:{port}"]},
+        "task": {"type": "worker", "index": 1},
+    }
+
+
+def test_the_training_image_installs_the_project_with_its_s3_remote():
+    text = (ROOT / "deploy" / "training.Dockerfile").read_text()
+    assert 'pip install --no-cache-dir ".[s3]"' in text
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    ignored = [line for line in lines if line and not line.startswith("#")]
+    assert ".venv/" in ignored and "data/" in ignored and ".git" not in ignored

@@ -4,6 +4,7 @@ weights or oversampled copies of smaller classes, early stopping, per-epoch MLfl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -221,34 +222,60 @@ def epoch_logger():
     return MlflowEpochLogger()
 
 
+def weights_digest(model) -> str:
+    """sha256 over the model's weights: equal on every worker of a distributed training."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()
+
+
 def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
     """Build, compile and fit one model from `seed`: (model, Keras history, seconds).
 
     `data` holds the train/val arrays. Everything random (init, shuffling, oversampling)
-    follows `seed`; the data and the split do not change with it.
+    follows `seed`; the data and the split do not change with it. Under a tf.distribute
+    strategy (`distribute.strategy`) the model is trained under it and returned as a plain
+    copy with the trained weights, for prediction and saving in this process alone.
     """
     import keras
 
+    from pipeline.models.distributed import (
+        fit_multi_worker,
+        strategy_name,
+        synchronize_batchnorm,
+        training_strategy,
+    )
+
     cfg = params["models"][name]
     train_cfg = cfg["train"]
+    strategy = training_strategy(params)
     seed_everything(seed)
     x_train, y_train = data["train"]
-    model = build_model(name, cfg, x_train, num_classes)
-    if any(layer.name == "feature_norm" for layer in model.layers):
-        feats, mask = x_train["features"], x_train["mask"]
-        model.get_layer("feature_norm").adapt(feats[mask][None])  # unrepeated frames, as 1 x M x D
-    fit_data = training_data({**params, "seed": seed}, cfg, x_train, y_train, num_classes)
-    steps = (
-        len(fit_data["x"])
-        if "y" not in fit_data
-        else int(np.ceil(len(fit_data["y"]) / fit_data["batch_size"]))
-    )
-    model.compile(
-        optimizer=make_optimizer(train_cfg, steps),
-        metrics=["accuracy"],
-        loss="sparse_categorical_crossentropy",
-        jit_compile=bool(train_cfg.get("jit_compile", False)),
-    )
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model = build_model(name, cfg, x_train, num_classes)
+        if strategy:
+            synchronize_batchnorm(model)
+        if any(layer.name == "feature_norm" for layer in model.layers):
+            feats, mask = x_train["features"], x_train["mask"]
+            model.get_layer("feature_norm").adapt(feats[mask][None])  # unrepeated frames, 1 x M x D
+        fit_data = training_data({**params, "seed": seed}, cfg, x_train, y_train, num_classes)
+        steps = (
+            len(fit_data["x"])
+            if "y" not in fit_data
+            else int(np.ceil(len(fit_data["y"]) / fit_data["batch_size"]))
+        )
+        optimizer = make_optimizer(train_cfg, steps)
+        if strategy:
+            optimizer.build(model.trainable_variables)  # its variables mirrored, made here
+        model.compile(
+            optimizer=optimizer,
+            metrics=["accuracy"],
+            loss="sparse_categorical_crossentropy",
+            jit_compile=bool(train_cfg.get("jit_compile", False)),
+        )
     stop = train_cfg["early_stopping"]
     callbacks = [
         keras.callbacks.EarlyStopping(
@@ -257,11 +284,29 @@ def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
         epoch_logger(),
     ]
     start = time.perf_counter()
-    history = model.fit(
-        **fit_data,
-        validation_data=data["val"],
-        epochs=int(train_cfg["epochs"]),
-        callbacks=callbacks,
-        verbose=2,
-    )
-    return model, history, time.perf_counter() - start
+    if strategy_name(params) == "multi_worker":  # Keras' fit fails under it (see distributed.py)
+        history = fit_multi_worker(
+            strategy,
+            model,
+            optimizer,
+            fit_data,
+            data["val"],
+            int(train_cfg["epochs"]),
+            callbacks,
+            seed,
+        )
+    else:
+        history = model.fit(
+            **fit_data,
+            validation_data=data["val"],
+            epochs=int(train_cfg["epochs"]),
+            callbacks=callbacks,
+            verbose=2,
+        )
+    seconds = time.perf_counter() - start
+    if strategy:
+        trained = model
+        model = build_model(name, cfg, x_train, num_classes)
+        model.set_weights(trained.get_weights())
+        log.info("%s (seed %d): trained weights sha256 %s", name, seed, weights_digest(model))
+    return model, history, seconds

@@ -20,6 +20,7 @@ import pandas as pd
 
 from pipeline.common import atomic_dir, resolve, stage_cli, write_json_atomic
 from pipeline.data.arrays import input_dir, load_split
+from pipeline.models.distributed import is_chief, training_strategy, worker_index
 from pipeline.models.fitting import fit_model
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,24 @@ def backbone_ms_per_clip(backbone_name: str, size: int, num_frames: int) -> floa
     return float(np.median(times)) * 1000
 
 
+def extra_seeds(params: dict) -> list[int]:
+    """The seeds of `train_seeds` other than `seed`, in order."""
+    return [int(s) for s in params.get("train_seeds") or [] if int(s) != int(params["seed"])]
+
+
+def train_as_worker(params: dict, name: str, data: dict, num_classes: int) -> dict:
+    """A `multi_worker` worker other than the chief: trains in step with the chief (the same
+    seeds in the same order) and writes nothing, neither files nor MLflow runs."""
+    import keras
+
+    for i, seed in enumerate([int(params["seed"]), *extra_seeds(params)]):
+        if i:
+            keras.backend.clear_session()
+        fit_model(params, name, data, num_classes, seed)
+    log.info("%s: trained as worker %d; the chief writes the outputs", name, worker_index())
+    return {}
+
+
 def repeat_over_seeds(
     params: dict, name: str, data: dict, classes: list[str], first: dict, tags: dict, title: str
 ) -> dict:
@@ -65,7 +84,7 @@ def repeat_over_seeds(
 
     from pipeline.evaluate import classification_metrics
 
-    seeds = [int(s) for s in params.get("train_seeds") or [] if int(s) != int(params["seed"])]
+    seeds = extra_seeds(params)
     if not seeds:
         return {}
     x_test, y_test = data["test"]
@@ -112,6 +131,8 @@ def train_and_evaluate(
         use_experiment,
     )
 
+    # first: a multi-worker cluster sets up TensorFlow's collectives before anything runs
+    training_strategy(params)
     if name not in params["models"]:
         raise ValueError(f"no config for model {name!r} under models: {sorted(params['models'])}")
     cfg = params["models"][name]
@@ -127,6 +148,8 @@ def train_and_evaluate(
             "recording groups per class (see the clean stage's warnings)"
         )
     data = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+    if not is_chief(params):
+        return train_as_worker(params, name, data, len(classes))
 
     use_experiment(params["mlflow"]["experiment"])
     reports = resolve(params["paths"]["reports"]) / name

@@ -1,0 +1,12 @@
+# The training image for deploy/k8s/training-job.yaml: this repository (with its git history,
+# which DVC needs) and its dependencies with DVC's S3 remote, so each worker pulls the cached
+# arrays it trains on from the team's remote. Built from the repository root:
+#   docker build -f deploy/training.Dockerfile -t REGISTRY/handball-train:$(git rev-parse --short HEAD) .
+FROM python:3.11-slim
+RUN apt-get update && apt-get install -y --no-install-recommends git \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /work/handball
+COPY . .
+RUN pip install --no-cache-dir ".[s3]" && chown -R 1000:1000 /work/handball
+ENV HOME=/work/handball HANDBALL_OPENVINO_CACHE=/tmp/openvino
+USER 1000
