@@ -8,11 +8,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.common import PipelineError
+
+pytestmark = pytest.mark.scaleout  # README "Scaling out"; `pytest -m scaleout`
 
 distributed = pytest.importorskip("distributed")
 
@@ -87,3 +91,20 @@ def test_an_unreachable_scheduler_names_the_key(tmp_path):
     dask = {"scheduler": "tcp://127.0.0.1:9", "clips_per_task": 4, "connect_timeout_s": 2}
     with pytest.raises(PipelineError, match="dask.scheduler='tcp://127.0.0.1:9'"):
         list(clip_map(probe_and_hash, [tmp_path], {"dask": dask}, "probe clips", [tmp_path]))
+
+
+def test_the_local_pool_imports_nothing_from_dask(tmp_path):
+    """dask.scheduler: null (the default) runs today's local pool without importing Dask."""
+    clip = tmp_path / "missing.avi"
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from pipeline.cluster import clip_map\n"
+        "from pipeline.data.video import probe_and_hash\n"
+        f"clips = [Path({str(clip)!r})]\n"
+        "params = {'workers': 1, 'dask': {'scheduler': None}}\n"
+        "list(clip_map(probe_and_hash, clips, params, 'probe clips', clips))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from conftest import ROOT, run
 
+pytestmark = pytest.mark.scaleout  # README "Scaling out"; `pytest -m scaleout`
+
 KUBERNETES_VERSION = (
     "1.31.0"  # the oldest minor version EKS and GKE still offer standard support for
 )

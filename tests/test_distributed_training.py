@@ -23,6 +23,8 @@ from conftest import TINY, run
 
 from pipeline.params import compose_params, dump_params
 
+pytestmark = pytest.mark.scaleout  # README "Scaling out"; `pytest -m scaleout`
+
 ROOT = Path(__file__).resolve().parents[1]
 NO_DROPOUT = ["models.cnn_gru.dropout=0", "models.cnn3d.head.dropout=[0,0,0]"]
 # stated tolerance against the one-process run: weights within 1e-3, probabilities within 1e-2

@@ -20,7 +20,10 @@ from conftest import MODELS, free_port, run, stop_process_group, wait_until_serv
 from test_inference_e2e import predict_cli
 from test_pipeline_e2e import wait_for_queue
 
-pytestmark = pytest.mark.slow  # a whole tiny pipeline and a queued grid: ~4 min; CI runs it
+pytestmark = [
+    pytest.mark.slow,  # a whole tiny pipeline and a queued grid: ~4 min; CI runs it
+    pytest.mark.scaleout,  # README "Scaling out"; `pytest -m scaleout`
+]
 
 
 def as_postgres(cmd: list[str]) -> list[str]:

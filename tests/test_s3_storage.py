@@ -23,6 +23,8 @@ from pipeline.common import PipelineError
 from pipeline.params import compose_params, dump_params
 from pipeline.stages.download import download
 
+pytestmark = pytest.mark.scaleout  # README "Scaling out"; `pytest -m scaleout`
+
 
 def s3_env(env: dict, server: dict, secret: str | None = None) -> dict:
     """`env` with the keys of the team's bucket (as a user exports them)."""

@@ -4,6 +4,7 @@ features they give (with an optional motion stream of frame changes).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import keras
@@ -153,3 +154,11 @@ def frame_features(
         features = backbone.predict_on_batch(preprocess(batch.copy()))[: len(chunk)]
         flat_out[start : start + len(chunk)] = np.asarray(features, np.float32)  # from bfloat16
     return out
+
+
+def weights_digest(weights: list[np.ndarray]) -> str:
+    """sha256 over a model's weights (`get_weights()`), in order."""
+    digest = hashlib.sha256()
+    for w in weights:
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()

@@ -222,16 +222,6 @@ def epoch_logger():
     return MlflowEpochLogger()
 
 
-def weights_digest(model) -> str:
-    """sha256 over the model's weights: equal on every worker of a distributed training."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for w in model.get_weights():
-        digest.update(np.ascontiguousarray(w).tobytes())
-    return digest.hexdigest()
-
-
 def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
     """Build, compile and fit one model from `seed`: (model, Keras history, seconds).
 
@@ -242,6 +232,7 @@ def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
     """
     import keras
 
+    from pipeline.models.backbones import weights_digest
     from pipeline.models.distributed import (
         fit_multi_worker,
         strategy_name,
@@ -308,5 +299,10 @@ def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
         trained = model
         model = build_model(name, cfg, x_train, num_classes)
         model.set_weights(trained.get_weights())
-        log.info("%s (seed %d): trained weights sha256 %s", name, seed, weights_digest(model))
+        log.info(
+            "%s (seed %d): trained weights sha256 %s",
+            name,
+            seed,
+            weights_digest(model.get_weights()),
+        )
     return model, history, seconds

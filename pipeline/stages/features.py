@@ -31,7 +31,12 @@ from pipeline.common import (
     write_json_atomic,
 )
 from pipeline.data.arrays import load_arrays, save_arrays
-from pipeline.models.backbones import build_feature_backbone, feature_width, frame_features
+from pipeline.models.backbones import (
+    build_feature_backbone,
+    feature_width,
+    frame_features,
+    weights_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,34 +73,38 @@ def seeded_backbone(params: dict, initial=None):
     )
 
 
-def built_weights(params: dict) -> list[np.ndarray]:
-    """The backbone's weights as this process builds them for a local run, for the Dask
-    workers. They do not rebuild them from the seed: Keras draws the seeds of a random init
+def built_weights(params: dict) -> tuple[str, list[np.ndarray]]:
+    """(sha256, weights) of the backbone as this process builds it for a local run, for the
+    Dask workers. They do not rebuild it from the seed: Keras draws the seeds of a random init
     from Python's global `random`, which the threads of a Dask worker use too."""
     keras_float32 = {**params["features"], "runtime": "keras", "precision": "float32"}
     backbone, _, _ = seeded_backbone({**params, "features": keras_float32})
-    return backbone.get_weights()
+    weights = backbone.get_weights()
+    return weights_digest(weights), weights
 
 
 _WORKER_BACKBONES: dict[str, tuple] = {}
 
 
-def worker_backbone(params: dict, weights: list[np.ndarray]):
-    """The stage's backbone with the weights `built_weights` sent, once per Dask worker
-    process for all the blocks it computes."""
-    key = json.dumps([params["features"], params["frames"]["size"], params["seed"]])
+def worker_backbone(params: dict, weights: tuple[str, list[np.ndarray]]):
+    """The stage's backbone with the (digest, weights) `built_weights` sent, built once per Dask
+    worker process for all the blocks it computes with those weights."""
+    digest, arrays = weights
+    key = json.dumps([params["features"], params["frames"]["size"], digest])
     if key not in _WORKER_BACKBONES:
-        _WORKER_BACKBONES[key] = seeded_backbone(params, initial=weights)
+        _WORKER_BACKBONES[key] = seeded_backbone(params, initial=arrays)
     return _WORKER_BACKBONES[key]
 
 
-def backbone_facts(params: dict, weights: list[np.ndarray]) -> tuple[int, tuple[str, str]]:
+def backbone_facts(
+    params: dict, weights: tuple[str, list[np.ndarray]]
+) -> tuple[int, tuple[str, str]]:
     """Dask task: the feature width and (runtime, precision) the workers compute with."""
     backbone, _, runtime = worker_backbone(params, weights)
     return feature_width(backbone, bool(params["features"].get("motion"))), runtime
 
 
-def features_block(params: dict, weights: list[np.ndarray], block: tuple) -> tuple:
+def features_block(params: dict, weights: tuple[str, list[np.ndarray]], block: tuple) -> tuple:
     """Dask task: features of a block of clips (first index, frames, masks, augment?) and, for
     training clips, of their augmented copies; with the (runtime, precision) that made them."""
     first, frames, mask, augment = block
@@ -137,20 +146,12 @@ def features_on_cluster(client, params, weights, runtime, split, frames, mask, o
     (and `aug`) in order; every block must come from the same runtime and precision."""
     per_task = clips_per_task(params)
     starts = range(0, len(frames), per_task)
-    blocks = (
-        [
-            (
-                (
-                    s,
-                    np.asarray(frames[s : s + per_task]),
-                    np.asarray(mask[s : s + per_task]),
-                    bool(aug),
-                ),
-                None,
-            )
-        ]
-        for s in starts  # (block, None): the arrays travel with the task, no file to share
-    )
+
+    def block(start: int) -> list:  # the arrays travel with the task: no file to share
+        part = slice(start, start + per_task)
+        return [((start, np.asarray(frames[part]), np.asarray(mask[part]), bool(aug)), None)]
+
+    blocks = (block(start) for start in starts)
     results = cluster_map(
         client, features_block, blocks, f"features {split}", unit="block", shared=(params, weights)
     )
