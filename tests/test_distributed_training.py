@@ -48,10 +48,10 @@ def tiny_data(tmp_path_factory) -> Path:
     return root / "data"
 
 
-def workspace(folder: Path, data: Path) -> Path:
+def workspace(folder: Path, data: Path, strategy: str = "multi_worker") -> Path:
     folder.mkdir()
     shutil.copytree(data, folder / "data")
-    overrides = TINY + ["distribute=multi_worker"] + NO_DROPOUT
+    overrides = TINY + [f"distribute={strategy}"] + NO_DROPOUT
     (folder / "params.yaml").write_text(
         dump_params(compose_params(overrides, conf_dir=ROOT / "conf"))
     )
@@ -121,6 +121,21 @@ def test_two_workers_train_in_step_and_match_one_process(model, tiny_data, tmp_p
     scores = [json.loads((f / "metrics" / f"{model}.json").read_text()) for f in (chief, alone)]
     assert scores[0]["macro_f1"] == scores[1]["macro_f1"]
     assert scores[0]["val_macro_f1"] == scores[1]["val_macro_f1"]
+
+
+@pytest.mark.slow  # ~20 s; CI runs it (make test-all)
+def test_mirrored_trains_with_keras_fit_on_the_devices_here(tiny_data, tmp_path):
+    """`distribute=mirrored`: Keras `fit` under MirroredStrategy (one replica on this CPU; one
+    per GPU elsewhere), synchronised BatchNorm, outputs written as without a strategy."""
+    folder = workspace(tmp_path / "mirrored", tiny_data, strategy="mirrored")
+    env = {**os.environ, "DVC_ROOT": str(folder)}
+    env.pop("TF_CONFIG", None)
+    log = run([sys.executable, "-m", "pipeline.stages.train", "--model", "cnn3d"], folder, env)
+    assert "distribute.strategy=mirrored: 1 replicas in sync" in log
+    assert "trained weights sha256" in log
+    metrics = json.loads((folder / "metrics" / "cnn3d.json").read_text())
+    assert metrics["epochs"] >= 1 and 0 <= metrics["macro_f1"] <= 1
+    assert (folder / "models" / "cnn3d" / "model.keras").is_file()
 
 
 def test_multi_worker_without_tf_config_says_what_is_missing(tmp_path, monkeypatch):

@@ -82,6 +82,25 @@ def synchronize_batchnorm(model) -> None:
             layer.synchronized = True
 
 
+def plain_copy(trained, build, sample):
+    """`trained` (built under a strategy) rebuilt by `build` outside it, with its weights, so
+    that Keras' predict and save run in this process alone; checked to give the same outputs
+    on `sample`. Layers with adapted state (Normalization) recompute it from their weights."""
+    model = build()
+    model.set_weights(trained.get_weights())
+    for layer in model._flatten_layers():
+        if hasattr(layer, "finalize_state"):
+            layer.finalize_state()
+    expected = np.asarray(trained(sample, training=False))
+    copied = np.asarray(model(sample, training=False))
+    if not np.allclose(copied, expected, atol=1e-5):
+        raise PipelineError(
+            f"the trained {model.name} differs from its copy for saving by up to "
+            f"{float(np.abs(copied - expected).max()):.2g}: a layer keeps state outside its weights"
+        )
+    return model
+
+
 def take(x, index):
     """Rows `index` of an array or of every array of a dict of inputs."""
     return {k: v[index] for k, v in x.items()} if isinstance(x, dict) else x[index]

@@ -235,8 +235,10 @@ def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
     from pipeline.models.backbones import weights_digest
     from pipeline.models.distributed import (
         fit_multi_worker,
+        plain_copy,
         strategy_name,
         synchronize_batchnorm,
+        take,
         training_strategy,
     )
 
@@ -296,9 +298,9 @@ def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
         )
     seconds = time.perf_counter() - start
     if strategy:
-        trained = model
-        model = build_model(name, cfg, x_train, num_classes)
-        model.set_weights(trained.get_weights())
+        model = plain_copy(
+            model, lambda: build_model(name, cfg, x_train, num_classes), take(x_train, slice(4))
+        )
         log.info(
             "%s (seed %d): trained weights sha256 %s",
             name,
