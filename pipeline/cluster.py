@@ -64,9 +64,9 @@ def dask_client(params: dict) -> Iterator[Any]:
 
 
 def run_block(fn: Callable[..., Any], block: list, *shared: Any) -> list:
-    """One task on a worker: `fn(*shared, item)` over a block of (item, path) pairs. A path is a file the
-    stage's own machine has; a worker that cannot see it stops the stage (the per-clip stages
-    would otherwise record the clip as unreadable and drop it)."""
+    """One task on a worker: `fn(*shared, item)` over a block of (item, path) pairs. A path is
+    a file the stage's own machine has; a worker that cannot see it stops the stage (the
+    per-clip stages would otherwise record the clip as unreadable and drop it)."""
     for _, path in block:
         if path is not None and not Path(path).is_file():
             raise PipelineError(
@@ -92,8 +92,8 @@ def cluster_map(
 ) -> Iterator[Any]:
     """`fn(*shared, item)` over every item of `blocks` (one task per block) on the cluster; each
     item's result in input order. `shared` may hold futures of scattered data (Dask resolves
-    them on the worker). At most two blocks per worker are in flight, and `blocks` is read lazily,
-    so neither the caller nor the scheduler holds the whole input or output."""
+    them on the worker). At most two blocks per worker are in flight, and `blocks` is read
+    lazily, so neither the caller nor the scheduler holds the whole input or output."""
     from tqdm import tqdm
 
     workers = max(1, len(client.scheduler_info().get("workers", {})))
