@@ -49,6 +49,7 @@ def local_cluster() -> distributed.LocalCluster:
     )
 
 
+@pytest.mark.slow  # ~40 s, which the default run cannot spare (it is at ~9 of its 10 min); CI runs it
 def test_the_per_clip_stages_on_a_cluster_write_the_local_bytes(in_tmp_root, tiny_params, caplog):
     from pipeline.stages.download import download
 
