@@ -23,13 +23,18 @@ from pipeline.common import PipelineError, parallel_map
 log = logging.getLogger(__name__)
 
 
+def dask_settings(params: dict) -> dict:
+    """The `dask` section of the config (empty where a params file has none)."""
+    return params.get("dask") or {}
+
+
 def dask_scheduler(params: dict) -> str | None:
     """The scheduler address the config names, or None for the local worker pool."""
-    return (params.get("dask") or {}).get("scheduler") or None
+    return dask_settings(params).get("scheduler") or None
 
 
 def clips_per_task(params: dict) -> int:
-    per_task = int((params.get("dask") or {}).get("clips_per_task") or 1)
+    per_task = int(dask_settings(params).get("clips_per_task") or 1)
     if per_task < 1:
         raise PipelineError(f"dask.clips_per_task must be at least 1 (got {per_task})")
     return per_task
@@ -40,7 +45,7 @@ def dask_client(params: dict) -> Iterator[Any]:
     """A client of the scheduler `dask.scheduler` names, closed afterwards (the cluster keeps
     running)."""
     address = dask_scheduler(params)
-    timeout = float((params.get("dask") or {}).get("connect_timeout_s") or 30)
+    timeout = float(dask_settings(params).get("connect_timeout_s") or 30)
     try:
         from distributed import Client
     except ImportError as err:

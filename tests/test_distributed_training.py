@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,22 +18,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY, run
+from conftest import ROOT, TINY, free_port, run
 
 from pipeline.params import compose_params, dump_params
 
 pytestmark = pytest.mark.scaleout  # README "Scaling out"; `pytest -m scaleout`
 
-ROOT = Path(__file__).resolve().parents[1]
 NO_DROPOUT = ["models.cnn_gru.dropout=0", "models.cnn3d.head.dropout=[0,0,0]"]
 # stated tolerance against the one-process run: weights within 1e-3, probabilities within 1e-2
 WEIGHT_TOLERANCE, PROBABILITY_TOLERANCE = 1e-3, 1e-2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,13 @@ from pipeline.models.backbones import (
 log = logging.getLogger(__name__)
 
 
+def stage_features(backbone, preprocess, frames, params: dict, desc: str = "", out=None):
+    """`frame_features` with the stage's batch size and motion stream (`features.*`)."""
+    cfg = params["features"]
+    batch_size, motion = int(cfg["batch_size"]), bool(cfg.get("motion"))
+    return frame_features(backbone, preprocess, frames, batch_size, desc, out, motion)
+
+
 def augmented_clip_features(
     backbone, preprocess, frames: np.ndarray, mask: np.ndarray, index: int, params: dict
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -53,14 +60,7 @@ def augmented_clip_features(
     rng = np.random.default_rng([int(params["seed"]), index])
     pad = int(params["frames"]["pad_value"])
     versions = [augment_clip(frames, mask, params["augment"], rng, pad) for _ in range(copies)]
-    features = frame_features(
-        backbone,
-        preprocess,
-        np.stack([f for f, _ in versions]),
-        int(params["features"]["batch_size"]),
-        desc="",
-        motion=bool(params["features"].get("motion")),
-    )
+    features = stage_features(backbone, preprocess, np.stack([f for f, _ in versions]), params)
     return features, np.stack([m for _, m in versions])
 
 
@@ -109,14 +109,7 @@ def features_block(params: dict, weights: tuple[str, list[np.ndarray]], block: t
     training clips, of their augmented copies; with the (runtime, precision) that made them."""
     first, frames, mask, augment = block
     backbone, preprocess, runtime = worker_backbone(params, weights)
-    features = frame_features(
-        backbone,
-        preprocess,
-        frames,
-        int(params["features"]["batch_size"]),
-        desc="",
-        motion=bool(params["features"].get("motion")),
-    )
+    features = stage_features(backbone, preprocess, frames, params)
     augmented = [
         augmented_clip_features(backbone, preprocess, frames[i], mask[i], first + i, params)
         for i in range(len(frames) if augment else 0)
@@ -126,15 +119,7 @@ def features_block(params: dict, weights: tuple[str, list[np.ndarray]], block: t
 
 def features_here(backbone, preprocess, params, split, frames, mask, out, aug) -> None:
     """One split's features in this process, into `out` (and `aug`: features, masks)."""
-    frame_features(
-        backbone,
-        preprocess,
-        frames,
-        int(params["features"]["batch_size"]),
-        desc=f"features {split}",
-        out=out,
-        motion=bool(params["features"].get("motion")),
-    )
+    stage_features(backbone, preprocess, frames, params, desc=f"features {split}", out=out)
     for i in tqdm(range(len(frames) if aug else 0), desc="augmented train features", unit="clip"):
         aug[0][i], aug[1][i] = augmented_clip_features(
             backbone, preprocess, frames[i], mask[i], i, params
