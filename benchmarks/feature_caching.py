@@ -14,6 +14,11 @@ Printed: frames/s of both, raw speed-up over Keras float32 (the reference), the 
 relative difference of the features from Keras float32, and stage/raw (target >= 0.9x: the
 stage's own overhead <= 10 %). All warmed up first; best of `--repeats`. The CPU's bfloat16
 flags are printed: without AVX512-BF16/AMX, bfloat16 settings fall back to float32.
+
+The CPU's ceiling is printed too: OpenVINO's throughput on a chain of large matrix products
+(GMAC/s, float32 and bfloat16), against which each setting's achieved GMAC/s (the backbone's
+convolution multiply-accumulates per frame x frames/s) is a percentage; "bf16 ceiling / keras
+f32" is the largest speed-up bfloat16 arithmetic can give over the reference on this CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +32,45 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def conv_gmac_per_frame(model) -> float:
+    """Multiply-accumulates of every Conv2D of a Keras model for one input, in billions."""
+    import keras
+    import numpy as np
+
+    macs = 0
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.Conv2D):
+            _, height, width, _ = layer.output.shape
+            macs += int(np.prod(layer.kernel.shape)) * height * width
+    return macs / 1e9
+
+
+def matmul_gmac_per_s(precision: str, n: int = 2048, chain: int = 8, repeats: int = 5) -> float:
+    """OpenVINO's CPU throughput on `chain` products of n x n matrices at an inference
+    precision (`f32` | `bf16`): what the CPU's vector units give at best, in GMAC/s."""
+    import numpy as np
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    rng = np.random.default_rng(0)
+    x = inp = ops.parameter([n, n], np.float32)
+    weights = ops.constant(rng.standard_normal((n, n)).astype(np.float32))
+    for _ in range(chain):
+        x = ops.matmul(x, weights, False, False)
+    compiled = ov.Core().compile_model(
+        ov.Model([x], [inp]), "CPU", {"INFERENCE_PRECISION_HINT": precision}
+    )
+    request = compiled.create_infer_request()
+    data = (rng.standard_normal((n, n)) * 0.01).astype(np.float32)
+    request.infer({0: data})  # warm
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        request.infer({0: data})
+        best = min(best, time.perf_counter() - start)
+    return chain * n**3 / best / 1e9
 
 
 def main() -> None:
@@ -85,6 +129,8 @@ def main() -> None:
                 out.flush()
                 return np.array(out).reshape(total, -1)
 
+            if (runtime, precision) == ("keras", "float32"):
+                gmac = conv_gmac_per_frame(backbone)
             backbone.predict_on_batch(preprocess(np.zeros((bs,) + shape, np.float32)))  # warm
             times = {"raw": [], "stage": []}
             for _ in range(args.repeats):  # interleaved, so drift in machine load hits both
@@ -116,6 +162,21 @@ def main() -> None:
             f"{best['raw'] / best['stage']:11.2f}"
         )
     print("reference: keras float32 raw forward pass; stage/raw target >= 0.9")
+    ceiling = {"float32": matmul_gmac_per_s("f32"), "bfloat16": matmul_gmac_per_s("bf16")}
+    achieved = {key: gmac * total / best["raw"] for key, (_, best, _) in results.items()}
+    print(
+        f"CPU ceiling (OpenVINO matrix products): float32 {ceiling['float32']:.0f} GMAC/s, "
+        f"bfloat16 {ceiling['bfloat16']:.0f} GMAC/s; ResNet101V2 {gmac:.2f} GMAC per frame"
+    )
+    for (runtime, precision), (used, _, _) in results.items():
+        print(
+            f"  {runtime} {precision}: {achieved[(runtime, precision)]:.0f} GMAC/s, "
+            f"{achieved[(runtime, precision)] / ceiling[used[1]]:.0%} of the {used[1]} ceiling"
+        )
+    print(
+        f"bf16 ceiling / keras f32: {ceiling['bfloat16'] / achieved[('keras', 'float32')]:.2f}x "
+        "(the most bfloat16 arithmetic can speed up the reference on this CPU)"
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,28 @@ def test_frame_cnn_shapes_and_frozen_backbone(tiny_params):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_zero_init_residual_starts_every_residual_block_as_the_identity(tiny_params):
+    cfg = tiny_params["models"]["frame_cnn"]
+    cfg = {**cfg, "backbone": {**cfg["backbone"], "weights": None, "zero_init_residual": True}}
+    backbone = build_frame_cnn(cfg, num_frames=3, size=32, num_classes=7).get_layer(
+        "efficientnetb0"
+    )
+    gammas = {
+        layer.name: np.asarray(layer.gamma)
+        for layer in backbone.layers
+        if layer.name.endswith("_project_bn")
+    }
+    residual = {n.removesuffix("_add") + "_project_bn" for n in (x.name for x in backbone.layers)}
+    residual &= set(gammas)
+    assert len(residual) == 9  # EfficientNetB0: 2b 3b 4b 4c 5b 5c 6b 6c 6d
+    assert all(not gammas[n].any() for n in residual)
+    # the first block of each stage has no shortcut: its branch is all there is, kept as drawn
+    assert all(gammas[n].all() for n in set(gammas) - residual)
+    pretrained = {**cfg, "backbone": {**cfg["backbone"], "weights": "imagenet"}}
+    with pytest.raises(ValueError, match="zero_init_residual"):  # raised before any download
+        build_frame_cnn(pretrained, num_frames=3, size=32, num_classes=7)
+
+
 def test_cnn3d_reference_architecture_shapes(tiny_params):
     cfg = dict(tiny_params["models"]["cnn3d"])
     cfg["conv"] = {**cfg["conv"], "filters": [64, 64, 128, 256, 512]}

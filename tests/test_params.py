@@ -28,6 +28,7 @@ def test_reference_settings_are_one_override_away():
         "weights": "imagenet",
         "trainable_layers": 3,
         "batchnorm_momentum": None,
+        "zero_init_residual": False,
     }
     assert fc["motion"] == c3["motion"] == "rgb" and ref["features"]["motion"] is False
     assert fc["temporal_pooling"] == c3["temporal_pooling"] == "mean"

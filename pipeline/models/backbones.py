@@ -61,6 +61,27 @@ def build_backbone(
         raise
 
 
+def zero_init_residual_branches(backbone: keras.Model) -> int:
+    """Set to 0 the scale (gamma) of the last BatchNorm of every residual branch of an
+    EfficientNet (`blockNx_project_bn` where `blockNx_add` adds it to the shortcut), so that
+    every residual block of a randomly initialised network starts as the identity (Goyal et al.
+    2017, "zero-gamma"). Returns the number of branches; raises if the backbone has none."""
+    names = {layer.name for layer in backbone.layers}
+    count = 0
+    for layer in backbone.layers:
+        if not layer.name.endswith("_add"):
+            continue
+        branch_end = layer.name.removesuffix("_add") + "_project_bn"
+        if branch_end not in names:
+            raise ValueError(f"{backbone.name}: residual {layer.name} has no {branch_end}")
+        gamma = backbone.get_layer(branch_end).gamma
+        gamma.assign(keras.ops.zeros_like(gamma))
+        count += 1
+    if not count:
+        raise ValueError(f"{backbone.name} has no EfficientNet residual blocks (`*_add`)")
+    return count
+
+
 def build_feature_backbone(cfg: dict, size: int, weights=None, initial=None):
     """The features backbone (`pooling="avg"`) of the `features` section `cfg` as
     `feature_runtime` resolves its runtime and precision. Call `seed_everything` first: with

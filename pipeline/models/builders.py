@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-from pipeline.models.backbones import build_backbone
+from pipeline.models.backbones import build_backbone, zero_init_residual_branches
 
 MOTIONS = ("rgb", "diff", "rgb_diff")
 
@@ -113,12 +113,19 @@ def build_frame_cnn(cfg: dict, num_frames: int, size: int, num_classes: int) -> 
             "pretrained weights do not have: use motion rgb or diff, or "
             "models.frame_cnn.backbone.weights=null"
         )
+    if bb.get("zero_init_residual") and bb["weights"] is not None:
+        raise ValueError(
+            "models.frame_cnn.backbone.zero_init_residual=true would erase pretrained weights: "
+            "it is for random init (models.frame_cnn.backbone.weights=null)"
+        )
     backbone = build_backbone(
         bb["name"],
         bb["weights"],
         (size, size, channels),
         config_key="models.frame_cnn.backbone.weights",
     )
+    if bb.get("zero_init_residual"):
+        zero_init_residual_branches(backbone)  # every residual block starts as the identity
     trainable = bb["trainable_layers"]
     trainable = len(backbone.layers) if trainable == "all" else int(trainable)
     for i, layer in enumerate(backbone.layers):
