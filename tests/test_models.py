@@ -37,6 +37,17 @@ def test_zero_init_residual_starts_every_residual_block_as_the_identity(tiny_par
     assert all(not gammas[n].any() for n in residual)
     # the first block of each stage has no shortcut: its branch is all there is, kept as drawn
     assert all(gammas[n].all() for n in set(gammas) - residual)
+    # so each residual block passes its input through unchanged, e.g. block 6b
+    import keras
+
+    probe = keras.Model(
+        backbone.input,
+        [backbone.get_layer("block6a_project_bn").output, backbone.get_layer("block6b_add").output],
+    )
+    frames = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    block_in, block_out = probe.predict(frames, verbose=0)
+    assert np.abs(block_in).max() > 0
+    np.testing.assert_array_equal(block_out, block_in)
     pretrained = {**cfg, "backbone": {**cfg["backbone"], "weights": "imagenet"}}
     with pytest.raises(ValueError, match="zero_init_residual"):  # raised before any download
         build_frame_cnn(pretrained, num_frames=3, size=32, num_classes=7)
