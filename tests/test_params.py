@@ -63,6 +63,23 @@ def test_sample_default_runs_offline():
     assert len(params["dataset"]["classes"]) == 7
 
 
+def test_the_sample_sets_how_long_models_train_and_other_datasets_do_not():
+    models = yaml.safe_load((ROOT / "conf" / "dataset" / "sample.yaml").read_text())["models"]
+    sample = compose_params([], conf_dir=ROOT / "conf")
+    folder = compose_params(["dataset=folder"], conf_dir=ROOT / "conf")
+    for name in ("frame_cnn", "cnn3d", "cnn_gru"):
+        model_default = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
+        epochs = models[name]["train"]["epochs"]
+        assert epochs < model_default["train"]["epochs"]  # the dataset comes after the models
+        assert sample["models"][name]["train"]["epochs"] == epochs
+        assert folder["models"][name]["train"]["epochs"] == model_default["train"]["epochs"]
+    # a recipe or experiment chosen on top still wins over the dataset
+    tiny = compose_params(["experiment=tiny"], conf_dir=ROOT / "conf")
+    assert tiny["models"]["frame_cnn"]["train"]["epochs"] == 2
+    reference = compose_params(["recipe=reference"], conf_dir=ROOT / "conf")
+    assert reference["models"]["frame_cnn"]["train"]["epochs"] == 20
+
+
 def readme_exp_run_overrides() -> list[list[str]]:
     """The `-S` overrides of every `dvc exp run` command in the README's bash blocks."""
     import re
