@@ -2,8 +2,9 @@
 at a tiny size (6 frames of 32x32) on generated clips with three trivially separable classes,
 each scores far above chance (1/3) on held-out clips. A model that predicts one class or whose
 backbone cannot train stays at 1/3 here: frame_cnn with the reference settings (a frozen
-random EfficientNet but its last 3 layers) scores exactly 0.33 on its task, 0.83 as configured
-(0.67 without `backbone.zero_init_residual`, which this threshold therefore also guards).
+random EfficientNet but its last 3 layers) scores exactly 0.33 on its task, 0.80 as configured
+(0.30 without `backbone.zero_init_residual`, which this threshold therefore also guards; at 30
+epochs instead of 15 they were 0.83 and 0.67).
 
 - cnn3d: classes differ only by how a shape moves (it grows, shrinks, or slides sideways),
   which no single frame shows and the order of frames decides (grows and shrinks show the same
@@ -14,7 +15,7 @@ random EfficientNet but its last 3 layers) scores exactly 0.33 on its task, 0.83
   the colour of the shape (red, green, blue; shape and motion at random).
 
 Thresholds come from measurements on the reference machine (runs are deterministic): cnn3d
-0.93 -> 0.8, frame_cnn 0.83 -> 0.75, cnn_gru 0.97 -> 0.8. Runs the real builders, `fit_model`
+0.93 -> 0.8, frame_cnn 0.80 -> 0.7, cnn_gru 0.97 -> 0.8. Runs the real builders, `fit_model`
 and (for cnn_gru) the features stage's backbone and `frame_features`, on arrays instead of
 video files: decoding is tested elsewhere.
 """
@@ -30,7 +31,7 @@ from pipeline.evaluate import classification_metrics
 MOTIONS = ["grows", "shrinks", "slides"]
 SHAPES = ["square", "disc", "cross"]
 FRAMES, SIZE = 6, 32
-EPOCHS = {"frame_cnn": 30, "cnn3d": 40, "cnn_gru": 40}
+EPOCHS = {"frame_cnn": 15, "cnn3d": 40, "cnn_gru": 40}
 
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 230, 40), "blue": (40, 40, 230)}
@@ -141,7 +142,7 @@ def features_of(frames: np.ndarray, params: dict) -> dict:
 
 @pytest.mark.parametrize(
     "name,by,threshold",
-    [("frame_cnn", "colour", 0.75), ("cnn3d", "motion", 0.8), ("cnn_gru", "colour", 0.8)],
+    [("frame_cnn", "colour", 0.7), ("cnn3d", "motion", 0.8), ("cnn_gru", "colour", 0.8)],
 )
 def test_each_model_learns_a_trivially_separable_task(name, by, threshold, footage_params):
     import keras

@@ -70,7 +70,8 @@ def test_the_sample_sets_how_long_models_train_and_other_datasets_do_not():
     for name in ("frame_cnn", "cnn3d", "cnn_gru"):
         model_default = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
         epochs = models[name]["train"]["epochs"]
-        assert epochs < model_default["train"]["epochs"]  # the dataset comes after the models
+        assert epochs < model_default["train"]["epochs"]
+        # the dataset comes after the models in the defaults list, so its value wins
         assert sample["models"][name]["train"]["epochs"] == epochs
         assert folder["models"][name]["train"]["epochs"] == model_default["train"]["epochs"]
     # a recipe or experiment chosen on top still wins over the dataset
