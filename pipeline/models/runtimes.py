@@ -11,6 +11,9 @@ import logging
 import os
 import re
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,10 @@ CACHE_VARIABLE = "HANDBALL_OPENVINO_CACHE"
 # What runs a logged frame_cnn or cnn3d in `predict` and serving: openvino (default; float32,
 # the evaluated Keras probabilities to ~1e-6) or keras.
 INFERENCE_RUNTIME_VARIABLE = "HANDBALL_INFERENCE_RUNTIME"
+# How many OpenVINO infer requests a compiled model keeps for callers in parallel threads
+# (created as callers need them; past this many, a caller waits for one to be free). Unset:
+# the threads `mlflow models serve` runs predictions on, asyncio's min(32, CPUs + 4).
+INFER_REQUESTS_VARIABLE = "HANDBALL_INFER_REQUESTS"
 
 
 def cpu_has_bfloat16() -> bool:
@@ -151,19 +158,63 @@ def converted_model(keras_model):
     return model
 
 
+def infer_request_limit() -> int:
+    """The infer requests one compiled model may keep (INFER_REQUESTS_VARIABLE, checked)."""
+    value = os.environ.get(INFER_REQUESTS_VARIABLE, "").strip()
+    if not value:
+        return min(32, (os.cpu_count() or 1) + 4)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{INFER_REQUESTS_VARIABLE}={value!r}: must be a whole number >= 1")
+    return int(value)
+
+
+class InferRequestPool:
+    """OpenVINO infer requests shared by threads. A request runs one inference at a time (a
+    second caller gets "Infer Request is busy", or reads the other's output), so each caller
+    takes an idle request, or a new one while fewer than `limit` exist, else waits for one."""
+
+    def __init__(self, compiled, limit: int):
+        self._compiled = compiled
+        self._slots = threading.BoundedSemaphore(limit)
+        self._idle: list = []
+        self._lock = threading.Lock()
+        self.created = 0
+
+    @contextmanager
+    def request(self) -> Iterator:
+        with self._slots:
+            with self._lock:
+                request = self._idle.pop() if self._idle else None
+                if request is None:
+                    self.created += 1
+            if request is None:
+                request = self._compiled.create_infer_request()
+            try:
+                yield request
+            finally:
+                with self._lock:
+                    self._idle.append(request)
+
+
 class OpenVinoModel:
     """A Keras model with one input compiled by OpenVINO for the CPU in `precision`; it stands
-    in for the Keras model (`predict_on_batch`, `output_shape`). OpenVINO's CPU plugin picks
-    the kernels: bfloat16 uses AVX512-BF16 or AMX."""
+    in for the Keras model (`predict_on_batch`, `output_shape`) and may be called from several
+    threads at once (a pool of infer requests, INFER_REQUESTS_VARIABLE). OpenVINO's CPU plugin
+    picks the kernels: bfloat16 uses AVX512-BF16 or AMX."""
 
     def __init__(self, keras_model, precision: str):
         import openvino as ov
 
         hint = {"float32": "f32", "bfloat16": "bf16"}[precision]
-        self.compiled = ov.Core().compile_model(
+        limit = infer_request_limit()
+        compiled = ov.Core().compile_model(
             converted_model(keras_model), "CPU", {"INFERENCE_PRECISION_HINT": hint}
         )
+        self.requests = InferRequestPool(compiled, limit)
         self.output_shape = keras_model.output_shape
 
     def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self.compiled(np.ascontiguousarray(batch, np.float32))[0], np.float32)
+        with self.requests.request() as request:
+            outputs = request.infer([np.ascontiguousarray(batch, np.float32)])
+            # a copy: the output tensor is the request's, overwritten by its next caller
+            return np.array(outputs[0], dtype=np.float32, copy=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +22,11 @@ import pandas as pd
 
 from pipeline.common import resolve
 from pipeline.serving.clips import (
+    TooFewFrames,
     VideoError,
     clip_frames,
     count_frames,
+    too_few_frames,
     window_bounds,
     window_frames,
 )
@@ -56,6 +59,8 @@ def preprocessing_config(params: dict, name: str, classes: list[str]) -> dict:
         "frames": {k: params["frames"][k] for k in ("num_frames", "size", "pad_value", "sampling")},
         "model_frames": cfg.get("num_frames"),
         "batch_size": int(cfg["train"]["batch_size"]),
+        # the fewest decodable frames of a clip the model saw (shorter clips were quarantined)
+        "min_frames": int(params["clean"]["min_frames"]),
     }
     if cfg["input"] == "features":
         feats = params["features"]
@@ -77,7 +82,12 @@ def preprocessing_config(params: dict, name: str, classes: list[str]) -> dict:
 
 
 class VideoClassifier:
-    """The classifier and its preprocessing; `VideoClassifierModel` wraps it for MLflow."""
+    """The classifier and its preprocessing; `VideoClassifierModel` wraps it for MLflow.
+
+    Safe to call from several threads at once (`mlflow models serve` runs each request in a
+    thread of its own): the runners are built once under a lock, OpenVINO keeps a pool of
+    infer requests, and Keras' `predict_on_batch` runs concurrently as it is.
+    """
 
     def __init__(self, keras_model, pre: dict, backbone_weights: str | None = None):
         self.model = keras_model
@@ -88,6 +98,14 @@ class VideoClassifier:
         self.backbone_runtime: tuple[str, str] | None = None
         self._runner = None
         self.runtime: str | None = None  # what runs the classifier, once `runner()` decided
+        self._building = threading.Lock()
+
+    def prepare(self) -> None:
+        """Build what computes the probabilities now (OpenVINO conversion, cnn_gru's backbone),
+        not in the first request: a server that answers /ping is ready to classify."""
+        self.runner()
+        if self.pre["input"] == "features":
+            self.backbone()
 
     def runner(self):
         """What computes the probabilities: a model on frames (frame_cnn, cnn3d) runs on
@@ -95,36 +113,41 @@ class VideoClassifier:
         to ~1e-6; frame_cnn's forward pass 4x faster here), converted once and cached;
         HANDBALL_INFERENCE_RUNTIME=keras keeps Keras. cnn_gru's small GRU stays on Keras (its
         backbone follows the recorded `features.runtime`)."""
-        if self._runner is None:
-            from pipeline.models.runtimes import (
-                INFERENCE_RUNTIME_VARIABLE,
-                OpenVinoModel,
-                usable_runtime,
-            )
-
-            self._runner, self.runtime = self.model, "keras"
-            wanted = os.environ.get(INFERENCE_RUNTIME_VARIABLE) or "openvino"
-            if self.pre["input"] == "frames":
-                runtime, _ = usable_runtime(
-                    wanted, "float32", INFERENCE_RUNTIME_VARIABLE, "precision"
-                )
-                if runtime == "openvino":
-                    self._runner, self.runtime = OpenVinoModel(self.model, "float32"), runtime
+        with self._building:
+            if self._runner is None:
+                self._runner, self.runtime = self._build_runner()
         return self._runner
+
+    def _build_runner(self):
+        from pipeline.models.runtimes import (
+            INFERENCE_RUNTIME_VARIABLE,
+            OpenVinoModel,
+            usable_runtime,
+        )
+
+        wanted = os.environ.get(INFERENCE_RUNTIME_VARIABLE) or "openvino"
+        if self.pre["input"] == "frames":
+            runtime, _ = usable_runtime(wanted, "float32", INFERENCE_RUNTIME_VARIABLE, "precision")
+            if runtime == "openvino":
+                return OpenVinoModel(self.model, "float32"), runtime
+        return self.model, "keras"
 
     def backbone(self):
         """The feature backbone of `cnn_gru`, built as the features stage built it: seeded
         right before construction, so `weights: null` gives the same random weights."""
-        if self._backbone is None:
-            from pipeline.common import seed_everything
-            from pipeline.models.backbones import build_feature_backbone
+        with self._building:  # one build: the seed is process-wide
+            if self._backbone is None:
+                from pipeline.common import seed_everything
+                from pipeline.models.backbones import build_feature_backbone
 
-            feats, size = self.pre["features"], int(self.pre["frames"]["size"])
-            seed_everything(int(feats["seed"]))
-            # the runtime and precision the model was evaluated with, where this machine can
-            backbone, preprocess, used = build_feature_backbone(feats, size, self._backbone_weights)
-            self._backbone = (backbone, preprocess)
-            self.backbone_runtime = used  # (runtime, precision) after any fallback
+                feats, size = self.pre["features"], int(self.pre["frames"]["size"])
+                seed_everything(int(feats["seed"]))
+                # the runtime and precision the model was evaluated with, where this machine can
+                backbone, preprocess, used = build_feature_backbone(
+                    feats, size, self._backbone_weights
+                )
+                self._backbone = (backbone, preprocess)
+                self.backbone_runtime = used  # (runtime, precision) after any fallback
         return self._backbone
 
     def model_inputs(self, frames: np.ndarray, masks: np.ndarray):
@@ -193,7 +216,12 @@ class VideoClassifier:
     ) -> pd.DataFrame:
         """One row per window: start_s, end_s and the class probabilities."""
         total, fps = count_frames(path)
+        if reason := too_few_frames(total, self.pre):
+            raise TooFewFrames(path, reason)
         bounds = window_bounds(total, fps, window_s, stride_s)
+        shortest = min(end - start for start, end in bounds)
+        if reason := too_few_frames(shortest, self.pre, f"frames in a {window_s:g} s window"):
+            raise TooFewFrames(path, f"{reason}; give a longer --window")
         rows, frames, masks = [], [], []
 
         def flush():

@@ -35,6 +35,31 @@ class OverFrameBudget(VideoError):
     """A request would decode more frames than it may."""
 
 
+class TooFewFrames(VideoError):
+    """A video has fewer decodable frames than the model was trained to accept."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+
+
+def min_frames(pre: dict) -> int:
+    """The fewest decodable frames the model accepts: the clean stage's `min_frames` it was
+    trained with (models logged before it was recorded: any decodable frame)."""
+    return int(pre.get("min_frames") or 1)
+
+
+def too_few_frames(found: int, pre: dict, what: str = "decodable frames") -> str:
+    """Why a clip (or window) of `found` frames is refused, or "" when it has enough."""
+    needed = min_frames(pre)
+    if found >= needed:
+        return ""
+    return (
+        f"{found} {what}, the model needs at least {needed} (clean.min_frames it was trained "
+        f"with: shorter clips were left out of its training and evaluation)"
+    )
+
+
 class FrameBudget:
     """Frames a request may still decode; `take` refuses a video that would go over."""
 
@@ -175,6 +200,8 @@ def clip_frames(
         budget.take(total)
     if total == 0:
         raise VideoError(f"{path}: no decodable frames")
+    if reason := too_few_frames(total, pre):
+        raise TooFewFrames(path, reason)
     indices = sample_indices(total, n, sampling)
     if set(indices.tolist()) <= kept.keys():
         return np.stack([kept[i] for i in indices]), repeat_mask(indices)

@@ -32,6 +32,7 @@ from pipeline.serving.clips import (
     PATH_ROOT_ENV,
     FrameBudget,
     OverFrameBudget,
+    TooFewFrames,
     VideoError,
     clip_frames,
 )
@@ -126,11 +127,33 @@ class VideoClassifierModel(mlflow.pyfunc.PythonModel):
             pre,
             context.artifacts.get("backbone_weights"),
         )
+        self.classifier.prepare()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        """Probabilities per row. A request the model cannot classify is refused with
+        INVALID_PARAMETER_VALUE (HTTP 400 from `mlflow models serve`) naming the row and the
+        problem; any other failure is the server's: its traceback goes to the log and the
+        answer is INTERNAL_ERROR (HTTP 500), which clients may retry. MLflow's scoring server
+        turns any other exception into a 400 "unexpected error", hence the translation."""
         from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
+        try:
+            frames, masks = self.request_clips(model_input)
+            return self.classifier.probability_table(self.classifier.probabilities(frames, masks))
+        except VideoError as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+        except Exception as exc:
+            log.exception("classifying a request failed (a fault of the server)")
+            raise MlflowException(
+                f"the server failed to classify this request ({type(exc).__name__}: {exc}); "
+                "the fault is the server's, not the request's: retry, or see the server's log",
+                error_code=INTERNAL_ERROR,
+            ) from exc
+
+    def request_clips(self, model_input) -> tuple[np.ndarray, np.ndarray]:
+        """(B x N x S x S x 3 frames, B x N masks) of the request's videos; a VideoError naming
+        the row for the first one that cannot be classified."""
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
         files: list[tuple[int, Path, bool]] = []
@@ -144,21 +167,19 @@ class VideoClassifierModel(mlflow.pyfunc.PythonModel):
                     clip, mask = clip_frames(path, self.classifier.pre, budget)
                 except OverFrameBudget as exc:
                     raise VideoError(f"row {row}: {exc}") from exc
+                except TooFewFrames as exc:  # without the (temporary) file's name
+                    raise VideoError(f"row {row}: {exc.reason}") from exc
                 except VideoError as exc:
                     raise VideoError(
                         f"row {row}: not a readable video ({str(exc).split(': ', 1)[-1]})"
                     ) from exc
                 frames.append(clip)
                 masks.append(mask)
-        except VideoError as exc:
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
         finally:
             for _, path, temporary in files:
                 if temporary:
                     path.unlink(missing_ok=True)
-        return self.classifier.probability_table(
-            self.classifier.probabilities(np.stack(frames), np.stack(masks))
-        )
+        return np.stack(frames), np.stack(masks)
 
 
 def model_signature(classes: list[str]):
