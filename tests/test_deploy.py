@@ -60,6 +60,9 @@ def test_the_served_model_is_ready_on_ping_and_scales_on_cpu():
     assert container["readinessProbe"]["httpGet"]["path"] == "/ping"
     assert container["ports"][0]["containerPort"] == 8080  # the generated image's port
     assert container["resources"]["requests"]["cpu"]
+    # workers set explicitly (the image's default is one per CPU of the node), as measured
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MLFLOW_MODELS_WORKERS"] == "1"
     hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
