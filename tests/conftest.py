@@ -125,6 +125,18 @@ def wait_until_serving(url: str, server: subprocess.Popen, log: Path, timeout: f
         time.sleep(0.5)
 
 
+def post_json(url: str, payload: dict) -> tuple[int, str]:
+    """(HTTP status, body) of POSTing `payload` as JSON; an error status is returned, not raised."""
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
 def stop_process_group(server: subprocess.Popen, timeout: float = 30) -> None:
     """Stop a server started with `start_new_session=True` and every process it spawned
     (workers): SIGTERM to its group, SIGKILL if it has not ended within `timeout` seconds."""

@@ -13,15 +13,13 @@ import json
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import cv2
 import pandas as pd
 import pytest
 import yaml
-from conftest import MODELS, free_port, wait_until_serving
+from conftest import MODELS, free_port, post_json, wait_until_serving
 
 
 def predict_cli(repo: Path, env: dict, *args: str) -> tuple[subprocess.CompletedProcess, object]:
@@ -174,17 +172,6 @@ def test_sliding_windows_give_a_timeline_and_a_png_strip(project, tmp_path):
     assert strip is not None and strip.shape[1] > strip.shape[0] > 50
 
 
-def post(url: str, payload: dict) -> tuple[int, str]:
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 @pytest.fixture
 def served_champion(first_repro_state):
     """`mlflow models serve -m models:/<name>@champion` on 127.0.0.1, as the README starts it
@@ -241,7 +228,7 @@ def test_served_champion_classifies_posted_video_and_refuses_bad_requests(served
     classes = params["dataset"]["classes"]
 
     def classify() -> dict:
-        status, body = post(f"{url}/invocations", {"dataframe_records": [{"video": video}]})
+        status, body = post_json(f"{url}/invocations", {"dataframe_records": [{"video": video}]})
         assert status == 200, body
         [answer] = json.loads(body)["predictions"]
         return answer
@@ -266,6 +253,6 @@ def test_served_champion_classifies_posted_video_and_refuses_bad_requests(served
         ({"dataframe_records": [{"video": video}] * 4}, "a request holds at most 3"),
         ({"dataframe_records": [{"video": video}] * 3}, "decodes more than 25 frames"),
     ]:
-        status, body = post(f"{url}/invocations", payload)
+        status, body = post_json(f"{url}/invocations", payload)
         assert 400 <= status < 500 and message in body, (status, body[:500])
     assert classify() == answer  # still serving, same answer

@@ -14,14 +14,18 @@ import json
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import free_port, stop_process_group, wait_until_serving, write_numbered_video
+from conftest import (
+    free_port,
+    post_json,
+    stop_process_group,
+    wait_until_serving,
+    write_numbered_video,
+)
 
 CLIENTS = 4
 
@@ -182,16 +186,6 @@ def test_a_fault_of_the_server_is_not_reported_as_the_clients(
     assert "Traceback" in caplog.text and "the CPU plugin lost its memory" in caplog.text
 
 
-def post(url: str, payload: dict) -> tuple[int, str]:
-    data = json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def tree_rss(pid: int) -> int:
     """Resident memory of a process and all its children, in bytes."""
     import psutil
@@ -227,7 +221,7 @@ def test_served_model_under_four_concurrent_clients(model_folder, videos, tmp_pa
         payloads = {c: {"dataframe_records": [{"video": b64(c)}]} for c in clips}
         alone = {}
         for clip in clips:
-            status, body = post(f"{url}/invocations", payloads[clip])
+            status, body = post_json(f"{url}/invocations", payloads[clip])
             assert status == 200, body[:1000]
             alone[clip] = json.loads(body)["predictions"]
         memory_before = tree_rss(server.pid)
@@ -250,7 +244,7 @@ def test_served_model_under_four_concurrent_clients(model_folder, videos, tmp_pa
         def send(item):
             kind, key = item
             payload = payloads[key] if kind == "good" else bad[key][0]
-            return item, *post(f"{url}/invocations", payload)
+            return item, *post_json(f"{url}/invocations", payload)
 
         with ThreadPoolExecutor(CLIENTS) as pool:
             results = list(pool.map(send, plan))
@@ -262,7 +256,7 @@ def test_served_model_under_four_concurrent_clients(model_folder, videos, tmp_pa
             else:
                 assert 400 <= status < 500 and bad[key][1] in body, (key, status, body[:1000])
         assert sum(kind == "bad" for kind, _ in plan) == 30
-        status, body = post(f"{url}/invocations", payloads[clips[0]])  # still serving
+        status, body = post_json(f"{url}/invocations", payloads[clips[0]])  # still serving
         assert status == 200 and json.loads(body)["predictions"] == alone[clips[0]]
         assert server.poll() is None
         assert memory_after <= 1.25 * memory_before, (memory_before, memory_after)
