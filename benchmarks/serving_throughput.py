@@ -21,7 +21,6 @@ import base64
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import statistics
@@ -37,16 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
-
-
-def cpu_description() -> str:
-    """The CPU's model name, cores, and the vector flags that decide OpenVINO's kernels."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = set(re.search(r"^flags\s*:\s*(.+)$", text, re.M).group(1).split()) if text else set()
-    have = [f for f in CPU_FLAGS if f in flags] or ["none of " + ", ".join(CPU_FLAGS)]
-    return f"{name.group(1) if name else 'unknown CPU'}, {os.cpu_count()} CPUs, {' '.join(have)}"
+from cpu import cpu_description  # noqa: E402  (benchmarks/cpu.py, beside this script)
 
 
 def free_port() -> int:
