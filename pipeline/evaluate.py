@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     accuracy_score,
     balanced_accuracy_score,
@@ -16,6 +19,8 @@ from sklearn.metrics import (  # noqa: E402
     f1_score,
     precision_recall_fscore_support,
 )
+
+from pipeline.common import atomic_dir  # noqa: E402
 
 # the headline scores `classification_metrics` returns (and the comparison reports)
 SCORES = ["accuracy", "balanced_accuracy", "macro_f1"]
@@ -137,3 +142,82 @@ def bootstrap_intervals(
         k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail)))
         for k, v in draws.items()
     }
+
+
+def misclassified_figure(frames: np.ndarray, predictions: pd.DataFrame, max_clips: int, title: str):
+    """The gallery of misclassified test clips, most confident mistakes first: one row per
+    clip, its cached frames left to right (`frames`: clips x N x S x S x 3 RGB, in the order
+    of `predictions`), titled with the file, true -> predicted action and the confidence; at
+    most `max_clips` rows. A figure that says so when no clip is misclassified."""
+    wrong = predictions[predictions["actual"] != predictions["predicted"]]
+    shown = wrong.sort_values("confidence", ascending=False, kind="stable").head(max_clips)
+    n = frames.shape[1]
+    if shown.empty:
+        fig, ax = plt.subplots(figsize=(6, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"{title}: every test clip is classified right", ha="center")
+        return fig
+    size = (1.3 * n, 1.55 * len(shown) + 0.4)  # inches: a row per clip, then the title
+    fig, axes = plt.subplots(len(shown), n, figsize=size, squeeze=False)
+    for row, (index, clip) in zip(axes, shown.iterrows()):
+        for frame, ax in zip(frames[predictions.index.get_loc(index)], row):
+            ax.imshow(frame)
+            ax.set_axis_off()
+        row[0].set_title(
+            f"{clip['path']}: {clip['actual']} -> {clip['predicted']} ({clip['confidence']:.2f})",
+            loc="left",
+            fontsize=8,
+        )
+    height = fig.get_figheight()
+    fig.suptitle(
+        f"{title}: {len(shown)} of {len(wrong)} misclassified test clips, most confident first",
+        y=1 - 0.12 / height,
+    )
+    # not tight_layout: it would shrink the frames to fit each row's title into one column
+    top = 1 - 0.65 / height
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.04, hspace=0.3)
+    return fig
+
+
+def write_test_reports(
+    reports: Path,
+    name: str,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    test_clips: pd.DataFrame,
+    history: dict,
+    frames: np.ndarray,
+    max_clips: int,
+) -> list[Path]:
+    """Write `reports` (one folder, atomically): the confusion matrix, classification report,
+    per-class scores, test predictions, learning curves and the gallery of misclassified
+    clips (misclassified.png). Returns the files written."""
+    y_pred = probs.argmax(axis=1)
+    per_class = classification_metrics(y_true, y_pred, classes)["per_class"]
+    predictions = test_clips.assign(
+        actual=[classes[i] for i in y_true],
+        predicted=[classes[i] for i in y_pred],
+        confidence=probs.max(axis=1).round(4),
+    )
+    figures = {
+        "confusion_matrix.png": confusion_figure(
+            y_true, y_pred, classes, f"{name}: test confusion matrix"
+        ),
+        "misclassified.png": misclassified_figure(frames, predictions, max_clips, name),
+    }
+    with atomic_dir(reports) as tmp:
+        for file, fig in figures.items():
+            fig.savefig(tmp / file, dpi=100)
+            plt.close(fig)
+        (tmp / "classification_report.txt").write_text(report_text(y_true, y_pred, classes))
+        pd.DataFrame(per_class).T.rename_axis("class").reset_index().to_csv(
+            tmp / "per_class.csv", index=False
+        )
+        predictions.to_csv(tmp / "predictions.csv", index=False)
+        curves = pd.DataFrame(history).rename_axis("epoch").reset_index()
+        curves.drop(columns=["learning_rate"], errors="ignore").to_csv(
+            tmp / "history.csv", index=False
+        )
+        written = sorted(p.name for p in tmp.iterdir())
+    return [reports / file for file in written]

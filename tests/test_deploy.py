@@ -88,6 +88,7 @@ def test_generated_dockerfile_serves_the_registered_champion(project, tmp_path):
     run(["bash", "-c", command], repo, env)
     dockerfile = (out / "Dockerfile").read_text()
     assert "COPY model_dir /opt/ml/model" in dockerfile and "_serve(" in dockerfile
+    assert dockerfile.rstrip().endswith("USER 1000")  # not served as root
     champion = MlflowClient(tracking_uri=store).get_model_version_by_alias(
         "handball-action-classifier", "champion"
     )
@@ -201,3 +202,102 @@ def test_the_training_image_installs_the_project_with_its_s3_remote():
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     ignored = [line for line in lines if line and not line.startswith("#")]
     assert ".venv/" in ignored and "data/" in ignored and ".git" not in ignored
+
+
+def pod_specs(doc: dict) -> list[dict]:
+    """The pod templates of a Deployment or Job."""
+    if doc.get("kind") in ("Deployment", "Job"):
+        return [doc["spec"]["template"]["spec"]]
+    return []
+
+
+def pod_security_problems(doc: dict) -> list[str]:
+    """What a manifest's pods lack of the hardening every pod here must have: non-root,
+    no privilege escalation, every capability dropped, the root filesystem's mode stated
+    (read-only unless the manifest says why not), a seccomp profile."""
+    problems = []
+    name = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+    for pod in pod_specs(doc):
+        security = pod.get("securityContext") or {}
+        if security.get("runAsNonRoot") is not True or not security.get("runAsUser"):
+            problems.append(f"{name}: pod securityContext without runAsNonRoot and runAsUser")
+        if (security.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            problems.append(f"{name}: no RuntimeDefault seccomp profile")
+        for container in pod["containers"]:
+            context = container.get("securityContext") or {}
+            if context.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{name}/{container['name']}: privilege escalation allowed")
+            if "ALL" not in (context.get("capabilities") or {}).get("drop", []):
+                problems.append(f"{name}/{container['name']}: capabilities not dropped")
+            if "readOnlyRootFilesystem" not in context:
+                problems.append(f"{name}/{container['name']}: root filesystem mode not stated")
+    return problems
+
+
+def test_every_pod_runs_as_non_root_without_privileges(tmp_path):
+    docs = [d for path in MANIFESTS for d in yaml.safe_load_all(path.read_text()) if d]
+    assert sum(len(pod_specs(d)) for d in docs) == 3  # tracking server, serving, training
+    assert [p for d in docs for p in pod_security_problems(d)] == []
+    read_only = {
+        c["name"]: c["securityContext"]["readOnlyRootFilesystem"]
+        for d in docs
+        for pod in pod_specs(d)
+        for c in pod["containers"]
+    }
+    # only the training worker writes into its image (its repository's work tree)
+    assert read_only == {"mlflow": True, "model": True, "worker": False}
+    # the check fails on a copy of the serving manifest without the container's context
+    serving = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "serving.yaml").read_text()))
+    deployment = next(d for d in serving if d["kind"] == "Deployment")
+    del deployment["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+    assert len(pod_security_problems(deployment)) == 3
+
+
+def test_the_tracking_server_is_reached_only_by_the_projects_pods_and_hides_its_store_uri():
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "mlflow-server.yaml").read_text()))
+    server = next(d for d in docs if d["kind"] == "Deployment")
+    container = server["spec"]["template"]["spec"]["containers"][0]
+    # MLflow reads the store URI (with its password) from the environment, not argv
+    assert not any("backend-store-uri" in a for a in container["args"])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-backend"
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == server["spec"]["selector"]["matchLabels"]
+    [rule] = policy["spec"]["ingress"]
+    assert rule["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "handball-actions"}}}
+    ]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 5000}]
+
+
+def test_the_training_job_is_pinned_and_bounded():
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "training-job.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "Job")
+    image = job["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert ":" in image and not image.endswith(":latest")
+    assert 0 < job["spec"]["activeDeadlineSeconds"] <= 24 * 3600
+
+
+def test_no_credentials_reach_an_image_or_git(tmp_path):
+    """Where the README tells users to put credentials (DVC's `.dvc/config.local`, a filled-in
+    copy of secrets.example.yaml, environment files): .dockerignore keeps them out of a build
+    context, as docker-py lists it by Docker's rules, and git ignores them."""
+    from docker.utils.build import exclude_paths
+
+    secrets = [".dvc/config.local", "my-secrets.yaml", "deploy/k8s/prod-secrets.yaml", ".env"]
+    kept = ["pipeline/stages/train.py", ".dvc/config", "deploy/k8s/serving.yaml", "params.yaml"]
+    for rel in secrets + kept:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    admitted = exclude_paths(str(tmp_path), patterns)
+    assert not admitted & set(secrets), admitted & set(secrets)
+    assert set(kept) <= admitted
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *secrets, "deploy/k8s/secrets.example.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert ignored == secrets  # and the example (placeholders) stays tracked

@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from pipeline.evaluate import classification_metrics, confusion_figure, report_text
+from pipeline.evaluate import (
+    classification_metrics,
+    confusion_figure,
+    misclassified_figure,
+    report_text,
+)
 
 CLASSES = ["a", "b", "c"]
 
@@ -85,3 +90,30 @@ def test_bootstrap_intervals_bracket_the_score_and_shrink_with_more_clips():
     low, high = bootstrap_intervals(y, p, 4, 500, seed=3)["accuracy"]
     assert low < acc < high
     assert bootstrap_intervals(y, p, 4, 500, seed=3)["accuracy"] == (low, high)  # seeded
+
+
+def test_the_gallery_shows_the_most_confident_mistakes_first_with_their_own_frames():
+    import pandas as pd
+
+    # clip i's frames are filled with grey level 10 * i: each row must show its own clip
+    frames = np.stack([np.full((3, 8, 8, 3), 10 * i, np.uint8) for i in range(5)])
+    predictions = pd.DataFrame(
+        {
+            "path": [f"c{i}.avi" for i in range(5)],
+            "actual": ["shot", "shot", "pass", "pass", "shot"],
+            "predicted": ["shot", "pass", "shot", "pass", "pass"],
+            "confidence": [0.9, 0.6, 0.95, 0.8, 0.7],
+        }
+    )
+    fig = misclassified_figure(frames, predictions, max_clips=2, title="m")
+    rows = [ax for ax in fig.axes if ax.get_title(loc="left")]
+    assert [ax.get_title(loc="left") for ax in rows] == [
+        "c2.avi: pass -> shot (0.95)",
+        "c4.avi: shot -> pass (0.70)",
+    ]
+    assert [int(ax.get_images()[0].get_array()[0, 0, 0]) for ax in rows] == [20, 40]
+    assert len(fig.axes) == 2 * 3  # 2 rows of 3 frames: the cap holds
+    assert "2 of 3 misclassified" in fig._suptitle.get_text()
+    right = predictions.assign(predicted=predictions["actual"])
+    empty = misclassified_figure(frames, right, max_clips=2, title="m")
+    assert "every test clip is classified right" in empty.axes[0].texts[0].get_text()

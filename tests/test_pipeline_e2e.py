@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+import cv2
 import pandas as pd
 import pytest
 import yaml
@@ -64,6 +65,14 @@ def test_outputs_metrics_and_reports(project):
             predictions.set_index("path")["actual"]
             == test.set_index("path")["label"].loc[predictions["path"]]
         ).all()
+        # the gallery: one strip of frames per misclassified test clip (up to gallery.max_clips)
+        wrong = int((predictions["actual"] != predictions["predicted"]).sum())
+        rows = min(
+            wrong, yaml.safe_load((repo / "params.yaml").read_text())["gallery"]["max_clips"]
+        )
+        gallery = cv2.imread(str(reports / "misclassified.png"))
+        assert gallery is not None, model
+        assert (gallery.shape[0] >= 150 * rows) if rows else (gallery.shape[0] < 150), (model, rows)
     table = pd.read_csv(repo / "reports" / "comparison.csv")
     assert sorted(table["model"]) == sorted(MODELS + BASELINES)
     assert all(m in (repo / "reports" / "comparison.md").read_text() for m in MODELS + BASELINES)
@@ -223,7 +232,12 @@ def test_mlflow_runs_are_comparable(project):
         assert len(client.get_metric_history(run_.info.run_id, "val_loss")) == epochs
         assert run_.data.params["model.name"] == model
         artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
-        assert {"confusion_matrix.png", "classification_report.txt", "config.yaml"} <= artifacts
+        assert {
+            "confusion_matrix.png",
+            "classification_report.txt",
+            "misclassified.png",
+            "config.yaml",
+        } <= artifacts
         # the run's dataset (the UI's Datasets column): name, digest of content and split
         (data_input,) = run_.inputs.dataset_inputs
         assert data_input.dataset.name == dataset["name"]

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.common import atomic_dir, resolve, stage_cli, write_json_atomic
-from pipeline.data.arrays import input_dir, load_split
+from pipeline.data.arrays import input_dir, load_arrays, load_split
 from pipeline.models.distributed import is_chief, training_strategy, worker_index
 from pipeline.models.fitting import fit_model
 
@@ -118,7 +118,7 @@ def train_and_evaluate(
     summary that goes to `metrics/<name>.json`."""
     import mlflow
 
-    from pipeline.evaluate import classification_metrics, confusion_figure, report_text
+    from pipeline.evaluate import classification_metrics, write_test_reports
     from pipeline.serving.classifier import preprocessing_config
     from pipeline.serving.pyfunc import log_video_classifier
     from pipeline.tracking import (
@@ -234,27 +234,23 @@ def train_and_evaluate(
             {f"per_class/test_f1_{c}": s["f1"] for c, s in scores["per_class"].items()}
         )
 
-        fig = confusion_figure(y_test, y_pred, classes, f"{name}: test confusion matrix")
-        report = report_text(y_test, y_pred, classes)
-        per_class = pd.DataFrame(scores["per_class"]).T.rename_axis("class").reset_index()
-        predictions = test_clips.assign(
-            actual=[classes[i] for i in y_test],
-            predicted=[classes[i] for i in y_pred],
-            confidence=probs.max(axis=1).round(4),
-        )
-        hist = pd.DataFrame(history.history).rename_axis("epoch").reset_index()
-        with atomic_dir(reports) as tmp:
-            fig.savefig(tmp / "confusion_matrix.png", dpi=100)
-            (tmp / "classification_report.txt").write_text(report)
-            per_class.to_csv(tmp / "per_class.csv", index=False)
-            predictions.to_csv(tmp / "predictions.csv", index=False)
-            hist.drop(columns=["learning_rate"], errors="ignore").to_csv(
-                tmp / "history.csv", index=False
-            )
-        mlflow.log_figure(fig, "confusion_matrix.png")
-        mlflow.log_text(report, "classification_report.txt")
+        # the reports, a gallery of the misclassified test clips among them (their frames)
+        test_frames = load_arrays(
+            resolve(params["paths"]["frames"]) / "test", "frames", mmap_mode="r"
+        )[0]
+        for path in write_test_reports(
+            reports,
+            name,
+            y_test,
+            probs,
+            classes,
+            test_clips,
+            history.history,
+            test_frames,
+            int(params["gallery"]["max_clips"]),
+        ):
+            mlflow.log_artifact(str(path))
         mlflow.log_dict(scores, "test_metrics.json")
-        mlflow.log_artifact(str(reports / "predictions.csv"))
 
         model_dir = resolve(params["paths"]["models"]) / name
         with atomic_dir(model_dir) as tmp:
