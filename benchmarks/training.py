@@ -112,13 +112,14 @@ def measure(params: dict, model: str, setting: str, epochs: int) -> dict:
     import keras
 
     import pipeline.models.fitting as fitting
+    from pipeline.common import dataset_classes
     from pipeline.data.arrays import load_split
 
     run_params = with_override(params, model, setting, epochs)
     cfg = run_params["models"][model]
     x_train, y_train, _ = load_split(run_params, cfg, "train")
     x_val, y_val, _ = load_split(run_params, cfg, "val")
-    num_classes = len(run_params["dataset"]["classes"])
+    num_classes = len(dataset_classes(run_params))  # a folder dataset's: as the clean stage found
     timer = epoch_timer()
     stock_logger = fitting.epoch_logger
     fitting.epoch_logger = lambda: timer  # the per-epoch MLflow logger's slot (no run here)

@@ -185,16 +185,17 @@ def write_test_reports(
     y_true: np.ndarray,
     probs: np.ndarray,
     classes: list[str],
+    per_class: dict,
     test_clips: pd.DataFrame,
     history: dict,
     frames: np.ndarray,
     max_clips: int,
 ) -> list[Path]:
     """Write `reports` (one folder, atomically): the confusion matrix, classification report,
-    per-class scores, test predictions, learning curves and the gallery of misclassified
-    clips (misclassified.png). Returns the files written."""
+    per-class scores (`classification_metrics(...)["per_class"]`), test predictions, learning
+    curves and the gallery of misclassified clips (misclassified.png). Returns the files
+    written."""
     y_pred = probs.argmax(axis=1)
-    per_class = classification_metrics(y_true, y_pred, classes)["per_class"]
     predictions = test_clips.assign(
         actual=[classes[i] for i in y_true],
         predicted=[classes[i] for i in y_pred],

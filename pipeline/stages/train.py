@@ -244,6 +244,7 @@ def train_and_evaluate(
             y_test,
             probs,
             classes,
+            scores["per_class"],
             test_clips,
             history.history,
             test_frames,
