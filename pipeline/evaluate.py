@@ -179,6 +179,35 @@ def misclassified_figure(frames: np.ndarray, predictions: pd.DataFrame, max_clip
     return fig
 
 
+def write_prediction_reports(
+    folder: Path,
+    name: str,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    per_class: dict,
+    test_clips: pd.DataFrame,
+) -> pd.DataFrame:
+    """Write into `folder` the test confusion matrix, classification report, per-class scores
+    (`classification_metrics(...)["per_class"]`) and predictions (`predictions.csv`: each test
+    clip with its actual and predicted action and the confidence). Returns the predictions."""
+    y_pred = probs.argmax(axis=1)
+    predictions = test_clips.assign(
+        actual=[classes[i] for i in y_true],
+        predicted=[classes[i] for i in y_pred],
+        confidence=probs.max(axis=1).round(4),
+    )
+    fig = confusion_figure(y_true, y_pred, classes, f"{name}: test confusion matrix")
+    fig.savefig(folder / "confusion_matrix.png", dpi=100)
+    plt.close(fig)
+    (folder / "classification_report.txt").write_text(report_text(y_true, y_pred, classes))
+    pd.DataFrame(per_class).T.rename_axis("class").reset_index().to_csv(
+        folder / "per_class.csv", index=False
+    )
+    predictions.to_csv(folder / "predictions.csv", index=False)
+    return predictions
+
+
 def write_test_reports(
     reports: Path,
     name: str,
@@ -191,31 +220,16 @@ def write_test_reports(
     frames: np.ndarray,
     max_clips: int,
 ) -> list[Path]:
-    """Write `reports` (one folder, atomically): the confusion matrix, classification report,
-    per-class scores (`classification_metrics(...)["per_class"]`), test predictions, learning
+    """Write `reports` (one folder, atomically): the prediction reports above, the learning
     curves and the gallery of misclassified clips (misclassified.png). Returns the files
     written."""
-    y_pred = probs.argmax(axis=1)
-    predictions = test_clips.assign(
-        actual=[classes[i] for i in y_true],
-        predicted=[classes[i] for i in y_pred],
-        confidence=probs.max(axis=1).round(4),
-    )
-    figures = {
-        "confusion_matrix.png": confusion_figure(
-            y_true, y_pred, classes, f"{name}: test confusion matrix"
-        ),
-        "misclassified.png": misclassified_figure(frames, predictions, max_clips, name),
-    }
     with atomic_dir(reports) as tmp:
-        for file, fig in figures.items():
-            fig.savefig(tmp / file, dpi=100)
-            plt.close(fig)
-        (tmp / "classification_report.txt").write_text(report_text(y_true, y_pred, classes))
-        pd.DataFrame(per_class).T.rename_axis("class").reset_index().to_csv(
-            tmp / "per_class.csv", index=False
+        predictions = write_prediction_reports(
+            tmp, name, y_true, probs, classes, per_class, test_clips
         )
-        predictions.to_csv(tmp / "predictions.csv", index=False)
+        fig = misclassified_figure(frames, predictions, max_clips, name)
+        fig.savefig(tmp / "misclassified.png", dpi=100)
+        plt.close(fig)
         curves = pd.DataFrame(history).rename_axis("epoch").reset_index()
         curves.drop(columns=["learning_rate"], errors="ignore").to_csv(
             tmp / "history.csv", index=False

@@ -99,6 +99,21 @@ def readme_commands(start: str) -> list[str]:
     return commands
 
 
+@contextlib.contextmanager
+def isolated_mlflow_store(path: Path):
+    """MLflow pointed at the SQLite store `path` for the block only. `mlflow.set_tracking_uri`
+    would also export MLFLOW_TRACKING_URI to every later subprocess (the session's `project`
+    repro would then log into this store), so the URI is set through a MonkeyPatch that puts
+    the environment and MLflow's process-wide URI back afterwards."""
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    uri = f"sqlite:///{path}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setattr(tracking_utils, "_tracking_uri", uri)
+        yield uri
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

@@ -82,15 +82,15 @@ def test_default_model_is_the_champion_else_the_latest_comparisons_best(
 
 
 def test_predict_reproduces_the_evaluation_predictions(first_repro_state, tmp_path):
-    """Each model, through the preprocessing logged with it, gives every test clip the label
-    and probability the evaluation gave it; the champion is the default model; an unreadable
+    """Each model and the ensemble of them, through the preprocessing logged with it, gives
+    every test clip the label and probability the evaluation gave it; the champion is the default model; an unreadable
     file among the inputs is reported and skipped."""
     repo, state = first_repro_state
     params = yaml.safe_load((repo / "params.yaml").read_text())
     bad = tmp_path / "notes.avi"
     bad.write_text("not a video")
     champion = pd.read_csv(repo / "reports" / "comparison.csv")["model"].iloc[0]
-    for model in MODELS:
+    for model in [*MODELS, "ensemble"]:  # the ensemble: logged in the comparison run
         expected = pd.read_csv(repo / "reports" / model / "predictions.csv")
         clips = [str(repo / "data" / "raw" / p) for p in expected["path"]]
         ref = json.loads((repo / "reports" / model / "mlflow.json").read_text())

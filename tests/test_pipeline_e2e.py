@@ -26,6 +26,7 @@ from pipeline.common import TF_STARTUP_NOISE
 from pipeline.params import compose_params, dump_params
 
 BASELINES = ["baseline_majority", "baseline_motion_logreg"]
+RANKED = [*MODELS, "ensemble"]  # the rows ranked by validation score, above the baselines
 
 
 def test_first_repro_runs_every_stage(project):
@@ -74,8 +75,43 @@ def test_outputs_metrics_and_reports(project):
         assert gallery is not None, model
         assert (gallery.shape[0] >= 150 * rows) if rows else (gallery.shape[0] < 150), (model, rows)
     table = pd.read_csv(repo / "reports" / "comparison.csv")
-    assert sorted(table["model"]) == sorted(MODELS + BASELINES)
-    assert all(m in (repo / "reports" / "comparison.md").read_text() for m in MODELS + BASELINES)
+    assert sorted(table["model"]) == sorted(RANKED + BASELINES)
+    assert all(m in (repo / "reports" / "comparison.md").read_text() for m in RANKED + BASELINES)
+
+
+def test_the_ensemble_row_averages_the_models_probabilities(project):
+    """Every model writes its validation and test probabilities; the ensemble row is their
+    plain average (`compare.ensemble.weights: equal`), scored like a model, with its reports."""
+    repo, _ = project
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    classes = params["dataset"]["classes"]
+    splits = pd.read_csv(repo / "data" / "clean" / "splits.csv").set_index("path")
+    tables = []
+    for model in MODELS:
+        table = pd.read_csv(repo / "reports" / model / "probabilities.csv")
+        assert set(table["seed"]) == {params["seed"]} and set(table["split"]) == {"val", "test"}
+        assert (splits.loc[table["path"], "split"].to_numpy() == table["split"].to_numpy()).all()
+        assert table[classes].sum(axis=1).to_numpy() == pytest.approx(1, abs=1e-4)
+        tables.append(table[table["split"] == "test"].set_index("path")[classes])
+    mean = sum(t.loc[tables[0].index] for t in tables) / len(tables)
+    ensemble = repo / "reports" / "ensemble"
+    predictions = pd.read_csv(ensemble / "predictions.csv").set_index("path")
+    assert list(predictions.loc[mean.index, "predicted"]) == list(mean.idxmax(axis=1))
+    assert predictions.loc[mean.index, "confidence"].to_numpy() == pytest.approx(
+        mean.max(axis=1).to_numpy(), abs=1e-3
+    )
+    for name in ("confusion_matrix.png", "classification_report.txt", "per_class.csv"):
+        assert (ensemble / name).is_file(), name
+    weights = json.loads((ensemble / "weights.json").read_text())
+    assert weights == {str(params["seed"]): {m: pytest.approx(1 / 3, abs=1e-4) for m in MODELS}}
+    row = pd.read_csv(repo / "reports" / "comparison.csv").set_index("model").loc["ensemble"]
+    assert row["kind"] == "ensemble" and row["test_clips"] == len(mean)
+    costs = [json.loads((repo / "metrics" / f"{m}.json").read_text()) for m in MODELS]
+    assert row["params"] == sum(c["params"] for c in costs)
+    assert (
+        "ensemble: the members' probabilities averaged"
+        in (repo / "reports" / "comparison.md").read_text()
+    )
 
 
 def test_comparison_has_intervals_per_class_f1_and_costs(project):
@@ -96,11 +132,11 @@ def test_comparison_has_intervals_per_class_f1_and_costs(project):
     assert gru["inference_ms_per_clip"] == pytest.approx(
         gru["model_ms_per_clip"] + gru["backbone_ms_per_clip"], abs=0.02
     )
-    # models are ranked by their validation score (never test), the baselines follow them
+    # models and their ensemble are ranked by validation score (never test), then the baselines
     metric = params["compare"]["metric"]
-    assert list(table.index[:3]) != BASELINES and list(table.index[3:]) == BASELINES
-    val = table.loc[MODELS, f"val_{metric}"]
-    assert list(table[f"val_{metric}"].iloc[:3]) == sorted(val, reverse=True)
+    assert sorted(table.index[:4]) == sorted(RANKED) and list(table.index[4:]) == BASELINES
+    val = table.loc[RANKED, f"val_{metric}"]
+    assert list(table[f"val_{metric}"].iloc[:4]) == sorted(val, reverse=True)
     for model in MODELS:
         saved = json.loads((repo / "metrics" / f"{model}.json").read_text())
         assert table.loc[model, f"val_{metric}"] == pytest.approx(saved[f"val_{metric}"])
@@ -129,7 +165,7 @@ def test_baseline_rows_and_flags(project):
     bar = table.loc["baseline_motion_logreg", "macro_f1"]
     assert table.loc["baseline_motion_logreg", "macro_f1"] == pytest.approx(logreg["macro_f1"])
     assert table.loc["baseline_majority", "predicted_classes"] == 1
-    for model in MODELS:
+    for model in RANKED:
         flags = str(table.loc[model, "flags"]) if pd.notna(table.loc[model, "flags"]) else ""
         assert ("does not beat the baseline" in flags) == (table.loc[model, "macro_f1"] <= bar)
         assert ("predicts one class" in flags) == (table.loc[model, "predicted_classes"] == 1)
@@ -211,7 +247,7 @@ def test_mlflow_runs_are_comparable(project):
     comparison_metrics = set(by_model["comparison"].data.metrics)
     assert comparison_metrics and all(k.startswith("comparison/") for k in comparison_metrics)
     metric = params["compare"]["metric"]
-    for row in [*MODELS, *BASELINES]:
+    for row in [*RANKED, *BASELINES]:
         assert f"comparison/{row}_test_{metric}" in comparison_metrics
     assert f"comparison/cnn3d_test_{metric}_low" in comparison_metrics
     metric_keys = [set(by_model[m].data.metrics) for m in MODELS]
@@ -425,7 +461,7 @@ def test_a_stage_restored_from_the_run_cache_leaves_compare_complete(project):
     restored = json.loads((repo / "reports" / "cnn_gru" / "mlflow.json").read_text())
     assert restored["run_id"] == queued.info.run_id
     table = pd.read_csv(repo / "reports" / "comparison.csv").set_index("model")
-    assert sorted(table.index) == sorted(MODELS + BASELINES)
+    assert sorted(table.index) == sorted(RANKED + BASELINES)
     assert table.loc["cnn_gru", "macro_f1"] == pytest.approx(
         queued.data.metrics["test_macro_f1"], abs=1e-4
     )
@@ -443,6 +479,29 @@ def test_readme_one_variation_runs_as_printed_in_a_new_shell(project):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["models"]["cnn_gru"]["dropout"] == 0.2
     assert params["frames"]["num_frames"] == 6  # the copy's default: experiment=tiny
+
+
+def test_readme_fitted_ensemble_weights_rerun_only_compare(project):
+    """`dvc exp run -S compare.ensemble.weights=fitted` as the README prints it: only compare
+    reruns (the trained models' probabilities are reused), the weights lie on the 0.1 grid,
+    and the ensemble row is still ranked by its (leave-one-out) validation score."""
+    repo, state = project
+    (command,) = readme_commands("dvc exp run -S compare.ensemble.weights")
+    try:
+        output = run_as_printed(command, repo, state["env"])
+        assert stages_run(output) == {"compare"}, output[-3000:]
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        (weights,) = json.loads(
+            (repo / "reports" / "ensemble" / "weights.json").read_text()
+        ).values()
+        assert sorted(weights) == sorted(MODELS) and sum(weights.values()) == pytest.approx(1)
+        assert all(round(w * 10, 6).is_integer() for w in weights.values()), weights
+        table = pd.read_csv(repo / "reports" / "comparison.csv")
+        val = f"val_{params['compare']['metric']}"
+        assert list(table[val].iloc[:4]) == sorted(table[val].iloc[:4], reverse=True)
+        assert "ensemble" in list(table["model"].iloc[:4])
+    finally:  # the workspace back to the default weights for the tests after this one
+        run(["dvc", "exp", "run", "-S", "compare.ensemble.weights=equal"], repo, state["env"])
 
 
 def test_one_cnn_gru_parameter_reruns_only_that_model_and_compare(project):

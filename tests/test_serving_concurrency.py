@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 from conftest import (
     free_port,
+    isolated_mlflow_store,
     post_json,
     stop_process_group,
     wait_until_serving,
@@ -52,16 +53,11 @@ def model_folder(tmp_path_factory, tiny_params) -> Path:
         len(classes),
     )
     model.save(folder / "cnn3d.keras")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
-    try:
-        with mlflow.start_run():
-            info = log_video_classifier(
-                folder / "cnn3d.keras", preprocessing_config(params, "cnn3d", classes), "cnn3d"
-            )
+    with isolated_mlflow_store(folder / "mlflow.db"), mlflow.start_run():
+        info = log_video_classifier(
+            folder / "cnn3d.keras", preprocessing_config(params, "cnn3d", classes), "cnn3d"
+        )
         local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(folder / "m"))
-    finally:
-        mlflow.set_tracking_uri(previous)
     return Path(local)
 
 

@@ -81,7 +81,85 @@ def preprocessing_config(params: dict, name: str, classes: list[str]) -> dict:
     return pre
 
 
-class VideoClassifier:
+class ClipClassifier:
+    """What classifies videos given `probabilities` of decoded clips: single files, folders,
+    windows over a long recording. `pre` says how a clip is decoded and sampled (frames,
+    min_frames), `classes` the order of the probabilities."""
+
+    pre: dict
+    classes: list[str]
+
+    def prepare(self) -> None:
+        """Build what computes the probabilities now, not in the first request."""
+
+    def probabilities(self, frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """(B x classes) class probabilities for a batch of sampled clips."""
+        raise NotImplementedError
+
+    def classify_clips(
+        self, paths: list[Path], chunk: int = 8
+    ) -> Iterator[tuple[Path, np.ndarray | None, str]]:
+        """(path, probabilities or None, error) per file; a bad file is reported, not fatal."""
+        for start in range(0, len(paths), chunk):
+            batch, failed = [], []
+            for path in paths[start : start + chunk]:
+                try:
+                    batch.append((path, *clip_frames(path, self.pre)))
+                except VideoError as exc:
+                    failed.append((path, str(exc)))
+            probs = (
+                self.probabilities(
+                    np.stack([f for _, f, _ in batch]), np.stack([m for _, _, m in batch])
+                )
+                if batch
+                else []
+            )
+            results = {p: (pr, "") for (p, _, _), pr in zip(batch, probs)}
+            results.update({p: (None, e) for p, e in failed})
+            for path in paths[start : start + chunk]:
+                yield (path, *results[path])
+
+    def classify_windows(
+        self, path: Path, window_s: float, stride_s: float, chunk: int = 16
+    ) -> pd.DataFrame:
+        """One row per window: start_s, end_s and the class probabilities."""
+        total, fps = count_frames(path)
+        if reason := too_few_frames(total, self.pre):
+            raise TooFewFrames(path, reason)
+        bounds = window_bounds(total, fps, window_s, stride_s)
+        shortest = min(end - start for start, end in bounds)
+        if reason := too_few_frames(shortest, self.pre, f"frames in a {window_s:g} s window"):
+            raise TooFewFrames(path, f"{reason}; give a longer --window")
+        rows, frames, masks = [], [], []
+
+        def flush():
+            if frames:
+                rows.extend(self.probabilities(np.stack(frames), np.stack(masks)))
+                frames.clear()
+                masks.clear()
+
+        for clip, mask in window_frames(path, self.pre, bounds):
+            frames.append(clip)
+            masks.append(mask)
+            if len(frames) == chunk:
+                flush()
+        flush()
+        table = pd.DataFrame(np.asarray(rows), columns=self.classes)
+        table.insert(0, "start_s", [round(s / fps, 3) for s, _ in bounds])
+        table.insert(1, "end_s", [round(e / fps, 3) for _, e in bounds])
+        return table
+
+    def probability_table(self, probs: np.ndarray) -> pd.DataFrame:
+        table = pd.DataFrame(
+            np.asarray(probs, dtype=float).reshape(-1, len(self.classes)), columns=self.classes
+        )
+        top = table.to_numpy().argmax(axis=1)
+        table.insert(0, "top_action", [self.classes[i] for i in top])
+        table.insert(1, "top_probability", table[self.classes].to_numpy().max(axis=1))
+        return table
+
+
+class VideoClassifier(ClipClassifier):
     """The classifier and its preprocessing; `VideoClassifierModel` wraps it for MLflow.
 
     Safe to call from several threads at once (`mlflow models serve` runs each request in a
@@ -187,65 +265,3 @@ class VideoClassifier:
             )
             parts.append(np.asarray(self.runner().predict_on_batch(part)))
         return np.concatenate(parts)
-
-    def classify_clips(
-        self, paths: list[Path], chunk: int = 8
-    ) -> Iterator[tuple[Path, np.ndarray | None, str]]:
-        """(path, probabilities or None, error) per file; a bad file is reported, not fatal."""
-        for start in range(0, len(paths), chunk):
-            batch, failed = [], []
-            for path in paths[start : start + chunk]:
-                try:
-                    batch.append((path, *clip_frames(path, self.pre)))
-                except VideoError as exc:
-                    failed.append((path, str(exc)))
-            probs = (
-                self.probabilities(
-                    np.stack([f for _, f, _ in batch]), np.stack([m for _, _, m in batch])
-                )
-                if batch
-                else []
-            )
-            results = {p: (pr, "") for (p, _, _), pr in zip(batch, probs)}
-            results.update({p: (None, e) for p, e in failed})
-            for path in paths[start : start + chunk]:
-                yield (path, *results[path])
-
-    def classify_windows(
-        self, path: Path, window_s: float, stride_s: float, chunk: int = 16
-    ) -> pd.DataFrame:
-        """One row per window: start_s, end_s and the class probabilities."""
-        total, fps = count_frames(path)
-        if reason := too_few_frames(total, self.pre):
-            raise TooFewFrames(path, reason)
-        bounds = window_bounds(total, fps, window_s, stride_s)
-        shortest = min(end - start for start, end in bounds)
-        if reason := too_few_frames(shortest, self.pre, f"frames in a {window_s:g} s window"):
-            raise TooFewFrames(path, f"{reason}; give a longer --window")
-        rows, frames, masks = [], [], []
-
-        def flush():
-            if frames:
-                rows.extend(self.probabilities(np.stack(frames), np.stack(masks)))
-                frames.clear()
-                masks.clear()
-
-        for clip, mask in window_frames(path, self.pre, bounds):
-            frames.append(clip)
-            masks.append(mask)
-            if len(frames) == chunk:
-                flush()
-        flush()
-        table = pd.DataFrame(np.asarray(rows), columns=self.classes)
-        table.insert(0, "start_s", [round(s / fps, 3) for s, _ in bounds])
-        table.insert(1, "end_s", [round(e / fps, 3) for _, e in bounds])
-        return table
-
-    def probability_table(self, probs: np.ndarray) -> pd.DataFrame:
-        table = pd.DataFrame(
-            np.asarray(probs, dtype=float).reshape(-1, len(self.classes)), columns=self.classes
-        )
-        top = table.to_numpy().argmax(axis=1)
-        table.insert(0, "top_action", [self.classes[i] for i in top])
-        table.insert(1, "top_probability", table[self.classes].to_numpy().max(axis=1))
-        return table

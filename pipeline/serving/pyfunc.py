@@ -196,14 +196,27 @@ def model_signature(classes: list[str]):
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
+def log_classifier_pyfunc(name: str, python_model, artifacts: dict, classes: list[str]):
+    """Log a pyfunc of this module's interface in the active run as `name`, with the
+    `pipeline` package as its code (it loads where the project is not installed, e.g. the
+    image of `make serving-image`) and the serving requirements pinned. Returns ModelInfo."""
+    from importlib.metadata import version
+
+    requirements = [f"{dist}=={version(dist)}" for dist in SERVING_DISTRIBUTIONS]
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=python_model,
+        artifacts=artifacts,
+        code_paths=[str(Path(__file__).resolve().parents[1])],
+        signature=model_signature(classes),
+        pip_requirements=requirements,
+    )
+
+
 def log_video_classifier(model_file: Path, pre: dict, name: str = "model"):
     """Log the trained model in the active run as `name` (the model's own, e.g. `cnn3d`): a
     VideoClassifierModel pyfunc carrying the .keras file, its preprocessing and the pipeline
     code. Returns MLflow's ModelInfo."""
-    from importlib.metadata import version
-
-    import mlflow
-
     from pipeline.common import resolve
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,17 +226,7 @@ def log_video_classifier(model_file: Path, pre: dict, name: str = "model"):
         weights = pre.get("features", {}).get("weights")
         if weights not in (None, "imagenet"):
             artifacts["backbone_weights"] = str(resolve(weights))
-        requirements = [f"{dist}=={version(dist)}" for dist in SERVING_DISTRIBUTIONS]
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=VideoClassifierModel(),
-            artifacts=artifacts,
-            # the whole `pipeline` package (serving imports models/, data/, common): the model
-            # loads where the project is not installed, e.g. the image of `make serving-image`
-            code_paths=[str(Path(__file__).resolve().parents[1])],
-            signature=model_signature(pre["classes"]),
-            pip_requirements=requirements,
-        )
+        return log_classifier_pyfunc(name, VideoClassifierModel(), artifacts, pre["classes"])
 
 
 def load_video_classifier(uri: str) -> tuple[VideoClassifier, object]:

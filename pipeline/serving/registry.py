@@ -59,8 +59,9 @@ def promotion_reason(
 
 
 REGISTERED_MODEL_DESCRIPTION = """\
-Handball action classifier of this project's pipeline: one of `frame_cnn`, `cnn3d`, `cnn_gru`
-with its preprocessing, as an MLflow pyfunc. Input: a DataFrame with a `video` column (the
+Handball action classifier of this project's pipeline: one of `frame_cnn`, `cnn3d`, `cnn_gru`,
+or their `ensemble` (the average of their probabilities), with its preprocessing, as an MLflow
+pyfunc. Input: a DataFrame with a `video` column (the
 file's bytes, base64) or `path`; output: `top_action`, `top_probability` and every class's
 probability. The `champion` alias is the best model by **validation** score; it moves only to
 a model that beats it on the same data and split (`compare.promote: better`). Each version's

@@ -26,15 +26,10 @@ import json
 import logging
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from pipeline.common import (  # noqa: E402
+from pipeline.common import (
     PipelineError,
     dataset_classes,
     resolve,
@@ -43,8 +38,18 @@ from pipeline.common import (  # noqa: E402
     write_json_atomic,
     write_text_atomic,
 )
-from pipeline.evaluate import SCORES, bootstrap_intervals  # noqa: E402
-from pipeline.serving.registry import (  # noqa: E402
+from pipeline.comparison_report import comparison_figure, json_safe, markdown_table
+from pipeline.ensemble import (
+    ENSEMBLE,
+    aligned_probabilities,
+    ensemble_config,
+    ensemble_summary,
+    read_probabilities,
+    seed_ensembles,
+    write_ensemble_reports,
+)
+from pipeline.evaluate import SCORES, bootstrap_intervals
+from pipeline.serving.registry import (
     check_promote_policy,
     model_ref,
     register_champion,
@@ -106,6 +111,30 @@ def model_row(params: dict, name: str, classes: list[str]) -> dict:
     }
 
 
+def ensemble_rows(params: dict, classes: list[str]) -> list[dict]:
+    """The ensemble's row (none with fewer than two members): its members' validation and
+    test probabilities averaged per seed (`compare.ensemble`), scored like a model's; its
+    reports in `reports/ensemble/`."""
+    config = ensemble_config(params["compare"].get("ensemble") or {}, list(params["models"]))
+    if len(config.members) < 2:
+        return []
+    reports = resolve(params["paths"]["reports"])
+    clips, probs = aligned_probabilities(
+        {m: read_probabilities(reports, m) for m in config.members}, classes
+    )
+    ensembles = seed_ensembles(clips, probs, classes, config)
+    # the seed the saved models were trained with: what the logged ensemble model serves
+    main = next((e for e in ensembles if e.seed == int(params["seed"])), ensembles[0])
+    write_ensemble_reports(reports / ENSEMBLE, ensembles, main, classes)
+    members = {
+        m: json.loads((resolve(params["paths"]["metrics"]) / f"{m}.json").read_text())
+        for m in config.members
+    }
+    summary = ensemble_summary(ensembles, main, members)
+    row = score_row(params, ENSEMBLE, summary, reports / ENSEMBLE, classes)
+    return [{**row, "kind": "ensemble", "weights": json.dumps(main.weights)}]
+
+
 def baseline_rows(params: dict, classes: list[str]) -> list[dict]:
     """The rows of the `baseline` stage (majority class, motion logistic regression)."""
     path = resolve(params["paths"]["metrics"]) / "baseline.json"
@@ -127,15 +156,15 @@ def selection_order(table: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def comparison_table(params: dict) -> pd.DataFrame:
-    """Models ranked by validation score, then the baseline rows; `flags` says which model
-    does not beat the logistic regression baseline on test or predicts a single class."""
+    """Models and their ensemble ranked by validation score (a tie goes to the single
+    model), then the baseline rows; `flags` says which does not beat the logistic regression
+    baseline on test or predicts a single class."""
     classes = dataset_classes(params)
     metric = params["compare"]["metric"]
     if metric not in SCORES:
         raise PipelineError(f"compare.metric={metric!r}: one of {SCORES}")
-    models = selection_order(
-        pd.DataFrame([model_row(params, name, classes) for name in params["models"]]), metric
-    )
+    rows = [model_row(params, name, classes) for name in params["models"]]
+    models = selection_order(pd.DataFrame(rows + ensemble_rows(params, classes)), metric)
     baselines = pd.DataFrame(baseline_rows(params, classes))
     bar = float(
         baselines.loc[baselines["model"] == BASELINE_STAGE_ROWS["motion_logreg"], metric].iloc[0]
@@ -158,80 +187,6 @@ def comparison_table(params: dict) -> pd.DataFrame:
     return pd.concat([models, baselines], ignore_index=True)
 
 
-def json_safe(value):
-    """NaN (a score a row does not have) as null: strict JSON parsers reject NaN."""
-    return None if isinstance(value, float) and np.isnan(value) else value
-
-
-def number(fmt: str):
-    """A cell formatter that shows a missing value (a baseline's costs) as a dash."""
-    return lambda v: "—" if pd.isna(v) else fmt.format(v)
-
-
-def markdown_table(
-    table: pd.DataFrame, classes: list[str], confidence: float, metric: str = "macro_f1"
-) -> str:
-    """Validation score (the ranking), test scores as `value [low, high]`, per-class F1,
-    costs, flags."""
-    shown = pd.DataFrame({"model": table["model"]})
-    shown[f"val {metric} (ranks)"] = table[f"val_{metric}"].map(number("{:.3f}"))
-    for score in SCORES:
-        shown[f"{score} ({confidence:.0%} CI)"] = [
-            f"{r[score]:.3f} [{r[score + '_low']:.2f}, {r[score + '_high']:.2f}]"
-            for r in table.to_dict("records")
-        ]
-    if table["seeds"].notna().any():
-        metric = "macro_f1"
-        shown[f"{metric} over seeds"] = [
-            f"{r[metric + '_mean']:.3f} ± {r[metric + '_std']:.3f} ({r['seeds']:.0f})"
-            if pd.notna(r["seeds"])
-            else ""
-            for r in table.to_dict("records")
-        ]
-    for c in classes:
-        shown[f"F1 {c}"] = table[f"f1_{c}"].map("{:.2f}".format)
-    shown["params"] = table["params"].map(number("{:,.0f}"))
-    shown["train s"] = table["train_time_s"].map(number("{:.0f}"))
-    shown["ms/clip"] = table["inference_ms_per_clip"].map(number("{:.0f}"))
-    shown["test clips"] = table["test_clips"]
-    shown["flags"] = table["flags"]
-    return shown.to_markdown(index=False, disable_numparse=True)
-
-
-def comparison_figure(table: pd.DataFrame, classes: list[str], confidence: float):
-    """Left: the three scores with their intervals and the chance line; right: F1 per class."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [2, 3]})
-    left.axhline(
-        1 / len(classes),
-        color="grey",
-        linestyle="--",
-        linewidth=1,
-        label=f"chance (balanced) 1/{len(classes)}",
-    )
-    width = 0.8 / len(SCORES)
-    x = np.arange(len(table))
-    for i, score in enumerate(SCORES):
-        err = np.vstack(
-            [table[score] - table[f"{score}_low"], table[f"{score}_high"] - table[score]]
-        )
-        left.bar(x + i * width, table[score], width, yerr=err.clip(min=0), capsize=3, label=score)
-    left.set_xticks(x + width, table["model"])
-    left.set_ylim(0, 1)
-    left.set_ylabel("test score")
-    left.set_title(f"Test scores ({confidence:.0%} bootstrap intervals)")
-    left.legend(loc="upper right", fontsize=7)
-    width = 0.8 / len(table)
-    cx = np.arange(len(classes))
-    for i, row in enumerate(table.to_dict("records")):
-        right.bar(cx + i * width, [row[f"f1_{c}"] for c in classes], width, label=row["model"])
-    right.set_xticks(cx + width * (len(table) - 1) / 2, classes, rotation=30, ha="right")
-    right.set_ylim(0, 1)
-    right.set_title("F1 per class")
-    right.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
 def comparison_metrics(table: pd.DataFrame, metric: str) -> dict[str, float]:
     """The comparison run's metrics: for every model and baseline row, the test score by
     `compare.metric` with its interval and the validation score, named
@@ -252,18 +207,11 @@ def comparison_metrics(table: pd.DataFrame, metric: str) -> dict[str, float]:
     }
 
 
-def compare(params: dict) -> pd.DataFrame:
-    import mlflow
-
-    from pipeline.tracking import DESCRIPTION_TAG, run_name, run_tags, use_experiment
-
-    classes = dataset_classes(params)
-    confidence = float(params["compare"]["confidence"])
-    check_promote_policy(params["compare"].get("promote", "better"))  # before any work
-    table = comparison_table(params)
+def write_comparison_files(params: dict, table: pd.DataFrame, classes: list[str]):
+    """reports/comparison.{png,md,csv} and metrics/comparison.json; returns (markdown, figure)."""
     reports = resolve(params["paths"]["reports"])
-    metric = params["compare"]["metric"]
-    markdown = markdown_table(table, classes, confidence, metric)
+    confidence = float(params["compare"]["confidence"])
+    markdown = markdown_table(table, classes, confidence, params["compare"]["metric"])
     fig = comparison_figure(table, classes, confidence)
     png = io.BytesIO()
     fig.savefig(png, dpi=100, format="png")
@@ -277,23 +225,67 @@ def compare(params: dict) -> pd.DataFrame:
             for r in table.round(4).to_dict("records")
         },
     )
+    return markdown, fig
+
+
+def log_ensemble_model(params: dict, table: pd.DataFrame, classes: list[str], run_id: str) -> dict:
+    """Log the ensemble row's model (its members' logged models and weights) in the comparison
+    run `run_id`: a reference like `model_ref`'s, or {} when there is no ensemble row or a
+    member's logged model is not in this MLflow store (logged)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.serving.ensemble import log_ensemble_classifier
+
+    rows = table[table["kind"] == "ensemble"]
+    if rows.empty:
+        return {}
+    weights = json.loads(rows.iloc[0]["weights"])
+    uris = {m: model_ref(params, m).get("model_uri") for m in weights}
+    try:
+        if not all(uris.values()):
+            raise PipelineError(f"no logged model of {[m for m, u in uris.items() if not u]}")
+        info = log_ensemble_classifier(uris, weights, classes, ENSEMBLE)
+    except (MlflowException, PipelineError, OSError) as exc:
+        log.warning(
+            "not logging the ensemble's model: a member's logged model is not in %s (%s); "
+            "retrain the members with `dvc repro -f train@<model>`",
+            mlflow.get_tracking_uri(),
+            exc,
+        )
+        return {}
+    return {"run_id": run_id, "model_uri": info.model_uri}
+
+
+def compare(params: dict) -> pd.DataFrame:
+    import mlflow
+
+    from pipeline.tracking import DESCRIPTION_TAG, run_name, run_tags, use_experiment
+
+    classes = dataset_classes(params)
+    check_promote_policy(params["compare"].get("promote", "better"))  # before any work
+    table = comparison_table(params)
+    markdown, fig = write_comparison_files(params, table, classes)
     best = table.iloc[0].to_dict()  # the first model row: best by validation score
+    metric = params["compare"]["metric"]
 
     use_experiment(params["mlflow"]["experiment"])
     dataset = json.loads((resolve(params["paths"]["clean"]) / "dataset.json").read_text())
-    best_ref = model_ref(params, best["model"])
-    tags = {
-        **run_tags("comparison", dataset),
-        "best_model": best["model"],
-        # what `pipeline.predict` uses when no champion is registered
-        "best_model_uri": best_ref.get("model_uri", ""),
-    }
-    with mlflow.start_run(run_name=run_name("comparison", dataset), tags=tags):
+    tags = {**run_tags("comparison", dataset), "best_model": best["model"]}
+    with mlflow.start_run(run_name=run_name("comparison", dataset), tags=tags) as run:
+        mlflow.log_dict(params, "config.yaml")  # a registered ensemble's version points here
         mlflow.log_table(table, "comparison.json")
         mlflow.log_text(markdown, "comparison.md")
         mlflow.log_figure(fig, "comparison.png")
         mlflow.log_metrics(comparison_metrics(table, metric))
         mlflow.set_tag(DESCRIPTION_TAG, markdown)
+        ensemble_ref = log_ensemble_model(params, table, classes, run.info.run_id)
+        if ensemble_ref:  # beside its reports, as a trained model's (`model_ref`)
+            reports = resolve(params["paths"]["reports"]) / ENSEMBLE
+            write_json_atomic(reports / "mlflow.json", ensemble_ref)
+        best_ref = model_ref(params, best["model"])
+        # what `pipeline.predict` uses when no champion is registered
+        mlflow.set_tag("best_model_uri", best_ref.get("model_uri", ""))
         version = register_champion(params, best, best_ref, dataset)
         if version is not None:
             mlflow.set_tags({"champion": f"{params['compare']['register_as']}/{version.version}"})
@@ -303,7 +295,7 @@ def compare(params: dict) -> pd.DataFrame:
         best["model"],
         best[f"val_{metric}"],
         best[metric],
-        confidence * 100,
+        float(params["compare"]["confidence"]) * 100,
         best[f"{metric}_low"],
         best[f"{metric}_high"],
         markdown,

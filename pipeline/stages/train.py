@@ -5,54 +5,31 @@
 
 Writes `models/<model>/model.keras`, `metrics/<model>.json` (for `dvc metrics show`) and
 `reports/<model>/` (confusion matrix PNG, classification report, per-class scores, test
-predictions, learning curves), and logs one MLflow run with all of it plus the model.
+predictions, learning curves, the misclassified test clips, every seed's validation and test
+probabilities for the ensemble row), and logs one MLflow run with all of it plus the model.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import time
 
-import numpy as np
 import pandas as pd
 
-from pipeline.common import atomic_dir, resolve, stage_cli, write_json_atomic
+from pipeline.common import (
+    atomic_dir,
+    resolve,
+    stage_cli,
+    write_json_atomic,
+    write_text_atomic,
+)
 from pipeline.data.arrays import input_dir, load_arrays, load_split
+from pipeline.ensemble import PROBABILITIES_FILE, probability_rows
 from pipeline.models.distributed import is_chief, training_strategy, worker_index
 from pipeline.models.fitting import fit_model
+from pipeline.models.timing import backbone_ms_per_clip, model_ms_per_clip
 
 log = logging.getLogger(__name__)
-
-
-def model_ms_per_clip(model, inputs, batch_size: int) -> float:
-    """Forward time per test clip on this machine (the model is already warm), in ms."""
-    n = len(inputs["features"]) if isinstance(inputs, dict) else len(inputs)
-    start = time.perf_counter()
-    model.predict(inputs, batch_size=batch_size, verbose=0)
-    return (time.perf_counter() - start) / n * 1000
-
-
-@functools.cache
-def backbone_ms_per_clip(backbone_name: str, size: int, num_frames: int) -> float:
-    """For models on cached features: the time the features backbone takes for one clip's
-    frames (one batch of num_frames), which inference on a new clip has to pay too, in ms.
-    Median of 3 after a warm-up; random weights (speed does not depend on them). Measured
-    once per process and shape: the jobs of a sweep share it."""
-    from pipeline.models.backbones import build_backbone, preprocess_for
-
-    backbone = build_backbone(
-        backbone_name, None, (size, size, 3), config_key="features.weights", pooling="avg"
-    )
-    batch = preprocess_for(backbone_name)(np.zeros((num_frames, size, size, 3), np.float32))
-    backbone.predict_on_batch(batch)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        backbone.predict_on_batch(batch)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1000
 
 
 def extra_seeds(params: dict) -> list[int]:
@@ -74,11 +51,19 @@ def train_as_worker(params: dict, name: str, data: dict, num_classes: int) -> di
 
 
 def repeat_over_seeds(
-    params: dict, name: str, data: dict, classes: list[str], first: dict, tags: dict, title: str
+    params: dict,
+    name: str,
+    data: dict,
+    classes: list[str],
+    first: dict,
+    tags: dict,
+    title: str,
+    probabilities: dict,
 ) -> dict:
     """Train again with every seed of `train_seeds` other than `seed`, each as a nested MLflow
-    run (`<title> · seed N`), and return mean and standard deviation of the test scores over
-    all seeds."""
+    run (`<title> · seed N`), add each seed's validation and test probabilities to
+    `probabilities` ((seed, split) -> clips x classes) and return mean and standard deviation
+    of the test scores over all seeds."""
     import keras
     import mlflow
 
@@ -97,7 +82,11 @@ def repeat_over_seeds(
         ):
             mlflow.log_param("seed", seed)
             model, _, _ = fit_model(params, name, data, len(classes), seed)
-            y_pred = model.predict(x_test, batch_size=batch_size, verbose=0).argmax(axis=1)
+            for split in ("val", "test"):
+                probabilities[seed, split] = model.predict(
+                    data[split][0], batch_size=batch_size, verbose=0
+                )
+            y_pred = probabilities[seed, "test"].argmax(axis=1)
             scores = classification_metrics(y_test, y_pred, classes)
             rows.append({k: scores[k] for k in rows[0]})
             mlflow.log_metrics({f"test_{k}": v for k, v in rows[-1].items()})
@@ -140,7 +129,7 @@ def train_and_evaluate(
     classes = json.loads((input_dir(params, cfg) / "classes.json").read_text())
     dataset = json.loads((resolve(params["paths"]["clean"]) / "dataset.json").read_text())
     x_train, y_train, _ = load_split(params, cfg, "train")
-    x_val, y_val, _ = load_split(params, cfg, "val")
+    x_val, y_val, val_clips = load_split(params, cfg, "val")
     x_test, y_test, test_clips = load_split(params, cfg, "test")
     if len(y_val) == 0 or len(y_test) == 0:
         raise ValueError(
@@ -185,15 +174,17 @@ def train_and_evaluate(
         )
 
         # Predict in stored order; labels are read from the same arrays, so pairs stay aligned.
-        probs = model.predict(x_test, batch_size=int(train_cfg["batch_size"]), verbose=0)
-        y_pred = probs.argmax(axis=1)
-        scores = classification_metrics(y_test, y_pred, classes)
+        seed, batch_size = int(params["seed"]), int(train_cfg["batch_size"])
+        probabilities = {
+            (seed, split): model.predict(x, batch_size=batch_size, verbose=0)
+            for split, x in (("val", x_val), ("test", x_test))
+        }
+        probs = probabilities[seed, "test"]
+        scores = classification_metrics(y_test, probs.argmax(axis=1), classes)
         # validation scores of the final (restored best) weights: what sweeps select on
-        val_pred = model.predict(x_val, batch_size=int(train_cfg["batch_size"]), verbose=0).argmax(
-            axis=1
-        )
+        val_pred = probabilities[seed, "val"].argmax(axis=1)
         val_scores = classification_metrics(y_val, val_pred, classes)
-        model_ms = model_ms_per_clip(model, x_test, int(train_cfg["batch_size"]))
+        model_ms = model_ms_per_clip(model, x_test, batch_size)
         streams = 2 if params["features"].get("motion") else 1  # appearance (+ motion)
         backbone_ms = (
             backbone_ms_per_clip(
@@ -275,7 +266,18 @@ def train_and_evaluate(
             model_id=info.model_id,
         )
         spread = repeat_over_seeds(
-            params, name, data, classes, summary, tags, run_name(name, dataset)
+            params, name, data, classes, summary, tags, run_name(name, dataset), probabilities
+        )
+        # every seed's validation and test probabilities: what the ensemble row averages
+        clips = {"val": val_clips, "test": test_clips}
+        write_text_atomic(
+            reports / PROBABILITIES_FILE,
+            pd.concat(
+                [
+                    probability_rows(s, sp, clips[sp], p, classes)
+                    for (s, sp), p in probabilities.items()
+                ]
+            ).to_csv(index=False),
         )
         if spread:
             summary.update({k: round(v, 4) for k, v in spread.items()})
