@@ -124,14 +124,27 @@ def store_root() -> Path:
 
 
 def load_params(path: str | Path | None = None) -> dict[str, Any]:
-    """Read the composed configuration (`params.yaml`) that every DVC stage reads."""
+    """Read the composed configuration (`params.yaml`) that every DVC stage reads, checked
+    against `pipeline/schema.py`: a PipelineError lists every problem, one line each, before
+    a stage reads data or opens an MLflow run."""
+    from pipeline.schema import InvalidConfig, validate_params
+
     path = Path(path) if path else repo_root() / "params.yaml"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: run `python -m pipeline.params` to compose it from conf/"
         )
-    with open(path, encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return validate_params(yaml.safe_load(fh))
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path} is not valid YAML: {exc}") from None
+    except InvalidConfig as exc:
+        raise PipelineError(
+            f"{path} breaks the config schema ({len(exc.problems)} problem(s); fix conf/ or "
+            "the override and compose again with `python -m pipeline.params`):\n  "
+            + "\n  ".join(exc.problems)
+        ) from None
 
 
 def resolve(path: str | Path) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from pipeline.data.arrays import load_arrays
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "HANDBALL_SWEEP_PARENT_RUN_ID"
+INVALID_ENV = "HANDBALL_SWEEP_INVALID"  # set when the grid breaks the schema: jobs are skipped
 
 
 def objective_name(params: dict) -> str:
@@ -55,6 +57,12 @@ class MlflowParentRun(Callback):
 
         from pipeline.tracking import run_tags, use_experiment
 
+        try:
+            check_sweep_points(config)  # before any job and before the parent run
+        except PipelineError as exc:  # Hydra would only warn and run every job anyway
+            log.error("%s", exc)
+            os.environ[INVALID_ENV] = "1"
+            return
         exp_id = use_experiment(config.mlflow.experiment)
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         name = config.model.name
@@ -109,6 +117,52 @@ def apply_model_overrides(params: dict, name: str, cfg: DictConfig, overrides: l
     params["models"][name] = OmegaConf.to_container(target, resolve=True)
 
 
+def job_params(cfg: dict, overrides: list[str]) -> tuple[str, dict]:
+    """(model name, the params a job trains with): the composed sweep config without its
+    `model` node, whose name picks the model and whose overrides go to `models.<name>`."""
+    params = {k: v for k, v in cfg.items() if k != "hydra"}
+    name = params.pop("model")["name"]
+    apply_model_overrides(params, name, OmegaConf.create(cfg), overrides)
+    return name, params
+
+
+def check_sweep_points(config: DictConfig) -> None:
+    """Every point of the sweep's grid checked against the schema before the first job: the
+    discrete sweeps (`a,b,c`, `choice(...)`, `range(...)`) are expanded; a continuous
+    `interval(...)` (Optuna) is checked in each job. A PipelineError names the problems and
+    the point, so a bad value stops the sweep in a second instead of failing every job."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from pipeline.schema import InvalidConfig, validate_params
+
+    base = OmegaConf.to_container(config, resolve=False)
+    base.pop("hydra", None)
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    sweeps = [o for o in parsed if o.is_sweep_override() and o.is_discrete_sweep()]
+    keys = [o.key_or_group for o in sweeps]
+    problems: dict[str, list[str]] = {}
+    for values in itertools.product(*(list(o.sweep_iterator()) for o in sweeps)):
+        point = OmegaConf.create(base)
+        for key, value in zip(keys, values):
+            OmegaConf.update(point, key, value, merge=False, force_add=True)
+        cfg = OmegaConf.to_container(point, resolve=True)
+        overrides = [f"{k}={v}" for k, v in zip(keys, values)]
+        try:
+            validate_params(job_params(cfg, overrides + list(config.hydra.overrides.task))[1])
+        except InvalidConfig as exc:
+            for line in exc.problems:
+                problems.setdefault(line, []).append(" ".join(overrides) or "every job")
+    if problems:
+        raise PipelineError(
+            "the sweep's config breaks the schema; no job was started:\n  "
+            + "\n  ".join(
+                f"{line} (at {'; '.join(points[:3])})" for line, points in problems.items()
+            )
+        )
+
+
 def check_cached_inputs(params: dict, name: str) -> None:
     from pipeline.data.arrays import input_dir
 
@@ -124,13 +178,15 @@ def sweep_job(cfg: DictConfig) -> float:
     (NaN when the job failed, after recording it as a FAILED child run)."""
     import mlflow
 
+    from pipeline.schema import validate_params
     from pipeline.stages.train import train_and_evaluate
     from pipeline.tracking import run_tags, use_experiment
 
-    params = OmegaConf.to_container(cfg, resolve=True)
-    name = params.pop("model")["name"]
     task_overrides = list(HydraConfig.get().overrides.task)
-    apply_model_overrides(params, name, cfg, task_overrides)
+    if os.environ.get(INVALID_ENV):
+        log.warning("sweep job skipped (%s): the sweep's config breaks the schema", task_overrides)
+        return math.nan
+    name, params = job_params(OmegaConf.to_container(cfg, resolve=True), task_overrides)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = " ".join(task_overrides)
     parent = os.environ.get(PARENT_ENV)
@@ -144,6 +200,7 @@ def sweep_job(cfg: DictConfig) -> float:
                 "no MLflow parent run: the sweep callback did not start "
                 "(see Hydra's warnings above)"
             )
+        validate_params(params)  # an Optuna trial's value; the grid was checked at the start
         check_cached_inputs(params, name)
         summary = train_and_evaluate(
             params, name, parent_run_id=parent, extra_tags={"sweep_job_overrides": overrides}
@@ -178,7 +235,10 @@ def hydra_main() -> None:
     """`python -m pipeline.sweep -m ...`: Hydra reads its arguments from sys.argv."""
     setup_logging()
     conf_dir = str(repo_root() / "conf")
+    os.environ.pop(INVALID_ENV, None)
     hydra.main(config_path=conf_dir, config_name="sweep", version_base="1.3")(sweep_job)()
+    if os.environ.pop(INVALID_ENV, None):
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -245,3 +245,31 @@ def test_members_of_different_pipeline_runs_do_not_make_an_ensemble():
     }
     with pytest.raises(PipelineError, match="frame_cnn's frames .* differ from cnn3d's"):
         EnsembleClassifier(members, {"cnn3d": 0.5, "frame_cnn": 0.5})
+
+
+def test_mirror_averaging_classifies_each_clip_and_its_mirror_image(tmp_path, monkeypatch):
+    """`tta_hflip` (recorded with a frame model, or `predict --hflip`): a clip's probabilities
+    are the mean of the model's on the clip and on its left-right mirror image; a model on
+    features declines it."""
+    from conftest import write_numbered_video
+
+    from pipeline.serving.classifier import VideoClassifier
+    from pipeline.serving.clips import clip_frames
+
+    monkeypatch.setenv("HANDBALL_INFERENCE_RUNTIME", "keras")
+    model = frame_model(3)
+    video = tmp_path / "clip.avi"
+    write_numbered_video(video, 12)
+    frames, masks = clip_frames(video, preprocessing("cnn3d"))
+    frames = frames.copy()
+    frames[:, :, :16] = 255  # the left half white: the mirror image differs
+    batch = frames[None]
+    plain = VideoClassifier(model, preprocessing("cnn3d"))
+    averaged = VideoClassifier(model, {**preprocessing("cnn3d"), "tta_hflip": True})
+    mirror = np.asarray(model.predict_on_batch(batch[:, :, :, ::-1]))
+    expected = (np.asarray(model.predict_on_batch(batch)) + mirror) / 2
+    assert np.allclose(averaged.probabilities(batch, masks[None]), expected, atol=1e-6)
+    assert not np.allclose(plain.probabilities(batch, masks[None]), expected, atol=1e-6)
+    assert plain.use_mirror_averaging() and plain.pre["tta_hflip"]
+    features = VideoClassifier(model, {**preprocessing("cnn_gru"), "input": "features"})
+    assert not features.use_mirror_averaging()

@@ -123,6 +123,27 @@ def test_predict_reproduces_the_evaluation_predictions(first_repro_state, tmp_pa
             assert f"{len(clips)} of {len(clips) + 1} files classified" in proc.stderr
 
 
+def test_predict_hflip_averages_each_clip_with_its_mirror_image(first_repro_state):
+    """`predict --hflip` (test-time averaging): cnn3d's answers change to the mean over each
+    clip and its mirror image (still probabilities); cnn_gru, on features, says it ignores it."""
+    repo, state = first_repro_state
+    expected = pd.read_csv(repo / "reports" / "cnn3d" / "predictions.csv")
+    clips = [str(repo / "data" / "raw" / p) for p in expected["path"][:4]]
+    answers = {}
+    for model in ("cnn3d", "cnn_gru"):
+        ref = json.loads((repo / "reports" / model / "mlflow.json").read_text())
+        uri = f"runs:/{ref['run_id']}/{model}"
+        for flag in ((), ("--hflip",)):
+            proc, rows = predict_cli(repo, state["env"], *clips, "--model", uri, *flag)
+            answers[model, bool(flag)] = [r["probabilities"] for r in rows]
+            if flag and model == "cnn_gru":
+                assert "reads features, not frames; ignored" in proc.stderr
+    assert answers["cnn3d", True] != answers["cnn3d", False]
+    for row in answers["cnn3d", True]:
+        assert sum(row.values()) == pytest.approx(1.0, abs=0.01)
+    assert answers["cnn_gru", True] == answers["cnn_gru", False]
+
+
 def write_recording(path: Path, clips: list[Path], fps: float = 10.0) -> float:
     """Several clips one after another in one .avi (a 'practice recording'); its length in s."""
     writer, frames = None, 0

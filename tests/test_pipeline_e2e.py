@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +21,16 @@ import cv2
 import pandas as pd
 import pytest
 import yaml
-from conftest import MODELS, TINY, readme_commands, run, run_as_printed, run_json, stages_run
+from conftest import (
+    MODELS,
+    TINY,
+    new_shell_env,
+    readme_commands,
+    run,
+    run_as_printed,
+    run_json,
+    stages_run,
+)
 
 from pipeline.common import TF_STARTUP_NOISE
 from pipeline.params import compose_params, dump_params
@@ -31,9 +41,15 @@ RANKED = [*MODELS, "ensemble"]  # the rows ranked by validation score, above the
 
 def test_first_repro_runs_every_stage(project):
     repo, state = project
-    expected = {"download", "clean", "frames", "features", "baseline", "compare"} | {
-        f"train@{m}" for m in MODELS
-    }
+    expected = {
+        "check_params",
+        "download",
+        "clean",
+        "frames",
+        "features",
+        "baseline",
+        "compare",
+    } | {f"train@{m}" for m in MODELS}
     assert stages_run(state["first"]) == expected
     assert not (repo / "data" / "source").exists()  # data.dvc's target is absent, repro still ran
     # the stage processes keep TensorFlow's C++ start-up lines to themselves
@@ -452,7 +468,7 @@ def test_a_stage_restored_from_the_run_cache_leaves_compare_complete(project):
         env,
     )
     assert "Stage 'train@cnn_gru' is cached - skipping run" in output, output[-3000:]
-    assert stages_run(output) == {"compare"}, output[-3000:]
+    assert stages_run(output) == {"check_params", "compare"}, output[-3000:]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert str(params["models"]["cnn_gru"]["dropout"]) == QUEUED_DROPOUTS[0]
     assert len(client.search_runs([exp_id], filter_string="tags.model = 'cnn_gru'")) == len(
@@ -475,7 +491,7 @@ def test_readme_one_variation_runs_as_printed_in_a_new_shell(project):
     repo, state = project
     (command,) = readme_commands("dvc exp run -S models.cnn_gru")
     output = run_as_printed(command, repo, state["env"])
-    assert stages_run(output) == {"train@cnn_gru", "compare"}, output[-3000:]
+    assert stages_run(output) == {"check_params", "train@cnn_gru", "compare"}, output[-3000:]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["models"]["cnn_gru"]["dropout"] == 0.2
     assert params["frames"]["num_frames"] == 6  # the copy's default: experiment=tiny
@@ -489,7 +505,7 @@ def test_readme_fitted_ensemble_weights_rerun_only_compare(project):
     (command,) = readme_commands("dvc exp run -S compare.ensemble.weights")
     try:
         output = run_as_printed(command, repo, state["env"])
-        assert stages_run(output) == {"compare"}, output[-3000:]
+        assert stages_run(output) == {"check_params", "compare"}, output[-3000:]
         params = yaml.safe_load((repo / "params.yaml").read_text())
         (weights,) = json.loads(
             (repo / "reports" / "ensemble" / "weights.json").read_text()
@@ -504,6 +520,38 @@ def test_readme_fitted_ensemble_weights_rerun_only_compare(project):
         run(["dvc", "exp", "run", "-S", "compare.ensemble.weights=equal"], repo, state["env"])
 
 
+def test_readme_bad_value_through_dvc_exp_run_is_refused_before_training(project):
+    """`dvc exp run -S models.cnn3d.train.epochs=-5` as the README prints it: DVC composes
+    it, train@cnn3d refuses it as it starts (the key, the value, what is allowed), nothing is
+    trained and no MLflow run is opened."""
+    from mlflow.tracking import MlflowClient
+
+    repo, state = project
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("handball-actions").experiment_id
+    runs_before = len(client.search_runs([experiment]))
+    committed = (repo / "params.yaml").read_text()
+    (command,) = readme_commands("dvc exp run -S models.cnn3d.train.epochs")
+    try:
+        proc = subprocess.run(
+            ["bash", "-c", f"source .venv/bin/activate && {command}"],
+            cwd=repo,
+            env=new_shell_env(state["env"]),
+            capture_output=True,
+            text=True,
+        )
+        output = proc.stdout + proc.stderr
+        assert proc.returncode != 0, output[-3000:]
+        assert "models.cnn3d.train.epochs=-5: must be a whole number >= 1" in output
+        # the check stage refuses it first: no other stage starts, no output is removed
+        assert stages_run(output) == {"check_params"} and "Epoch 1/" not in output
+        assert (repo / "models" / "cnn3d" / "model.keras").is_file()
+        assert len(client.search_runs([experiment])) == runs_before
+    finally:  # the workspace as it was for the tests after this one
+        (repo / "params.yaml").write_text(committed)
+    assert json.loads(run(["dvc", "status", "--json", "dvc.yaml"], repo, state["env"])) == {}
+
+
 def test_one_cnn_gru_parameter_reruns_only_that_model_and_compare(project):
     repo, state = project
     env = state["env"]
@@ -513,7 +561,7 @@ def test_one_cnn_gru_parameter_reruns_only_that_model_and_compare(project):
         dump_params(compose_params(TINY + [change], conf_dir=repo / "conf"))
     )
     status = json.loads(run(["dvc", "status", "--json", "dvc.yaml"], repo, env))
-    assert set(status) == {"train@cnn_gru"}, status
+    assert set(status) == {"check_params", "train@cnn_gru"}, status
     (repo / "params.yaml").write_text(committed)
     # `dvc exp run -S` doing the same for real: the queued-grid and run-cache tests above
 
@@ -593,7 +641,8 @@ def test_changed_footage_reruns_download_by_content(project, tmp_path):
         dump_params(compose_params(TINY + overrides, conf_dir=repo / "conf"))
     )
     try:
-        assert stages_run(run(["dvc", "repro", "download"], repo, env)) == {"download"}
+        output = run(["dvc", "repro", "download"], repo, env)
+        assert stages_run(output) == {"check_params", "download"}
         assert json.loads(run(["dvc", "status", "--json", "download"], repo, env)) == {}
 
         write_numbered_video(footage / "shot" / "shot_S1_act1.avi", 14)  # new content, same name
@@ -614,6 +663,34 @@ def test_changed_footage_reruns_download_by_content(project, tmp_path):
 def hydra_multirun(repo: Path, env: dict, *overrides: str) -> str:
     """`python -m pipeline.sweep -m <overrides>` in the project."""
     return run([sys.executable, "-m", "pipeline.sweep", "-m", *overrides], repo, env)
+
+
+def test_a_sweep_grid_that_breaks_the_schema_starts_no_job(project):
+    """Every point of a sweep's grid is checked before the first job: a bad value stops the
+    sweep with exit status 2 and the problem with its point; no job trains, no parent run."""
+    from mlflow.tracking import MlflowClient
+
+    repo, state = project
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("handball-actions").experiment_id
+    before = len(client.search_runs([exp]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.sweep", "-m", "model=cnn_gru", TINY[0]]
+        + ["model.dropout=0.1,abc", "model.train.batch_size=0"],
+        cwd=repo,
+        env=state["env"],
+        capture_output=True,
+        text=True,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "no job was started" in output and "Epoch 1/" not in output
+    assert (
+        "models.cnn_gru.dropout='abc': must be a number >= 0 and < 1 (at model.dropout=abc)"
+        in output
+    )
+    assert "models.cnn_gru.train.batch_size=0: must be a whole number >= 1" in output
+    assert len(client.search_runs([exp])) == before
 
 
 def test_hydra_multirun_is_one_parent_run_with_a_child_per_job(project):

@@ -132,3 +132,15 @@ def load_split(params: dict, model_cfg: dict, split: str):
     if len(clips) != len(labels):
         raise ValueError(f"{directory}: {len(labels)} labels but {len(clips)} rows in clips.csv")
     return inputs, labels, clips
+
+
+def mirrored(clips: np.ndarray) -> np.ndarray:
+    """The clips followed by their left-right mirror images: B x T x S x S x C -> 2B x ..."""
+    return np.concatenate([clips, clips[:, :, :, ::-1]])
+
+
+def mirror_average(probs: np.ndarray) -> np.ndarray:
+    """A model's output on `mirrored` clips as one row per clip: each clip's probabilities
+    averaged with its mirror image's (test-time averaging)."""
+    half = len(probs) // 2
+    return (probs[:half] + probs[half:]) / 2

@@ -59,6 +59,10 @@ class EnsembleClassifier(ClipClassifier):
         for member in self.members.values():
             member.prepare()
 
+    def use_mirror_averaging(self) -> bool:
+        """Mirror averaging for every member on frames (cnn_gru keeps its features)."""
+        return any([member.use_mirror_averaging() for member in self.members.values()])
+
     def probabilities(self, frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
         return sum(
             weight * self.members[name].probabilities(frames, masks)

@@ -171,8 +171,10 @@ def predict(
     stride_s: float | None = None,
     timeline_png: Path | None = None,
     params_path: Path | None = None,
+    hflip: bool = False,
 ) -> list[dict]:
-    """Classify every video under `targets`; returns one row per file (or per window)."""
+    """Classify every video under `targets`; returns one row per file (or per window); with
+    `hflip`, each clip's probabilities averaged with its mirror image's."""
     store = use_project_store()
     if model_uri:
         description = model_uri
@@ -188,6 +190,8 @@ def predict(
         model_uri, description = default_model(params, store)
     log.info("model: %s (%s)", model_uri, description)
     classifier, _ = load_video_classifier(model_uri)
+    if hflip and not classifier.use_mirror_averaging():
+        log.warning("--hflip: %s reads features, not frames; ignored", classifier.pre["model"])
     log.info(
         "model: %s trained on %d classes, %d frames of %dx%d (%s sampling)%s",
         classifier.pre["model"],
@@ -262,6 +266,12 @@ def main(argv: list[str] | None = None) -> None:
         help="where the timeline strip goes (default ./<video>.timeline.png)",
     )
     parser.add_argument(
+        "--hflip",
+        action="store_true",
+        help="test-time averaging: classify each clip also mirrored left-right and average "
+        "(models on frames; a model evaluated so does it anyway)",
+    )
+    parser.add_argument(
         "--params", type=Path, help="params.yaml naming the champion (default: the project's)"
     )
     args = parser.parse_args(argv)
@@ -278,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
             args.stride,
             args.timeline_png,
             args.params,
+            args.hflip,
         )
     except (PipelineError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)

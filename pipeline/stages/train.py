@@ -26,8 +26,8 @@ from pipeline.common import (
 from pipeline.data.arrays import input_dir, load_arrays, load_split
 from pipeline.ensemble import PROBABILITIES_FILE, probability_rows
 from pipeline.models.distributed import is_chief, training_strategy, worker_index
+from pipeline.models.evaluation import backbone_ms_per_clip, clip_probabilities, model_ms_per_clip
 from pipeline.models.fitting import fit_model
-from pipeline.models.timing import backbone_ms_per_clip, model_ms_per_clip
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ def repeat_over_seeds(
             mlflow.log_param("seed", seed)
             model, _, _ = fit_model(params, name, data, len(classes), seed)
             for split in ("val", "test"):
-                probabilities[seed, split] = model.predict(
-                    data[split][0], batch_size=batch_size, verbose=0
+                probabilities[seed, split] = clip_probabilities(
+                    model, data[split][0], batch_size, params["models"][name].get("tta_hflip")
                 )
             y_pred = probabilities[seed, "test"].argmax(axis=1)
             scores = classification_metrics(y_test, y_pred, classes)
@@ -175,8 +175,8 @@ def train_and_evaluate(
 
         # Predict in stored order; labels are read from the same arrays, so pairs stay aligned.
         seed, batch_size = int(params["seed"]), int(train_cfg["batch_size"])
-        probabilities = {
-            (seed, split): model.predict(x, batch_size=batch_size, verbose=0)
+        probabilities = {  # averaged over mirror images with `tta_hflip`
+            (seed, split): clip_probabilities(model, x, batch_size, cfg.get("tta_hflip"))
             for split, x in (("val", x_val), ("test", x_test))
         }
         probs = probabilities[seed, "test"]
@@ -184,7 +184,7 @@ def train_and_evaluate(
         # validation scores of the final (restored best) weights: what sweeps select on
         val_pred = probabilities[seed, "val"].argmax(axis=1)
         val_scores = classification_metrics(y_val, val_pred, classes)
-        model_ms = model_ms_per_clip(model, x_test, batch_size)
+        model_ms = model_ms_per_clip(model, x_test, batch_size, cfg.get("tta_hflip"))
         streams = 2 if params["features"].get("motion") else 1  # appearance (+ motion)
         backbone_ms = (
             backbone_ms_per_clip(

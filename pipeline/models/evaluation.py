@@ -1,4 +1,5 @@
-"""What a trained model costs per clip at inference on this machine (train's metrics)."""
+"""What the train stage measures of a trained model: its probabilities per clip (with test-time
+averaging over mirror images) and what it costs per clip at inference on this machine."""
 
 from __future__ import annotations
 
@@ -7,12 +8,23 @@ import time
 
 import numpy as np
 
+from pipeline.data.arrays import mirror_average, mirrored
 
-def model_ms_per_clip(model, inputs, batch_size: int) -> float:
-    """Forward time per test clip on this machine (the model is already warm), in ms."""
+
+def clip_probabilities(model, inputs, batch_size: int, hflip: bool = False) -> np.ndarray:
+    """(clips x classes) probabilities, in the order of `inputs`; with `hflip` (a frame model's
+    `tta_hflip`) each clip's are averaged with those of its left-right mirror image."""
+    if not hflip:
+        return model.predict(inputs, batch_size=batch_size, verbose=0)
+    return mirror_average(model.predict(mirrored(inputs), batch_size=batch_size, verbose=0))
+
+
+def model_ms_per_clip(model, inputs, batch_size: int, hflip: bool = False) -> float:
+    """Time per test clip on this machine (the model is already warm; with `hflip` two
+    forward passes, the clip's and its mirror image's), in ms."""
     n = len(inputs["features"]) if isinstance(inputs, dict) else len(inputs)
     start = time.perf_counter()
-    model.predict(inputs, batch_size=batch_size, verbose=0)
+    clip_probabilities(model, inputs, batch_size, hflip)
     return (time.perf_counter() - start) / n * 1000
 
 

@@ -1,0 +1,239 @@
+"""The data, comparison and tracking sections of `params.yaml`, and the whole (`Params`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Discriminator, Field, Tag, model_validator
+
+from pipeline.schema.base import (
+    BACKBONES,
+    MODEL_NAMES,
+    SCORES,
+    Count,
+    Fraction,
+    Natural,
+    NonNegative,
+    Positive,
+    Section,
+    Text,
+)
+from pipeline.schema.model_sections import Models
+
+
+class SampleSpec(Section):
+    seed: int
+    counts: dict[Text, Count]
+    clips_per_scene: Count
+    width: Annotated[int, Field(ge=32)]
+    height: Annotated[int, Field(ge=32)]
+    fps: Positive
+    min_length: Count
+    max_length: Count
+    noise: NonNegative
+
+    @model_validator(mode="after")
+    def lengths_in_order(self):
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length {self.min_length} > max_length {self.max_length}")
+        return self
+
+
+class DatasetBase(Section):
+    name: Text | None
+    tracked: Text
+    split_file: Text | None = None
+    classes: Annotated[list[Text], Field(min_length=2)] | None
+    path: Text | None = None
+    url: Text | None = None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
+    subdir: Text | None = None
+    extensions: list[Annotated[str, Field(pattern=r"^\.\w+$")]] | None = None
+    aliases: dict[Text, Text] = {}
+    merge: dict[Text, Text] = {}
+    max_unpacked_gb: Positive = 100
+
+    @model_validator(mode="after")
+    def classes_once(self):
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes {self.classes} list a class twice")
+        return self
+
+
+class SampleDataset(DatasetBase):
+    """The embedded sample: generated from `sample`, one count per class."""
+
+    source: Literal["sample"]
+    classes: Annotated[list[Text], Field(min_length=2)]
+    sample: SampleSpec
+
+    @model_validator(mode="after")
+    def one_count_per_class(self):
+        if set(self.sample.counts) != set(self.classes):
+            raise ValueError(
+                f"sample.counts has {sorted(self.sample.counts)}, classes are "
+                f"{sorted(self.classes)}: one count per class"
+            )
+        return self
+
+
+class FootageDataset(DatasetBase):
+    """Real clips: a folder, an archive or a URL (an experiment's `sample` sizes, if any,
+    are not used)."""
+
+    source: Literal["folder", "archive", "url"]
+    sample: dict | None = None
+
+    @model_validator(mode="after")
+    def source_has_what_it_needs(self):
+        needs = {"folder": ("path",), "archive": ("path",), "url": ("url", "sha256")}
+        missing = [key for key in needs[self.source] if getattr(self, key) is None]
+        if missing:
+            raise ValueError(f"source={self.source!r} needs {', '.join(missing)}")
+        return self
+
+
+def dataset_kind(value) -> str:
+    source = value.get("source") if isinstance(value, dict) else getattr(value, "source", None)
+    return "SampleDataset" if source == "sample" else "FootageDataset"
+
+
+Dataset = Annotated[
+    Annotated[SampleDataset, Tag("SampleDataset")]
+    | Annotated[FootageDataset, Tag("FootageDataset")],
+    Discriminator(dataset_kind),
+]
+
+
+class Dask(Section):
+    scheduler: Text | None
+    clips_per_task: Count
+    connect_timeout_s: Positive
+
+
+class Paths(Section):
+    checked_params: Text
+    raw: Text
+    clean: Text
+    frames: Text
+    features: Text
+    models: Text
+    metrics: Text
+    reports: Text
+
+
+class Clean(Section):
+    min_frames: Count
+    min_duration_s: NonNegative
+    min_width: Count
+    min_height: Count
+    min_clips_per_class: Count
+    val_fraction: Annotated[float, Field(gt=0, lt=1)]
+    test_fraction: Annotated[float, Field(gt=0, lt=1)]
+    group_pattern: Text
+
+    @model_validator(mode="after")
+    def fractions_leave_training_clips(self):
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction {self.val_fraction} + test_fraction {self.test_fraction} leave "
+                "no training clips: their sum must be < 1"
+            )
+        try:
+            pattern = re.compile(self.group_pattern)
+        except re.error as exc:
+            raise ValueError(f"group_pattern is not a regular expression ({exc})") from exc
+        if "group" not in pattern.groupindex:
+            raise ValueError("group_pattern needs a named group `(?P<group>...)`")
+        return self
+
+
+class Frames(Section):
+    num_frames: Count
+    sampling: Literal["uniform", "center", "start"]
+    size: Annotated[int, Field(ge=16)]
+    pad_value: Annotated[int, Field(ge=0, le=255)]
+
+
+class Features(Section):
+    motion: bool
+    backbone: BACKBONES
+    weights: Text | None
+    batch_size: Count
+    runtime: Literal["openvino", "keras"]
+    precision: Literal["float32", "bfloat16"]
+    augmented_copies: Natural
+
+
+class Augment(Section):
+    hflip: Fraction
+    rotation_deg: NonNegative
+    blur: Fraction
+    noise_std: NonNegative
+    temporal_jitter: Natural
+
+
+class Baseline(Section):
+    size: Count
+    C: Annotated[list[Positive], Field(min_length=1)]
+
+
+# ---- comparison and tracking --------------------------------------------------------------
+
+
+class Ensemble(Section):
+    members: list[Literal[MODEL_NAMES]] | None
+    weights: Literal["equal", "fitted"]
+    weight_step: Annotated[float, Field(gt=0, le=0.5)]
+
+    @model_validator(mode="after")
+    def step_divides_one(self):
+        if abs(1 / self.weight_step - round(1 / self.weight_step)) > 1e-9:
+            raise ValueError(f"weight_step={self.weight_step} must divide 1 into equal parts")
+        if self.members is not None and len(set(self.members)) != len(self.members):
+            raise ValueError(f"members {self.members} list a model twice")
+        return self
+
+
+class Compare(Section):
+    metric: Literal[SCORES]
+    bootstrap_samples: Count
+    confidence: Annotated[float, Field(gt=0, lt=1)]
+    register_as: Text | None
+    alias: Text
+    promote: Literal["better", "always"]
+    ensemble: Ensemble
+
+
+class Gallery(Section):
+    max_clips: Natural
+
+
+class Mlflow(Section):
+    experiment: Text
+
+
+class Distribute(Section):
+    strategy: Literal["none", "mirrored", "multi_worker"]
+
+
+class Params(Section):
+    """The whole of `params.yaml`."""
+
+    models: Models
+    features: Features
+    dataset: Dataset
+    seed: Natural
+    train_seeds: Annotated[list[Natural], Field(min_length=1)] | None
+    workers: Count | None
+    dask: Dask
+    paths: Paths
+    clean: Clean
+    frames: Frames
+    augment: Augment
+    baseline: Baseline
+    compare: Compare
+    gallery: Gallery
+    mlflow: Mlflow
+    distribute: Distribute

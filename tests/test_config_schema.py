@@ -1,0 +1,146 @@
+"""The config schema (pipeline/schema.py): bad configurations are refused where they enter, in
+a second, with one line per problem naming the key, the value and what is allowed; every
+configuration the project ships is accepted."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from pipeline.params import compose_params, main
+from pipeline.schema import InvalidConfig, validate_params
+
+# (overrides, a line the refusal must contain)
+BAD = [
+    (["models.cnn_gru.dropout=abc"], "models.cnn_gru.dropout='abc': must be a number >= 0 and < 1"),
+    (["models.cnn3d.train.epochs=-5"], "models.cnn3d.train.epochs=-5: must be a whole number >= 1"),
+    (["frames.size=0"], "frames.size=0: must be a whole number >= 16"),
+    (["seed=abc"], "seed='abc': must be a whole number >= 0"),
+    (["features.batch_size='32'"], "features.batch_size='32': must be a whole number >= 1"),
+    (["models.cnn_gru.dropuot=0.2"], "models.cnn_gru.dropuot=0.2: not a setting of models.cnn_gru"),
+    (
+        ["+models.cnn_gru.dropuot=0.2"],
+        "models.cnn_gru.dropuot=0.2: not a setting of models.cnn_gru",
+    ),
+    (["+foo=1"], "foo=1: not a setting of the config (it has: augment, baseline"),
+    (["compare.metric=f1"], "compare.metric='f1': must be one of 'accuracy', 'balanced_accuracy'"),
+    (["models.frame_cnn.train.optimizer=sgd"], "optimizer='sgd': must be one of 'adam', 'adamw'"),
+    (["dataset.classes=[]"], "dataset.classes=[]: must be a list (of a non-empty text) with at"),
+    (["dataset.classes=[shot,shot]"], "dataset: classes ['shot', 'shot'] list a class twice"),
+    (
+        ["clean.val_fraction=0.5", "clean.test_fraction=0.5"],
+        "clean: val_fraction 0.5 + test_fraction 0.5 leave no training clips",
+    ),
+    (["models.cnn3d.head.dropout=[0.3]"], "models.cnn3d.head: units [128, 64, 32] and dropout"),
+    (["models.cnn3d.train.lr_decay=linear"], "lr_decay='linear': must be one of 'cosine' or a"),
+    (["models.cnn3d.train.lr_decay=null"], "warmup_epochs=3 needs lr_decay: cosine"),
+    (["compare.ensemble.members=[cnn3d,lstm]"], "compare.ensemble.members[1]='lstm': must be one"),
+    (["compare.ensemble.weight_step=0.3"], "weight_step=0.3 must divide 1 into equal parts"),
+    (["train_seeds=[]"], "train_seeds=[]: must be a list (of a whole number >= 0) with at least"),
+    (["models.cnn_gru.train.class_weights=1"], "class_weights=1: must be true or false"),
+    (["dataset.sample.counts.jump-shot=0"], "dataset.sample.counts.jump-shot=0: must be a whole"),
+    (["dataset=folder", "dataset.source=url"], "dataset: source='url' needs url, sha256"),
+    (["dataset=folder", "dataset.path=null"], "dataset.tracked=None: must be a non-empty text"),
+    (["clean.group_pattern='(x'"], "clean: group_pattern is not a regular expression"),
+    (["distribute.strategy=tpu"], "distribute.strategy='tpu': must be one of 'none'"),
+    (["frames.sampling=random"], "frames.sampling='random': must be one of 'uniform'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "line"), BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_pipeline_params_refuses_a_bad_config_naming_the_key(overrides, line, tmp_path, caplog):
+    """`python -m pipeline.params <overrides>` (in-process): exit status 2, the problem on
+    one log line, nothing written, well under 5 seconds."""
+    out = tmp_path / "params.yaml"
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        main([*overrides, "--out", str(out)])
+    assert time.perf_counter() - start < 5
+    assert exit_.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(line in e for e in errors), errors
+    assert all("\n" not in e for e in errors[:-1])  # one line per problem
+    assert "Traceback" not in caplog.text and not out.exists()
+
+
+def test_every_problem_is_reported_at_once_by_the_command_as_typed(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.params",
+            "models.cnn3d.train.epochs=-5",
+            "seed=abc",
+            "+models.cnn_gru.dropuot=0.2",
+            "--out",
+            str(tmp_path / "params.yaml"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for key in ("models.cnn3d.train.epochs=-5", "seed='abc'", "models.cnn_gru.dropuot=0.2"):
+        assert key in proc.stderr, proc.stderr
+    assert "3 problem(s); nothing written" in proc.stderr
+    assert not (tmp_path / "params.yaml").exists()
+
+
+def test_every_shipped_composition_is_valid():
+    """Each choice of every config group (and the committed params.yaml) passes the schema:
+    a typo in a conf/*.yaml file fails here."""
+    validate_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    groups = {
+        "experiment": ["sample", "tiny", "uniri_hbd"],
+        "dataset": ["sample", "folder", "uniri_hbd"],
+        "recipe": ["learning", "reference"],
+        "inputs": ["default", "motion"],
+    }
+    for choice in itertools.product(*groups.values()):
+        overrides = [f"{group}={value}" for group, value in zip(groups, choice)]
+        validate_params(compose_params(overrides, conf_dir=ROOT / "conf"))
+    for strategy in ("none", "mirrored", "multi_worker"):
+        validate_params(compose_params([f"distribute={strategy}"], conf_dir=ROOT / "conf"))
+
+
+def test_a_typo_in_a_conf_file_is_refused(tmp_path):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    model = conf / "model" / "cnn_gru.yaml"
+    model.write_text(model.read_text().replace("dropout: 0.3", "dropuot: 0.3"))
+    with pytest.raises(InvalidConfig) as refused:
+        validate_params(compose_params(conf_dir=conf))
+    assert "models.cnn_gru.dropuot=0.3: not a setting of models.cnn_gru" in str(refused.value)
+    assert "models.cnn_gru.dropout: missing; must be a number >= 0 and < 1" in str(refused.value)
+
+
+def test_a_stage_refuses_a_hand_edited_params_file_before_reading_data(tmp_path):
+    """A stage started on an invalid params.yaml exits with status 2 and the problems, before
+    it reads data or opens an MLflow run (no store appears)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["models"]["cnn3d"]["train"]["epochs"] = 0
+    params["seed"] = "42"
+    params["paths"] = {k: str(tmp_path / k) for k in params["paths"]}  # nothing to read there
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params, sort_keys=False))
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.stages.train", "--model", "cnn3d", "--params", str(bad)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+    )
+    assert time.perf_counter() - start < 10  # a Python start-up with the pipeline's imports
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "models.cnn3d.train.epochs=0: must be a whole number >= 1" in proc.stderr
+    assert "seed='42': must be a whole number >= 0" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "m.db").exists()
