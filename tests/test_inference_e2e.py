@@ -123,6 +123,7 @@ def test_predict_reproduces_the_evaluation_predictions(first_repro_state, tmp_pa
             assert f"{len(clips)} of {len(clips) + 1} files classified" in proc.stderr
 
 
+@pytest.mark.slow  # four `predict` processes, ~40 s; CI runs it
 def test_predict_hflip_averages_each_clip_with_its_mirror_image(first_repro_state):
     """`predict --hflip` (test-time averaging): cnn3d's answers change to the mean over each
     clip and its mirror image (still probabilities); cnn_gru, on features, says it ignores it."""

@@ -1,9 +1,11 @@
 """`params.yaml` is the composed form of `conf/`, and the config holds the reference values."""
 
+import pytest
 import yaml
 from conftest import ROOT
 
 from pipeline.params import compose_params
+from pipeline.schema import InvalidConfig, validate_params
 
 
 def test_params_yaml_equals_composition_of_conf():
@@ -117,3 +119,8 @@ def test_readme_dvc_exp_run_commands_compose():
         for point in itertools.product(*choices):
             params = compose_params(list(point), conf_dir=ROOT / "conf")
             assert params["models"].keys() == {"frame_cnn", "cnn3d", "cnn_gru"}, point
+            if "models.cnn3d.train.epochs=-5" in point:  # the README's example of a refusal
+                with pytest.raises(InvalidConfig, match="epochs=-5: must be a whole number"):
+                    validate_params(params)
+            else:  # every other printed command passes the config schema too
+                validate_params(params)

@@ -497,6 +497,7 @@ def test_readme_one_variation_runs_as_printed_in_a_new_shell(project):
     assert params["frames"]["num_frames"] == 6  # the copy's default: experiment=tiny
 
 
+@pytest.mark.slow  # two `dvc exp run`s with the ensemble logged, ~50 s; CI runs it
 def test_readme_fitted_ensemble_weights_rerun_only_compare(project):
     """`dvc exp run -S compare.ensemble.weights=fitted` as the README prints it: only compare
     reruns (the trained models' probabilities are reused), the weights lie on the 0.1 grid,
