@@ -693,6 +693,18 @@ def test_a_sweep_grid_that_breaks_the_schema_starts_no_job(project, tmp_path):
     )
     assert "models.cnn_gru.train.batch_size=0: must be a whole number >= 1" in output
     assert len(client.search_runs([exp])) == before
+    # a sweep over the model group: the group is not expanded up front, the rest still checked
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.sweep", "-m", "model=cnn3d,cnn_gru", TINY[0]]
+        + ["model.train.epochs=0", f"hydra.sweep.dir={tmp_path / 'models'}"],
+        cwd=repo,
+        env=state["env"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert "train.epochs=0: must be a whole number >= 1 (at every job)" in proc.stdout + proc.stderr
+    assert len(client.search_runs([exp])) == before
 
 
 def test_hydra_multirun_is_one_parent_run_with_a_child_per_job(project):
