@@ -21,7 +21,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline.common import PipelineError, atomic_dir
-from pipeline.evaluate import SCORES, classification_metrics, write_prediction_reports
+from pipeline.evaluate import (
+    SCORES,
+    classification_metrics,
+    seed_spread,
+    write_prediction_reports,
+)
 
 PROBABILITIES_FILE = "probabilities.csv"
 CLIP_KEYS = ["seed", "split", "path"]
@@ -197,18 +202,15 @@ def seed_ensembles(
 
 def ensemble_summary(ensembles: list[SeedEnsemble], main: SeedEnsemble, members: dict) -> dict:
     """The ensemble's `metrics/<model>.json`-like summary: `main`'s scores, the members'
-    summed costs (`members`: name -> its metrics), and mean ± std over seeds when several."""
+    summed costs (`members`: name -> its comparison row or metrics), and mean ± std over
+    seeds when several."""
     summary = {k: main.test_scores[k] for k in SCORES}
     summary.update({f"val_{k}": main.val_scores[k] for k in SCORES})
     for cost in ("params", "train_time_s", "inference_ms_per_clip"):
         summary[cost] = float(sum(m.get(cost, np.nan) for m in members.values()))
     summary["test_clips"] = len(main.test_clips)
     if len(ensembles) > 1:
-        table = pd.DataFrame([{k: e.test_scores[k] for k in SCORES} for e in ensembles])
-        summary["seeds"] = len(ensembles)
-        for key in table:
-            summary[f"{key}_mean"] = float(table[key].mean())
-            summary[f"{key}_std"] = float(table[key].std(ddof=1))
+        summary.update(seed_spread([{k: e.test_scores[k] for k in SCORES} for e in ensembles]))
     return summary
 
 

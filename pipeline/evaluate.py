@@ -59,6 +59,17 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     }
 
 
+def seed_spread(scores: list[dict]) -> dict:
+    """Over the seeds' test scores (one dict of scores per seed): `seeds`, and each score's
+    `<score>_mean` and `<score>_std` (sample standard deviation)."""
+    table = pd.DataFrame(scores)
+    out = {"seeds": len(scores)}
+    for key in table:
+        out[f"{key}_mean"] = float(table[key].mean())
+        out[f"{key}_std"] = float(table[key].std(ddof=1))
+    return out
+
+
 def report_text(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> str:
     return classification_report(
         y_true,

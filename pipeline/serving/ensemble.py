@@ -11,7 +11,6 @@ them) with the weights into one pyfunc with the interface of a single model, so
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,8 +21,6 @@ import yaml
 from pipeline.common import PipelineError
 from pipeline.serving.classifier import ClipClassifier, VideoClassifier
 from pipeline.serving.pyfunc import VideoClassifierModel, log_classifier_pyfunc
-
-log = logging.getLogger(__name__)
 
 # the artifacts a member's logged model carries (pipeline.serving.pyfunc.log_video_classifier)
 MEMBER_ARTIFACTS = ("keras_model", "preprocessing", "backbone_weights")

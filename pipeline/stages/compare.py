@@ -111,10 +111,10 @@ def model_row(params: dict, name: str, classes: list[str]) -> dict:
     }
 
 
-def ensemble_rows(params: dict, classes: list[str]) -> list[dict]:
+def ensemble_rows(params: dict, classes: list[str], model_rows: list[dict]) -> list[dict]:
     """The ensemble's row (none with fewer than two members): its members' validation and
-    test probabilities averaged per seed (`compare.ensemble`), scored like a model's; its
-    reports in `reports/ensemble/`."""
+    test probabilities averaged per seed (`compare.ensemble`), scored like a model's, its
+    costs the sum of its members' (`model_rows`); its reports in `reports/ensemble/`."""
     config = ensemble_config(params["compare"].get("ensemble") or {}, list(params["models"]))
     if len(config.members) < 2:
         return []
@@ -126,10 +126,7 @@ def ensemble_rows(params: dict, classes: list[str]) -> list[dict]:
     # the seed the saved models were trained with: what the logged ensemble model serves
     main = next((e for e in ensembles if e.seed == int(params["seed"])), ensembles[0])
     write_ensemble_reports(reports / ENSEMBLE, ensembles, main, classes)
-    members = {
-        m: json.loads((resolve(params["paths"]["metrics"]) / f"{m}.json").read_text())
-        for m in config.members
-    }
+    members = {r["model"]: r for r in model_rows if r["model"] in config.members}
     summary = ensemble_summary(ensembles, main, members)
     row = score_row(params, ENSEMBLE, summary, reports / ENSEMBLE, classes)
     return [{**row, "kind": "ensemble", "weights": json.dumps(main.weights)}]
@@ -164,7 +161,7 @@ def comparison_table(params: dict) -> pd.DataFrame:
     if metric not in SCORES:
         raise PipelineError(f"compare.metric={metric!r}: one of {SCORES}")
     rows = [model_row(params, name, classes) for name in params["models"]]
-    models = selection_order(pd.DataFrame(rows + ensemble_rows(params, classes)), metric)
+    models = selection_order(pd.DataFrame(rows + ensemble_rows(params, classes, rows)), metric)
     baselines = pd.DataFrame(baseline_rows(params, classes))
     bar = float(
         baselines.loc[baselines["model"] == BASELINE_STAGE_ROWS["motion_logreg"], metric].iloc[0]

@@ -67,7 +67,7 @@ def repeat_over_seeds(
     import keras
     import mlflow
 
-    from pipeline.evaluate import classification_metrics
+    from pipeline.evaluate import classification_metrics, seed_spread
 
     seeds = extra_seeds(params)
     if not seeds:
@@ -91,12 +91,7 @@ def repeat_over_seeds(
             rows.append({k: scores[k] for k in rows[0]})
             mlflow.log_metrics({f"test_{k}": v for k, v in rows[-1].items()})
         log.info("%s seed %d: test macro-F1 %.3f", name, seed, rows[-1]["macro_f1"])
-    table = pd.DataFrame(rows)
-    out = {"seeds": len(rows)}
-    for key in table:
-        out[f"{key}_mean"] = float(table[key].mean())
-        out[f"{key}_std"] = float(table[key].std(ddof=1))
-    return out
+    return seed_spread(rows)
 
 
 def train_and_evaluate(
