@@ -194,15 +194,12 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-@pytest.fixture(scope="session")
-def project(tmp_path_factory) -> tuple[Path, dict]:
-    """The project as git would clone it, in a temporary git repository, after one real
-    `dvc repro` with `experiment=tiny` (the copy's default, so README commands run as
-    printed). Shared by the end-to-end modules (one repro per run);
-    a test that changes it must say so and leave what later tests read as it was."""
+def project_copy(repo: Path, overrides: list[str]) -> dict:
+    """The project as git would clone it, committed in a new git repository at `repo`, its
+    default config `experiment=tiny` plus `overrides` (so README commands run as printed, at
+    test sizes) and its `.venv` linking to the test's. Returns the environment to run in."""
     from pipeline.params import compose_params, dump_params
 
-    repo = tmp_path_factory.mktemp("project")
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -215,14 +212,14 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
         if src.is_file():
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, repo / rel)
-    # The README's commands run as printed here, at test sizes: this copy's default is tiny.
     config = repo / "conf" / "config.yaml"
     assert "  - experiment: sample\n" in config.read_text()
     config.write_text(
         config.read_text().replace("  - experiment: sample\n", "  - experiment: tiny\n")
     )
     (repo / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)  # gitignored
-    (repo / "params.yaml").write_text(dump_params(compose_params(TINY, conf_dir=repo / "conf")))
+    params = compose_params([*TINY, *overrides], conf_dir=repo / "conf")
+    (repo / "params.yaml").write_text(dump_params(params))
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -237,6 +234,16 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
         exclude.write(".venv\n")  # the link (.gitignore's `.venv/` matches folders only)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-q", "-m", "project"], repo, env)
+    return env
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> tuple[Path, dict]:
+    """The project as git would clone it (`project_copy`), after one real `dvc repro` with
+    `experiment=tiny`. Shared by the end-to-end modules (one repro per run);
+    a test that changes it must say so and leave what later tests read as it was."""
+    repo = tmp_path_factory.mktemp("project")
+    env = project_copy(repo, [])
     output = run(["dvc", "repro"], repo, env)
     return repo, {"env": env, "first": output, "commit": head_commit(repo)}
 

@@ -50,6 +50,20 @@ BAD = [
     (["clean.group_pattern='(x'"], "clean: group_pattern is not a regular expression"),
     (["distribute.strategy=tpu"], "distribute.strategy='tpu': must be one of 'none'"),
     (["frames.sampling=random"], "frames.sampling='random': must be one of 'uniform'"),
+    (["models.cnn3d.motion=flow"], "models.cnn3d.motion='flow' read(s) optical flow, which"),
+    (
+        ["inputs=flow", "models.frame_cnn.backbone.weights=imagenet"],
+        "models.frame_cnn: motion 'rgb_flow' gives the backbone more or fewer than 3 channels",
+    ),
+    (
+        ["inputs=flow", "models.cnn3d.clip_augment={flip:true}"],
+        "models.cnn3d: clip_augment flips and recolours RGB frames inside the model, not",
+    ),
+    (
+        ["inputs=flow", "models.cnn_gru.train.oversample=true"],
+        "models.cnn_gru: flow_grid=4 with train.oversample=true",
+    ),
+    (["frames.flow.farneback.poly_n=6"], "frames.flow.farneback.poly_n=6: must be one of 5, 7"),
 ]
 
 

@@ -162,3 +162,25 @@ def test_each_model_learns_a_trivially_separable_task(name, by, threshold, foota
     assert accuracy >= threshold, (
         f"{name}: test accuracy {accuracy:.2f} on 3 classes by {by} (chance 0.33)"
     )
+
+
+def test_weight_averaging_validates_and_keeps_the_averaged_weights(footage_params):
+    """`train.ema_momentum`: each epoch is validated with the moving average of the weights
+    and the best epoch's average is the model returned (its validation loss is the best one
+    logged); without it the same seed trains to other weights."""
+    import keras
+
+    from pipeline.models.fitting import fit_model
+
+    data = split_clips("motion")
+    losses = {}
+    for ema in (None, 0.8):
+        params = at_test_size(footage_params, "cnn3d")
+        params["models"]["cnn3d"]["train"].update(epochs=4, ema_momentum=ema)
+        keras.backend.clear_session()
+        model, history, _ = fit_model(params, "cnn3d", {k: data[k] for k in ("train", "val")}, 3, 0)
+        x_val, y_val = data["val"]
+        kept = model.evaluate(x_val, y_val, batch_size=8, verbose=0, return_dict=True)["loss"]
+        assert kept == pytest.approx(min(history.history["val_loss"]), rel=1e-4)
+        losses[ema] = history.history["val_loss"]
+    assert losses[0.8] != pytest.approx(losses[None], rel=1e-3)

@@ -22,7 +22,9 @@ def test_reference_settings_are_one_override_away():
     ref = compose_params(
         ["experiment=uniri_hbd", "dataset=uniri_hbd", "recipe=reference"], conf_dir=ROOT / "conf"
     )
+    flow = ref["frames"].pop("flow")
     assert ref["frames"] == {"num_frames": 16, "size": 224, "pad_value": 0, "sampling": "uniform"}
+    assert flow["enabled"] is False  # the reference reads no optical flow
     assert ref["features"]["weights"] == "imagenet"
     fc, c3, gru = (ref["models"][m] for m in ("frame_cnn", "cnn3d", "cnn_gru"))
     assert fc["backbone"] == {

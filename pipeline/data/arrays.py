@@ -10,6 +10,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline.common import resolve
+from pipeline.data.flow import (
+    FLOW_CHANNELS,
+    RGB_CHANNELS,
+    mirror_flow_channels,
+    pooled_flow,
+    reads_flow,
+    with_flow,
+)
 from pipeline.data.video import repeat_mask
 
 
@@ -123,10 +131,16 @@ def load_split(params: dict, model_cfg: dict, split: str):
     directory = input_dir(params, model_cfg) / split
     if kind == "frames":
         frames, labels = load_arrays(directory, "frames", "labels")
+        if reads_flow(model_cfg):
+            frames = with_flow(frames, *load_arrays(directory, "flow"))  # B,N,S,S,5
         idx = frame_subset(frames.shape[1], model_cfg.get("num_frames"))
         inputs = frames[:, idx]
     else:
         feats, labels, mask = load_arrays(directory, "features", "labels", "mask")
+        if model_cfg.get("flow_grid"):  # each frame's pooled optical flow after its features
+            flow_dir = resolve(params["paths"]["frames"]) / split
+            motion = pooled_flow(*load_arrays(flow_dir, "flow"), int(model_cfg["flow_grid"]))
+            feats = np.concatenate([feats, motion.astype(feats.dtype)], axis=-1)
         inputs = sequence_inputs(feats, mask, model_cfg.get("num_frames"))
     clips = pd.read_csv(directory / "clips.csv")
     if len(clips) != len(labels):
@@ -135,8 +149,12 @@ def load_split(params: dict, model_cfg: dict, split: str):
 
 
 def mirrored(clips: np.ndarray) -> np.ndarray:
-    """The clips followed by their left-right mirror images: B x T x S x S x C -> 2B x ..."""
-    return np.concatenate([clips, clips[:, :, :, ::-1]])
+    """The clips followed by their left-right mirror images: B x T x S x S x C -> 2B x ...
+    (clips with optical flow, C = 5, get their horizontal flow reversed too)."""
+    mirror = clips[:, :, :, ::-1].copy()
+    if clips.shape[-1] == RGB_CHANNELS + FLOW_CHANNELS:
+        mirror_flow_channels(mirror)
+    return np.concatenate([clips, mirror])
 
 
 def mirror_average(probs: np.ndarray) -> np.ndarray:

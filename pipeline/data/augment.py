@@ -12,6 +12,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from pipeline.data.flow import (
+    FLOW_ZERO,
+    RGB_CHANNELS,
+    decode_speed,
+    encode_speed,
+    mirror_flow_channels,
+)
+
 
 def oversample_indices(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Indices of extra copies (drawn with replacement within each class) that bring every
@@ -37,39 +45,57 @@ def jitter_indices(n: int, max_shift: int, rng: np.random.Generator) -> np.ndarr
 def augment_clip(
     frames: np.ndarray, mask: np.ndarray, cfg: dict, rng: np.random.Generator, pad_value: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """An augmented copy of one clip (N x H x W x 3 uint8) and its frame mask.
+    """An augmented copy of one clip (N x H x W x 3 uint8, or x 5 with optical flow after the
+    RGB channels) and its frame mask.
 
     cfg keys: `hflip` (probability), `rotation_deg` (max absolute angle), `blur` (probability
     of a 3x3 Gaussian blur), `noise_std` (Gaussian pixel noise), `temporal_jitter` (max frames
-    a sampled position moves).
+    a sampled position moves). The flow follows the geometry (a flip reverses its horizontal
+    part, a rotation turns its vectors); blur and noise change only the RGB channels.
     """
     n, h, w = frames.shape[:3]
     idx = jitter_indices(n, int(cfg.get("temporal_jitter", 0)), rng)
-    out = frames[idx].copy()
+    rgb, flow = frames[idx, ..., :RGB_CHANNELS].copy(), frames[idx, ..., RGB_CHANNELS:].copy()
     new_mask = mask[idx].copy()
     new_mask[1:] &= idx[1:] != idx[:-1]  # a position repeated by the jitter is a repeat
     if rng.random() < float(cfg.get("hflip", 0)):
-        out = out[:, :, ::-1]
+        rgb, flow = rgb[:, :, ::-1], flow[:, :, ::-1].copy()
+        if flow.size:
+            mirror_flow_channels(flow, channel=0)
     angle = float(cfg.get("rotation_deg", 0))
     if angle > 0:
         matrix = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-angle, angle), 1.0)
-        out = np.stack(
-            [
-                cv2.warpAffine(
-                    f,
-                    matrix,
-                    (w, h),
-                    flags=cv2.INTER_LINEAR,
-                    borderMode=cv2.BORDER_CONSTANT,
-                    borderValue=(pad_value,) * 3,
-                )
-                for f in out
-            ]
-        )
+        rgb = warp_frames(rgb, matrix, pad_value)
+        if flow.size:
+            flow = rotated_flow(warp_frames(flow, matrix, FLOW_ZERO), matrix[:, :2])
     if rng.random() < float(cfg.get("blur", 0)):
-        out = np.stack([cv2.GaussianBlur(f, (3, 3), 0) for f in out])
+        rgb = np.stack([cv2.GaussianBlur(f, (3, 3), 0) for f in rgb])
     std = float(cfg.get("noise_std", 0))
     if std > 0:
-        noisy = out.astype(np.float32) + rng.normal(0, std, out.shape).astype(np.float32)
-        out = np.clip(noisy, 0, 255).astype(np.uint8)
+        noisy = rgb.astype(np.float32) + rng.normal(0, std, rgb.shape).astype(np.float32)
+        rgb = np.clip(noisy, 0, 255).astype(np.uint8)
+    out = np.concatenate([rgb, flow], axis=-1) if flow.size else rgb
     return np.ascontiguousarray(out), new_mask
+
+
+def warp_frames(frames: np.ndarray, matrix: np.ndarray, border: int) -> np.ndarray:
+    """Every frame (N x H x W x C uint8) moved by the same 2 x 3 affine `matrix`."""
+    h, w, channels = frames.shape[1:]
+    warped = [
+        cv2.warpAffine(
+            f,
+            matrix,
+            (w, h),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=(border,) * channels,
+        )
+        for f in frames
+    ]
+    return np.stack(warped).reshape(frames.shape)  # warpAffine drops a 1-channel axis
+
+
+def rotated_flow(flow: np.ndarray, linear: np.ndarray) -> np.ndarray:
+    """Flow vectors (uint8, ... x 2) turned by the linear part of the warp that moved them."""
+    vectors = decode_speed(flow) @ linear.T.astype(np.float32)
+    return encode_speed(vectors)

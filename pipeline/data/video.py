@@ -11,6 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline.data.flow import FlowSettings, clip_flow, successor_indices, with_flow
+
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +40,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def frame_rate(cap: cv2.VideoCapture) -> float:
+    """The frame rate an open capture reports (0.0: none), as the clean stage records it."""
+    return round(float(cap.get(cv2.CAP_PROP_FPS) or 0.0), 3)
+
+
 def probe_clip(path: Path, threads: int | None = None) -> dict:
     """Decode a clip once: frames actually decodable, fps, size, duration. Never raises.
 
@@ -62,7 +69,7 @@ def probe_clip(path: Path, threads: int | None = None) -> dict:
         if not cap.isOpened():
             info["error"] = "OpenCV cannot open it (not a video, or an unsupported codec)"
             return info
-        info["fps"] = round(float(cap.get(cv2.CAP_PROP_FPS) or 0.0), 3)
+        info["fps"] = frame_rate(cap)
         fourcc = int(cap.get(cv2.CAP_PROP_FOURCC) or 0)
         info["codec"] = "".join(chr((fourcc >> 8 * i) & 0xFF) for i in range(4)).strip("\x00 ")
         while cap.grab():
@@ -179,30 +186,62 @@ def sample_frames(
     pad_value: int = 0,
     sampling: str = "uniform",
     threads: int | None = None,
+    flow: FlowSettings | None = None,
+    fps: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The n sampled frames of one clip (n x size x size x 3 RGB uint8) and their mask.
+    """The n sampled frames of one clip (n x size x size x 3 RGB uint8) and their mask; with
+    `flow`, each frame's optical flow towards the next frame of the video follows as channels
+    4-5 (n x size x size x 5, see `pipeline.data.flow`; `fps` is the clip's frame rate).
 
     `mask[i]` is False where frame i repeats frame i-1 (a clip shorter than n). If the clip
     decodes to fewer frames than the probe counted, the sample is redrawn over the frames that
     do decode (and logged); a clip that yields none raises IOError naming it.
     """
+    if flow is not None and fps <= 0:
+        raise OSError(f"{path}: the video reports no frame rate, which optical flow needs")
     indices = sample_indices(total, n, sampling)
-    kept, decoded = decode_indices(path, indices, size, pad_value, threads)
-    if len(kept) < len(set(indices.tolist())):
+    needed = frames_needed(indices, total, flow)
+    kept, decoded = decode_indices(path, needed, size, pad_value, threads)
+    if not set(needed.tolist()) <= kept.keys():
         usable = min(decoded, total)
         if usable < 1:
             raise OSError(f"{path}: no frame could be decoded (probe counted {total})")
         log.warning(
             "%s: only %d of %d probed frames decode; resampling over those", path, usable, total
         )
-        indices = sample_indices(usable, n, sampling)
-        kept, _ = decode_indices(path, indices, size, pad_value, threads)
-        if len(kept) < len(set(indices.tolist())):
+        total = usable
+        indices = sample_indices(total, n, sampling)
+        needed = frames_needed(indices, total, flow)
+        kept, _ = decode_indices(path, needed, size, pad_value, threads)
+        if not set(needed.tolist()) <= kept.keys():
             raise OSError(
-                f"{path}: frames {sorted(set(indices.tolist()) - kept.keys())} could "
+                f"{path}: frames {sorted(set(needed.tolist()) - kept.keys())} could "
                 f"not be decoded twice in a row"
             )
-    return np.stack([kept[i] for i in indices]), repeat_mask(indices)
+    return sampled_clip(kept, indices, total, flow, fps), repeat_mask(indices)
+
+
+def frames_needed(indices: np.ndarray, total: int, flow: FlowSettings | None) -> np.ndarray:
+    """The frames to decode for a sample: its own, and with `flow` each one's successor."""
+    if flow is None:
+        return np.asarray(indices)
+    return np.union1d(indices, successor_indices(indices, total))
+
+
+def sampled_clip(
+    kept: dict[int, np.ndarray],
+    indices: np.ndarray,
+    total: int,
+    flow: FlowSettings | None,
+    fps: float,
+) -> np.ndarray:
+    """The sampled frames out of the decoded ones (`kept`, by frame number), with their
+    optical flow as channels 4-5 when `flow` is set; `total` frames in the clip."""
+    frames = np.stack([kept[i] for i in indices.tolist()])
+    if flow is None:
+        return frames
+    successors = np.stack([kept[i] for i in successor_indices(indices, total).tolist()])
+    return with_flow(frames, clip_flow(frames, successors, fps, flow))
 
 
 def repeat_mask(indices: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The three classifiers, each built by a short function from its config section.
 
-Shapes in comments: B batch, T frames, S frame size, C classes, K input channels (3 for
-`motion: rgb` or `diff`, 6 for `rgb_diff`).
+Shapes in comments: B batch, T frames, S frame size, C classes, I channels read (3 RGB, 5
+when the motion uses optical flow: RGB and flow, see `pipeline.data.flow`), K channels the
+network sees (`MOTION_CHANNELS`).
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from pipeline.data.flow import FLOW_CHANNELS, FLOW_MOTIONS, RGB_CHANNELS
 from pipeline.models.backbones import build_backbone, zero_init_residual_branches
 
-MOTIONS = ("rgb", "diff", "rgb_diff")
+# what a frame model sees of each frame -> its channels
+MOTION_CHANNELS = {"rgb": 3, "diff": 3, "rgb_diff": 6, "flow": 2, "rgb_flow": 5}
+MOTIONS = tuple(MOTION_CHANNELS)
 
 
 POOLINGS = ("mean", "mean_max", "temporal_conv")
@@ -35,26 +39,41 @@ def change_since_previous(x):
     return ops.concatenate([ops.zeros_like(x[:, :1]), change], axis=1)
 
 
+def input_channels(motion: str) -> int:
+    """Channels a frame model reads per frame: RGB, and the cached optical flow after them
+    when its motion uses flow."""
+    return RGB_CHANNELS + (FLOW_CHANNELS if motion in FLOW_MOTIONS else 0)
+
+
 def motion_input(frames, motion: str, key: str):
-    """What the network sees of a clip (B,T,S,S,3 RGB in 0..255): the frames (`rgb`, the
+    """What the network sees of a clip (B,T,S,S,I in 0..255): the frames (`rgb`, the
     reference), the change from the previous frame (`diff`, centred on mid-grey, 0 for the
-    first frame and for repeated frames) or both stacked as channels (`rgb_diff`)."""
+    first frame and for repeated frames), both stacked as channels (`rgb_diff`), the optical
+    flow towards the next video frame (`flow`, 128 = still) or frames and flow (`rgb_flow`)."""
     if motion not in MOTIONS:
         raise ValueError(f"{key}={motion!r}: one of {MOTIONS}")
-    if motion == "rgb":
-        return frames  # B,T,S,S,3
+    if motion in ("rgb", "rgb_flow"):
+        return frames  # B,T,S,S,3 | B,T,S,S,5
+    if motion == "flow":
+        return frames[..., RGB_CHANNELS:]  # B,T,S,S,2
     diff = change_since_previous(frames) * 0.5 + 127.5  # B,T,S,S,3 in 0..255
     return diff if motion == "diff" else ops.concatenate([frames, diff], axis=-1)  # B,T,S,S,6
 
 
-def clip_augment(frames, cfg: dict | None, size: int, num_frames: int):
+def clip_augment(frames, cfg: dict | None, size: int, num_frames: int, key: str):
     """Random changes of each training clip, the same for all its frames, so that motion is
     kept: a horizontal flip and colour jitter (hue, saturation, brightness, contrast).
     Active in training only (Keras preprocessing layers pass inputs through at inference).
     Colours a small training set ties to one class (jerseys, courts) stop being a shortcut.
-    B,T,S,S,3 (0..255) -> B,T,S,S,3."""
+    B,T,S,S,3 (0..255) -> B,T,S,S,3; clips with optical flow (B,T,S,S,5) are refused: a
+    flip would have to reverse the flow too."""
     if not cfg:
         return frames
+    if frames.shape[-1] != RGB_CHANNELS:
+        raise ValueError(
+            f"{key}: random flips and colour jitter inside the model need RGB frames; with "
+            f"optical flow (motion {' or '.join(FLOW_MOTIONS)}) set it to null"
+        )
     x = ops.reshape(frames, (-1, num_frames * size, size, 3))  # B,T*S,S,3: one image
     if cfg.get("flip"):
         x = layers.RandomFlip("horizontal")(x)
@@ -106,10 +125,10 @@ def build_frame_cnn(cfg: dict, num_frames: int, size: int, num_classes: int) -> 
     """EfficientNetB0 on every frame (shared weights), pooled over time and space, dense head."""
     bb = cfg["backbone"]
     motion = cfg.get("motion", "rgb")
-    channels = 6 if motion == "rgb_diff" else 3
+    channels = MOTION_CHANNELS.get(motion, 3)
     if channels != 3 and bb["weights"] is not None:
         raise ValueError(
-            "models.frame_cnn.motion=rgb_diff needs 6 input channels, which "
+            f"models.frame_cnn.motion={motion} needs {channels} input channels, which "
             "pretrained weights do not have: use motion rgb or diff, or "
             "models.frame_cnn.backbone.weights=null"
         )
@@ -131,8 +150,11 @@ def build_frame_cnn(cfg: dict, num_frames: int, size: int, num_classes: int) -> 
     for i, layer in enumerate(backbone.layers):
         layer.trainable = i >= len(backbone.layers) - trainable
     set_batchnorm_momentum(backbone, bb.get("batchnorm_momentum"))
-    inputs = keras.Input((num_frames, size, size, 3), name="frames")  # B,T,S,S,3 (0..255)
-    x = clip_augment(inputs, cfg.get("clip_augment"), size, num_frames)
+    inputs = keras.Input((num_frames, size, size, input_channels(motion)), name="frames")
+    # B,T,S,S,I (0..255)
+    x = clip_augment(
+        inputs, cfg.get("clip_augment"), size, num_frames, "models.frame_cnn.clip_augment"
+    )
     x = motion_input(x, motion, "models.frame_cnn.motion")  # B,T,S,S,K
     # The frames are folded into the batch rather than wrapped in TimeDistributed: Keras 3's
     # TimeDistributed unrolls one backbone copy per frame (minutes of graph tracing on CPU).
@@ -148,9 +170,11 @@ def build_cnn3d(cfg: dict, num_frames: int, size: int, num_classes: int) -> kera
     conv = cfg["conv"]
     if len(conv["filters"]) != len(conv["padding"]):
         raise ValueError("models.cnn3d.conv.filters and conv.padding differ in length")
-    inputs = keras.Input((num_frames, size, size, 3), name="frames")  # B,T,S,S,3 (0..255)
-    x = clip_augment(inputs, cfg.get("clip_augment"), size, num_frames)
-    x = motion_input(x, cfg.get("motion", "rgb"), "models.cnn3d.motion")  # B,T,S,S,K
+    motion = cfg.get("motion", "rgb")
+    inputs = keras.Input((num_frames, size, size, input_channels(motion)), name="frames")
+    # B,T,S,S,I (0..255)
+    x = clip_augment(inputs, cfg.get("clip_augment"), size, num_frames, "models.cnn3d.clip_augment")
+    x = motion_input(x, motion, "models.cnn3d.motion")  # B,T,S,S,K
     x = layers.Rescaling(1.0 / 255)(x)
     for filters, padding in zip(conv["filters"], conv["padding"]):
         x = layers.Conv3D(filters, conv["kernel_size"], padding=padding, activation="relu")(x)
@@ -174,7 +198,8 @@ def build_cnn_gru(cfg: dict, num_frames: int, feature_dim: int, num_classes: int
     The mask must be right-padded (valid frames first, see `pipeline.data.arrays.right_align`):
     that is the only layout cuDNN's GRU accepts on a GPU.
     """
-    features = keras.Input((num_frames, feature_dim), name="features")  # B,T,2048
+    # B,T,D: 2048 per frame (x2 with the features' motion stream), + 2*g*g with `flow_grid`
+    features = keras.Input((num_frames, feature_dim), name="features")
     mask = keras.Input((num_frames,), dtype="bool", name="mask")  # B,T
     units = list(cfg["gru_units"])
     x = features

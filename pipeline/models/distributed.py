@@ -175,6 +175,7 @@ def fit_multi_worker(strategy, model, optimizer, fit_data, val, epochs: int, cal
 
     history = keras.callbacks.History()
     hooks = keras.callbacks.CallbackList([*callbacks, history], model=model)
+    hooks.set_params({"epochs": epochs, "verbose": 0})
     model.stop_training = False
     size = int(fit_data.get("batch_size") or 32)
     hooks.on_train_begin()
@@ -187,7 +188,9 @@ def fit_multi_worker(strategy, model, optimizer, fit_data, val, epochs: int, cal
             loss_sum += float(batch_loss)
             hits += float(batch_hits)
             seen += len(batch[1])
+        hooks.on_test_begin()  # as Keras' fit: validation sees averaged weights (ema_momentum)
         val_loss, val_accuracy = evaluate(*val, size)
+        hooks.on_test_end()
         logs = {
             "accuracy": hits / seen,
             "loss": loss_sum / seen,
@@ -200,5 +203,6 @@ def fit_multi_worker(strategy, model, optimizer, fit_data, val, epochs: int, cal
         hooks.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
+    optimizer.finalize_variable_values(model.trainable_weights)  # as Keras' fit does
     hooks.on_train_end()
     return history

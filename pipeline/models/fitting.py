@@ -61,18 +61,41 @@ def learning_rate(train_cfg: dict, steps_per_epoch: int):
 
 
 def make_optimizer(train_cfg: dict, steps_per_epoch: int = 1):
-    """Adam (the reference) or AdamW with `weight_decay`, at `learning_rate(...)`."""
+    """Adam (the reference) or AdamW with `weight_decay`, at `learning_rate(...)`; with
+    `ema_momentum`, it also keeps an exponential moving average of the weights (Polyak
+    averaging), which `training_callbacks` validates and keeps."""
     import keras
 
     lr = learning_rate(train_cfg, steps_per_epoch)
     name = train_cfg["optimizer"]
+    ema = train_cfg.get("ema_momentum")
+    averaging = {"use_ema": True, "ema_momentum": float(ema)} if ema is not None else {}
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate=lr)
+        return keras.optimizers.Adam(learning_rate=lr, **averaging)
     if name == "adamw":
         return keras.optimizers.AdamW(
-            learning_rate=lr, weight_decay=float(train_cfg.get("weight_decay", 0.004))
+            learning_rate=lr, weight_decay=float(train_cfg.get("weight_decay", 0.004)), **averaging
         )
     raise ValueError(f"train.optimizer={name!r} is not supported; one of {OPTIMIZERS}")
+
+
+def training_callbacks(train_cfg: dict) -> list:
+    """Early stopping on `early_stopping.monitor`, restoring the best epoch's weights, and the
+    per-epoch MLflow logger. With weight averaging (`ema_momentum`) the averaged weights are
+    the ones validated each epoch and kept (`SwapEMAWeights` first, so early stopping sees
+    and restores them)."""
+    import keras
+
+    stop = train_cfg["early_stopping"]
+    callbacks = [
+        keras.callbacks.EarlyStopping(
+            monitor=stop["monitor"], patience=int(stop["patience"]), restore_best_weights=True
+        ),
+        epoch_logger(),
+    ]
+    if train_cfg.get("ema_momentum") is not None:
+        callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    return callbacks
 
 
 def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -230,7 +253,6 @@ def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
     strategy (`distribute.strategy`) the model is trained under it and returned as a plain
     copy with the trained weights, for prediction and saving in this process alone.
     """
-    import keras
 
     from pipeline.models.backbones import weights_digest
     from pipeline.models.distributed import (
@@ -269,13 +291,7 @@ def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
             loss="sparse_categorical_crossentropy",
             jit_compile=bool(train_cfg.get("jit_compile", False)),
         )
-    stop = train_cfg["early_stopping"]
-    callbacks = [
-        keras.callbacks.EarlyStopping(
-            monitor=stop["monitor"], patience=int(stop["patience"]), restore_best_weights=True
-        ),
-        epoch_logger(),
-    ]
+    callbacks = training_callbacks(train_cfg)
     start = time.perf_counter()
     if strategy_name(params) == "multi_worker":  # Keras' fit fails under it (see distributed.py)
         history = fit_multi_worker(

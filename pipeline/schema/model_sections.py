@@ -41,6 +41,7 @@ class Training(Section):
     class_weights: bool
     oversample: bool
     jit_compile: bool = False
+    ema_momentum: Annotated[float, Field(gt=0, lt=1)] | None = None
 
     @model_validator(mode="after")
     def warmup_needs_cosine(self):
@@ -81,7 +82,8 @@ class FrameBackbone(Section):
     zero_init_residual: bool
 
 
-Motion = Literal["rgb", "diff", "rgb_diff"]
+Motion = Literal["rgb", "diff", "rgb_diff", "flow", "rgb_flow"]
+FLOW_MOTIONS = ("flow", "rgb_flow")
 TemporalPooling = Literal["mean", "mean_max", "temporal_conv"]
 
 
@@ -97,10 +99,29 @@ class FrameModel(Section):
     head: Head
     train: Training
 
+    @model_validator(mode="after")
+    def no_clip_augment_on_flow(self):
+        if self.clip_augment is not None and self.motion in FLOW_MOTIONS:
+            raise ValueError(
+                f"clip_augment flips and recolours RGB frames inside the model, not their "
+                f"optical flow (motion {self.motion!r}): set clip_augment null or motion rgb"
+            )
+        return self
+
 
 class FrameCnn(FrameModel):
     name: Literal["frame_cnn"]
     backbone: FrameBackbone
+
+    @model_validator(mode="after")
+    def pretrained_weights_take_three_channels(self):
+        if self.motion not in ("rgb", "diff") and self.backbone.weights is not None:
+            raise ValueError(
+                f"motion {self.motion!r} gives the backbone more or fewer than 3 channels, "
+                f"which pretrained weights ({self.backbone.weights}) do not take: "
+                "set backbone.weights null or motion rgb or diff"
+            )
+        return self
 
 
 class Conv3d(Section):
@@ -127,12 +148,22 @@ class CnnGru(Section):
     input: Literal["features"]
     num_frames: Count | None
     feature_motion: Literal["none", "diff", "concat"] = "none"
+    flow_grid: Natural = 0  # each frame's optical flow pooled over g x g cells; 0: none
     normalize_features: bool = True
     input_dropout: Rate = 0.0
     gru_units: Annotated[list[Count], Field(min_length=1)]
     dropout: Rate
     dense_units: list[Count]
     train: Training
+
+    @model_validator(mode="after")
+    def no_oversampling_with_flow(self):
+        if self.flow_grid and self.train.oversample:
+            raise ValueError(
+                f"flow_grid={self.flow_grid} with train.oversample=true: the augmented "
+                "copies' cached features have no flow; use class weights (oversample false)"
+            )
+        return self
 
 
 class Models(Section):

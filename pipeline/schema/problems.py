@@ -56,8 +56,9 @@ def problem(loc: list, error: dict, params: dict) -> str:
         return unknown_setting(loc, error["input"])
     if kind == "missing":
         return f"{key}: missing; must be {describe(loc)}"
-    if kind == "value_error":  # a check across keys: its own message
-        return f"{key}: {error['msg'].removeprefix('Value error, ')}"
+    if kind == "value_error":  # a check across keys: its own message (naming them at the top)
+        message = error["msg"].removeprefix("Value error, ")
+        return f"{key}: {message}" if loc else message
     return f"{key}={lookup(params, loc)!r}: must be {describe(loc)}"
 
 

@@ -19,7 +19,7 @@ from pipeline.schema.base import (
     Section,
     Text,
 )
-from pipeline.schema.model_sections import Models
+from pipeline.schema.model_sections import FLOW_MOTIONS, Models
 
 
 class SampleSpec(Section):
@@ -149,11 +149,29 @@ class Clean(Section):
         return self
 
 
+class Farneback(Section):
+    """OpenCV's calcOpticalFlowFarneback arguments."""
+
+    pyr_scale: Annotated[float, Field(gt=0, lt=1)]
+    levels: Natural
+    winsize: Annotated[int, Field(ge=3)]
+    iterations: Count
+    poly_n: Literal[5, 7]
+    poly_sigma: Positive
+
+
+class Flow(Section):
+    enabled: bool
+    max_speed: Positive
+    farneback: Farneback
+
+
 class Frames(Section):
     num_frames: Count
     sampling: Literal["uniform", "center", "start"]
     size: Annotated[int, Field(ge=16)]
     pad_value: Annotated[int, Field(ge=0, le=255)]
+    flow: Flow
 
 
 class Features(Section):
@@ -237,3 +255,22 @@ class Params(Section):
     gallery: Gallery
     mlflow: Mlflow
     distribute: Distribute
+
+    @model_validator(mode="after")
+    def flow_is_cached_for_its_readers(self):
+        """A model that reads optical flow needs the frames stage to cache it."""
+        readers = [
+            f"models.{name}.{key}={value!r}"
+            for name, key, value in (
+                ("frame_cnn", "motion", self.models.frame_cnn.motion),
+                ("cnn3d", "motion", self.models.cnn3d.motion),
+                ("cnn_gru", "flow_grid", self.models.cnn_gru.flow_grid),
+            )
+            if value in FLOW_MOTIONS or (key == "flow_grid" and value)
+        ]
+        if readers and not self.frames.flow.enabled:
+            raise ValueError(
+                f"{', '.join(readers)} read(s) optical flow, which frames.flow.enabled=false "
+                "does not cache: set frames.flow.enabled=true (-S inputs=flow does)"
+            )
+        return self

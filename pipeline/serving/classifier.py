@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.common import resolve
+from pipeline.data.flow import reads_flow
 from pipeline.serving.clips import (
     TooFewFrames,
     VideoError,
@@ -58,6 +59,9 @@ def preprocessing_config(params: dict, name: str, classes: list[str]) -> dict:
         "input": cfg["input"],
         "frames": {k: params["frames"][k] for k in ("num_frames", "size", "pad_value", "sampling")},
         "model_frames": cfg.get("num_frames"),
+        # the optical flow the model reads next to the frames (frames.flow), or None
+        "flow": params["frames"]["flow"] if reads_flow(cfg) else None,
+        "flow_grid": int(cfg.get("flow_grid") or 0),  # cnn_gru: flow pooled per frame
         # test-time averaging: each clip's probabilities with its mirror image's (frame models)
         "tta_hflip": bool(cfg.get("tta_hflip")),
         "batch_size": int(cfg["train"]["batch_size"]),
@@ -235,11 +239,17 @@ class VideoClassifier(ClipClassifier):
         return self._backbone
 
     def model_inputs(self, frames: np.ndarray, masks: np.ndarray):
-        """Model inputs for a batch of sampled clips (B x N x S x S x 3 uint8, B x N)."""
+        """Model inputs for a batch of sampled clips (B x N x S x S x 3 uint8, or x 5 with
+        their optical flow after the RGB channels; B x N)."""
         from pipeline.data.arrays import frame_subset, sequence_inputs
+        from pipeline.data.flow import RGB_CHANNELS, pooled_flow
 
+        if self.pre.get("flow") and frames.shape[-1] == RGB_CHANNELS:
+            raise ValueError(f"{self.pre['model']} reads optical flow: decode clips with it")
+        rgb = frames[..., :RGB_CHANNELS]
         if self.pre["input"] == "frames":
-            return frames[:, frame_subset(frames.shape[1], self.pre.get("model_frames"))]
+            clips = frames if self.pre.get("flow") else rgb
+            return clips[:, frame_subset(frames.shape[1], self.pre.get("model_frames"))]
         from pipeline.models.backbones import frame_features
 
         backbone, preprocess = self.backbone()
@@ -250,11 +260,14 @@ class VideoClassifier(ClipClassifier):
         feats = frame_features(
             backbone,
             preprocess,
-            frames,
+            rgb,
             batch,
             desc="",
             motion=bool(self.pre["features"].get("motion")),
         )
+        if grid := self.pre.get("flow_grid"):  # as `load_split` appends it to cached features
+            motion = pooled_flow(frames[..., RGB_CHANNELS:], grid)
+            feats = np.concatenate([feats, motion.astype(feats.dtype)], axis=-1)
         return sequence_inputs(feats, masks, self.pre.get("model_frames"))
 
     def use_mirror_averaging(self) -> bool:

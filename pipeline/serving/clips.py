@@ -100,29 +100,44 @@ def window_bounds(
 def window_frames(
     path: Path, pre: dict, bounds: list[tuple[int, int]]
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Each window's sampled frames and mask, decoding the video once front to back.
+    """Each window's sampled frames (with their optical flow where the model reads it) and
+    mask, decoding the video once front to back.
 
     Frames are kept only until the last window that needs them has been yielded, so memory
     holds the frames of the windows that overlap, not the whole recording.
     """
+
+    from pipeline.data.flow import FlowSettings
     from pipeline.data.video import (
         display_frame,
+        frame_rate,
+        frames_needed,
         open_video,
         repeat_mask,
         sample_indices,
+        sampled_clip,
     )
 
     cfg = pre["frames"]
     n, size, pad = int(cfg["num_frames"]), int(cfg["size"]), int(cfg["pad_value"])
-    plans = [start + sample_indices(end - start, n, cfg["sampling"]) for start, end in bounds]
+    flow = FlowSettings.from_config(pre.get("flow"))
+    # per window: its sampled frames and what they need decoded, as offsets into the window
+    plans = [
+        (start, end - start, sample_indices(end - start, n, cfg["sampling"]))
+        for start, end in bounds
+    ]
+    needs = [start + frames_needed(idx, length, flow) for start, length, idx in plans]
     last_use: dict[int, int] = {}
-    for w, idx in enumerate(plans):
-        for i in idx.tolist():
+    for w, needed in enumerate(needs):
+        for i in needed.tolist():
             last_use[i] = w
     kept: dict[int, np.ndarray] = {}
     cap = open_video(path)
     if not cap.isOpened():
         raise VideoError(f"{path}: OpenCV cannot open it")
+    fps = frame_rate(cap)
+    if flow is not None and fps <= 0:
+        raise VideoError(f"{path}: the video reports no frame rate, which optical flow needs")
     try:
         frame_no, next_window = 0, 0
         while next_window < len(plans) and cap.grab():
@@ -131,10 +146,11 @@ def window_frames(
                 if not ok:
                     raise VideoError(f"{path}: frame {frame_no} does not decode")
                 kept[frame_no] = display_frame(frame, size, pad)
-            while next_window < len(plans) and int(plans[next_window].max()) <= frame_no:
-                idx = plans[next_window]
-                yield np.stack([kept[i] for i in idx.tolist()]), repeat_mask(idx)
-                for i in set(idx.tolist()):
+            while next_window < len(plans) and int(needs[next_window].max()) <= frame_no:
+                start, length, idx = plans[next_window]
+                window = {i - start: kept[i] for i in needs[next_window].tolist()}
+                yield sampled_clip(window, idx, length, flow, fps), repeat_mask(idx)
+                for i in needs[next_window].tolist():
                     if last_use[i] == next_window:
                         del kept[i]
                 next_window += 1
@@ -158,7 +174,8 @@ def count_frames(path: Path) -> tuple[int, float]:
 def clip_frames(
     path: Path, pre: dict, budget: FrameBudget | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(N x S x S x 3 uint8, N mask) of one clip: the frames the frames stage would cache.
+    """(N x S x S x 3 uint8, N mask) of one clip: the frames the frames stage would cache
+    (N x S x S x 5 with their cached optical flow where the model reads it, `pre["flow"]`).
 
     The clean stage counts a clip's frames by decoding all of them and the frames stage then
     samples on that count. Here this takes one pass when the container's frame count is right
@@ -169,15 +186,20 @@ def clip_frames(
     """
     import cv2
 
+    from pipeline.data.flow import FlowSettings
     from pipeline.data.video import (
+        frame_rate,
+        frames_needed,
         open_video,
         read_indices,
         repeat_mask,
         sample_frames,
         sample_indices,
+        sampled_clip,
     )
 
     cfg = pre["frames"]
+    flow = FlowSettings.from_config(pre.get("flow"))
     n, size, pad, sampling = (
         int(cfg["num_frames"]),
         int(cfg["size"]),
@@ -190,7 +212,15 @@ def clip_frames(
     if not cap.isOpened():
         raise VideoError(f"{path}: OpenCV cannot open it (not a video, or an unsupported codec)")
     hint = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-    wanted = sample_indices(hint, n, sampling) if hint > 0 else np.array([], dtype=int)
+    fps = frame_rate(cap)
+    if flow is not None and fps <= 0:
+        cap.release()
+        raise VideoError(f"{path}: the video reports no frame rate, which optical flow needs")
+    wanted = (
+        frames_needed(sample_indices(hint, n, sampling), hint, flow)
+        if hint > 0
+        else np.array([], dtype=int)
+    )
     try:
         limit = None if budget is None else budget.remaining
         kept, total = read_indices(cap, wanted, size, pad, count_all=True, limit=limit)
@@ -203,12 +233,13 @@ def clip_frames(
     if reason := too_few_frames(total, pre):
         raise TooFewFrames(path, reason)
     indices = sample_indices(total, n, sampling)
-    if set(indices.tolist()) <= kept.keys():
-        return np.stack([kept[i] for i in indices]), repeat_mask(indices)
-    if budget is not None:  # a second pass, up to the last sampled frame
-        budget.take(int(indices.max()) + 1)
+    needed = frames_needed(indices, total, flow)
+    if set(needed.tolist()) <= kept.keys():
+        return sampled_clip(kept, indices, total, flow, fps), repeat_mask(indices)
+    if budget is not None:  # a second pass, up to the last frame needed
+        budget.take(int(needed.max()) + 1)
     try:  # the container's count was off
-        return sample_frames(path, total, n, size, pad, sampling)
+        return sample_frames(path, total, n, size, pad, sampling, flow=flow, fps=fps)
     except OSError as exc:
         raise VideoError(str(exc)) from exc
 

@@ -47,6 +47,8 @@ class EnsembleClassifier(ClipClassifier):
             + ", ".join(f"{name} ({w:.2f})" for name, w in self.weights.items()),
             "classes": self.classes,
             "frames": first["frames"],
+            # clips decoded with optical flow when a member reads it (the others take the RGB)
+            "flow": next((m.pre["flow"] for m in members.values() if m.pre.get("flow")), None),
             # a clip every member accepts
             "min_frames": max(int(m.pre.get("min_frames") or 1) for m in members.values()),
             "members": self.weights,

@@ -2,7 +2,9 @@
 
 Outputs one folder per split under `paths.frames`, each with
 `frames.npy` (clips x N x size x size x 3, uint8 RGB), `labels.npy` (class index),
-`mask.npy` (clips x N, False where a short clip repeats a frame) and `clips.csv` (row order).
+`mask.npy` (clips x N, False where a short clip repeats a frame) and `clips.csv` (row order);
+with `frames.flow.enabled` also `flow.npy` (clips x N x size x size x 2, uint8: each sampled
+frame's optical flow towards the next frame of the video, see `pipeline.data.flow`).
 Training reads these arrays and never decodes video.
 """
 
@@ -24,17 +26,20 @@ from pipeline.common import (
     write_json_atomic,
 )
 from pipeline.data.arrays import NpyRowWriter, save_arrays
+from pipeline.data.flow import RGB_CHANNELS, FlowSettings
 from pipeline.data.video import sample_frames, sample_indices
 
 log = logging.getLogger(__name__)
 
 
 def sample_frames_task(task: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """One worker task: `sample_frames(*task)` with one decoding thread and OpenCV's own
-    threads off. The worker processes are the parallelism; nested threads on few cores only
-    contend (measured: 2 processes x 1 thread decode 3 % faster than 2 x FFmpeg's default)."""
+    """One worker task: `sample_frames(*task)` (the last two: flow settings and fps) with one
+    decoding thread and OpenCV's own threads off. The worker processes are the parallelism;
+    nested threads on few cores only contend (measured: 2 processes x 1 thread decode 3 %
+    faster than 2 x FFmpeg's default)."""
     cv2.setNumThreads(1)
-    return sample_frames(*task, threads=1)
+    *sampling, flow, fps = task
+    return sample_frames(*sampling, threads=1, flow=flow, fps=fps)
 
 
 def extract_frames(params: dict) -> None:
@@ -50,10 +55,12 @@ def extract_frames(params: dict) -> None:
     splits = pd.read_csv(resolve(params["paths"]["clean"]) / "splits.csv")
     n, size = int(cfg["num_frames"]), int(cfg["size"])
     sampling = cfg.get("sampling", "uniform")
+    flow = FlowSettings.from_config(cfg.get("flow"))
     sample_indices(n, n, sampling)  # fail on a bad frames.sampling before decoding anything
     parts = {s: splits[splits["split"] == s].reset_index(drop=True) for s in SPLITS}
     tasks = [
         (raw / rec.path, int(rec.frames), n, size, int(cfg["pad_value"]), sampling)
+        + (flow, float(rec.fps))
         for s in SPLITS
         for rec in parts[s].itertuples()
     ]
@@ -62,25 +69,30 @@ def extract_frames(params: dict) -> None:
         for split in SPLITS:
             rows = parts[split]
             (tmp / split).mkdir()
-            writer = NpyRowWriter(
-                tmp / split / "frames.npy", (len(rows), n, size, size, 3), np.uint8
-            )
+            shape = (len(rows), n, size, size)
+            writers = {"frames": NpyRowWriter(tmp / split / "frames.npy", (*shape, 3), np.uint8)}
+            if flow:
+                writers["flow"] = NpyRowWriter(tmp / split / "flow.npy", (*shape, 2), np.uint8)
             masks = np.zeros((len(rows), n), dtype=bool)
             for i in range(len(rows)):
-                clip_frames, masks[i] = next(results)
-                writer.write(clip_frames)
-            writer.close()
+                clip, masks[i] = next(results)
+                writers["frames"].write(clip[..., :RGB_CHANNELS])
+                if flow:
+                    writers["flow"].write(clip[..., RGB_CHANNELS:])
+            for writer in writers.values():
+                writer.close()
             labels = np.array([classes.index(label) for label in rows["label"]], dtype=np.int64)
             save_arrays(tmp / split, labels=labels, mask=masks)
             rows[["path", "label", "group"]].to_csv(tmp / split / "clips.csv", index=False)
         write_json_atomic(tmp / "classes.json", classes)
     log.info(
-        "frames: %d clips x %d frames of %dx%d (%s sampling) cached in %s",
+        "frames: %d clips x %d frames of %dx%d (%s sampling%s) cached in %s",
         len(splits),
         n,
         size,
         size,
         sampling,
+        ", with optical flow" if flow else "",
         params["paths"]["frames"],
     )
 
