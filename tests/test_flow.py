@@ -171,6 +171,25 @@ def test_frame_models_on_frames_and_flow_build_save_and_load(tmp_path):
         build_cnn3d({**models["cnn3d"], "clip_augment": {"flip": True}}, 6, 80, 3)
 
 
+def test_cnn_gru_reads_the_pooled_flow_as_it_is_next_to_the_change_of_features():
+    """With `feature_motion: diff` the GRU reads the change of the ResNet features from frame
+    to frame, but the pooled flow after them is motion already and reaches it unchanged: two
+    clips whose features are alike and whose (steady) flow differs are told apart."""
+    from pipeline.models.builders import build_cnn_gru
+
+    cfg = {
+        **FLOW_PARAMS["models"]["cnn_gru"],
+        "feature_motion": "diff",
+        "normalize_features": False,
+    }
+    model = build_cnn_gru(cfg, num_frames=4, feature_dim=16 + 32, num_classes=3)
+    looks = np.ones((2, 4, 16), np.float32)
+    steady_flow = np.stack([np.full((4, 32), 0.0), np.full((4, 32), 0.8)]).astype(np.float32)
+    features = np.concatenate([looks, steady_flow], axis=-1)
+    probabilities = model.predict({"features": features, "mask": np.ones((2, 4), bool)}, verbose=0)
+    assert not np.allclose(probabilities[0], probabilities[1], atol=1e-4)
+
+
 @pytest.mark.slow  # its own tiny `dvc repro` with optical flow (~2 min) and four `predict` runs
 def test_pipeline_on_flow_serves_what_it_evaluated(tmp_path):
     """`-S inputs=flow` end to end: the frames stage caches each clip's flow, every model

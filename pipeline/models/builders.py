@@ -212,9 +212,14 @@ def build_cnn_gru(cfg: dict, num_frames: int, feature_dim: int, num_classes: int
         raise ValueError(f"models.cnn_gru.feature_motion={motion!r}: one of {FEATURE_MOTIONS}")
     if motion != "none":
         # each frame's change of features since the previous frame: what moved, without
-        # the scene's constant look
-        change = change_since_previous(x)  # B,T,2048
-        x = change if motion == "diff" else layers.Concatenate()([x, change])  # B,T,2048|4096
+        # the scene's constant look; the pooled flow (the last F = 2*g*g values) is motion
+        # already and passes as it is
+        flow_dims = FLOW_CHANNELS * int(cfg.get("flow_grid") or 0) ** 2
+        looks, flow = x[..., : feature_dim - flow_dims], x[..., feature_dim - flow_dims :]
+        change = change_since_previous(looks)  # B,T,2048
+        x = change if motion == "diff" else layers.Concatenate()([looks, change])  # 2048|4096
+        if flow_dims:
+            x = layers.Concatenate()([x, flow])  # B,T,...+F
     if cfg.get("input_dropout"):
         x = layers.Dropout(float(cfg["input_dropout"]))(x)
     for i, n in enumerate(units):
