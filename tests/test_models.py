@@ -177,3 +177,25 @@ def test_input_and_pooling_options_build_save_and_load(tiny_params, tmp_path):
         build_cnn_gru(
             {**gru, "feature_motion": "both"}, num_frames=4, feature_dim=16, num_classes=5
         )
+
+
+def test_cnn3d_group_norm_takes_its_statistics_from_each_clip(tiny_params):
+    """`conv.norm: group` puts GroupNormalization where the reference has BatchNormalization:
+    in training, a clip's activations no longer depend on the other clips of its batch."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    clips = rng.integers(0, 256, (3, 6, 80, 80, 3)).astype(np.float32)
+    for norm, independent in (("group", True), ("batch", False)):
+        cfg = {**tiny_params["models"]["cnn3d"], "motion": "rgb"}
+        cfg["conv"] = {**cfg["conv"], "norm": norm, "groups": 2}
+        model = build_cnn3d(cfg, num_frames=6, size=80, num_classes=4)
+        kind = (
+            keras.layers.GroupNormalization if norm == "group" else keras.layers.BatchNormalization
+        )
+        norms = [layer for layer in model.layers if isinstance(layer, kind)]
+        assert len(norms) == len(cfg["conv"]["filters"])
+        last = keras.Model(model.inputs, norms[-1].output)
+        with_second = last(clips[[0, 1]], training=True)[0]
+        with_third = last(clips[[0, 2]], training=True)[0]
+        assert np.allclose(with_second, with_third, atol=1e-5) == independent, norm

@@ -165,6 +165,14 @@ def build_frame_cnn(cfg: dict, num_frames: int, size: int, num_classes: int) -> 
     return keras.Model(inputs, outputs, name="frame_cnn")
 
 
+def normalization(conv: dict):
+    """cnn3d's layer after each pooled convolution: BatchNormalization (the reference) or,
+    with `norm: group`, GroupNormalization, whose statistics come from each clip alone."""
+    if conv.get("norm", "batch") == "group":
+        return layers.GroupNormalization(groups=int(conv["groups"]))
+    return layers.BatchNormalization(momentum=float(conv.get("batchnorm_momentum") or 0.99))
+
+
 def build_cnn3d(cfg: dict, num_frames: int, size: int, num_classes: int) -> keras.Model:
     """Conv3D blocks (conv -> MaxPool3D -> BatchNorm) from scratch, GAP3D, dense head."""
     conv = cfg["conv"]
@@ -185,7 +193,7 @@ def build_cnn3d(cfg: dict, num_frames: int, size: int, num_classes: int) -> kera
                 f"model's num_frames (reference: 10x224x224; smallest: 5x80x80)"
             )
         x = layers.MaxPool3D(tuple(conv["pool_size"]))(x)  # time kept, space halved
-        x = layers.BatchNormalization(momentum=float(conv.get("batchnorm_momentum", 0.99)))(x)
+        x = normalization(conv)(x)
     # reference 10x224x224: 3 x (same conv, pool) -> B,10,28,28,128; valid conv -> B,8,26,26,256;
     # pool -> B,8,13,13,256; valid conv -> B,6,11,11,512; pool -> B,6,5,5,512
     outputs = pooled_classifier(x, cfg, "cnn3d", num_classes)  # B,512 -> B,32 -> B,C

@@ -129,12 +129,19 @@ class Conv3d(Section):
     kernel_size: Count
     padding: list[Literal["same", "valid"]]
     pool_size: list[Count]
+    norm: Literal["batch", "group"] = "batch"
+    groups: Count = 4
     batchnorm_momentum: Annotated[float, Field(gt=0, lt=1)] | None
 
     @model_validator(mode="after")
     def one_padding_per_layer(self):
         if len(self.filters) != len(self.padding):
             raise ValueError(f"filters {self.filters} and padding {self.padding} differ in length")
+        if self.norm == "group" and any(f % self.groups for f in self.filters):
+            raise ValueError(
+                f"norm group: every layer's filters {self.filters} must divide into "
+                f"groups={self.groups}"
+            )
         return self
 
 
