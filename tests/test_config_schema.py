@@ -50,7 +50,7 @@ BAD = [
     (["clean.group_pattern='(x'"], "clean: group_pattern is not a regular expression"),
     (["distribute.strategy=tpu"], "distribute.strategy='tpu': must be one of 'none'"),
     (["frames.sampling=random"], "frames.sampling='random': must be one of 'uniform'"),
-    (["models.cnn3d.motion=flow"], "models.cnn3d.motion='flow' read(s) optical flow, which"),
+    (["frames.flow.enabled=false"], "models.frame_cnn.motion='flow' read(s) optical flow, which"),
     (
         ["inputs=flow", "models.frame_cnn.backbone.weights=imagenet"],
         "models.frame_cnn: motion 'rgb_flow' gives the backbone more or fewer than 3 channels",

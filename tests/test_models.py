@@ -8,7 +8,7 @@ from pipeline.models.builders import build_cnn3d, build_cnn_gru, build_frame_cnn
 
 
 def test_frame_cnn_shapes_and_frozen_backbone(tiny_params):
-    cfg = tiny_params["models"]["frame_cnn"]
+    cfg = {**tiny_params["models"]["frame_cnn"], "motion": "rgb"}  # the sample's reads flow
     model = build_frame_cnn(cfg, num_frames=3, size=32, num_classes=7)
     assert model.input_shape == (None, 3, 32, 32, 3)
     assert model.output_shape == (None, 7)
@@ -21,7 +21,7 @@ def test_frame_cnn_shapes_and_frozen_backbone(tiny_params):
 
 
 def test_zero_init_residual_starts_every_residual_block_as_the_identity(tiny_params):
-    cfg = tiny_params["models"]["frame_cnn"]
+    cfg = {**tiny_params["models"]["frame_cnn"], "motion": "rgb"}
     cfg = {**cfg, "backbone": {**cfg["backbone"], "weights": None, "zero_init_residual": True}}
     backbone = build_frame_cnn(cfg, num_frames=3, size=32, num_classes=7).get_layer(
         "efficientnetb0"
