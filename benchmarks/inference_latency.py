@@ -71,7 +71,7 @@ def measure(uri: str, clips: list[Path], repeats: int, setting: tuple) -> dict:
     one = clips[:1]
     decode_s, (frames, mask) = timed(lambda: clip_frames(one[0], classifier.pre), repeats)
     frames, mask = frames[None], mask[None]
-    prep_s, inputs = timed(lambda: classifier.model_inputs(frames, mask), repeats)
+    prep_s, (inputs, *_) = timed(lambda: classifier.model_inputs(frames, mask), repeats)
     forward_s, _ = timed(lambda: classifier.runner().predict_on_batch(inputs), repeats)
     used = classifier.backbone_runtime if feats else (classifier.runtime,)
     label = " ".join([classifier.pre["model"], *used]) + ("*" if feats and used == logged else "")

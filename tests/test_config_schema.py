@@ -64,6 +64,19 @@ BAD = [
         "models.cnn_gru: flow_grid=4 with train.oversample=true",
     ),
     (["frames.flow.farneback.poly_n=6"], "frames.flow.farneback.poly_n=6: must be one of 5, 7"),
+    (
+        ["models.cnn3d.tta_views=true"],
+        "models.cnn3d.tta_views=true pick(s) among the cached frames, but models.cnn3d.num_frames=",
+    ),
+    (
+        ["frames.num_frames=12", "models.frame_cnn.num_frames=8"]
+        + ["models.frame_cnn.train.temporal_jitter=true"],
+        "frames.num_frames=12 leaves no choice: cache at least twice the frames the model reads",
+    ),
+    (
+        ["models.cnn_gru.train.temporal_jitter=true", "models.cnn_gru.train.oversample=true"],
+        "models.cnn_gru: train.temporal_jitter with train.oversample=true",
+    ),
 ]
 
 

@@ -18,6 +18,7 @@ from pipeline.data.flow import (
     reads_flow,
     with_flow,
 )
+from pipeline.data.temporal import view_indices
 from pipeline.data.video import repeat_mask
 
 
@@ -108,13 +109,47 @@ def frame_subset(total: int, n: int | None) -> np.ndarray:
 def sequence_inputs(feats: np.ndarray, mask: np.ndarray, num_frames: int | None) -> dict:
     """A sequence model's inputs from cached per-frame features and their repeat mask:
     `num_frames` evenly spaced frames, valid frames first (a right-padded mask)."""
+    return take_sequence(feats, mask, frame_subset(feats.shape[1], num_frames))
 
-    idx = frame_subset(feats.shape[1], num_frames)
+
+def take_sequence(feats: np.ndarray, mask: np.ndarray, idx: np.ndarray) -> dict:
+    """A sequence model's inputs from frames `idx` of cached per-frame features (the same
+    frames of every clip, or one row of indices per clip), valid frames first."""
+    rows = np.arange(len(feats))[:, None]
+    idx = np.broadcast_to(idx, (len(feats), np.shape(idx)[-1]))
     # a frame is valid in the subset when it is the first of its source frame there (the
     # cache's mask marks repeats of the previous position, which a subset may drop)
-    source = np.cumsum(mask, axis=1)[:, idx]
-    aligned, aligned_mask = right_align(feats[:, idx], repeat_mask(source))
+    source = np.cumsum(mask, axis=1)[rows, idx]
+    aligned, aligned_mask = right_align(feats[rows, idx], repeat_mask(source))
     return {"features": aligned, "mask": aligned_mask}
+
+
+def cached_frames(cache) -> int:
+    """How many frames per clip a split's cache (see `load_cache`) holds."""
+    return (cache["features"] if isinstance(cache, dict) else cache).shape[1]
+
+
+def select_frames(cache, idx: np.ndarray):
+    """A model's inputs from frames `idx` of a split's cache (the same frames of every clip,
+    or one row of indices per clip)."""
+    if isinstance(cache, dict):
+        return take_sequence(cache["features"], cache["mask"], idx)
+    idx = np.asarray(idx)
+    return cache[:, idx] if idx.ndim == 1 else cache[np.arange(len(cache))[:, None], idx]
+
+
+def fixed_inputs(cache, model_cfg: dict):
+    """The model's `num_frames` evenly spaced frames of every clip of a split's cache."""
+    return select_frames(cache, frame_subset(cached_frames(cache), model_cfg.get("num_frames")))
+
+
+def evaluation_views(cache, model_cfg: dict) -> list:
+    """The inputs a model is evaluated on: with `tta_views`, one per interleaved view of the
+    cached frames (their probabilities averaged); otherwise the fixed evenly spaced frames."""
+    if not model_cfg.get("tta_views"):
+        return [fixed_inputs(cache, model_cfg)]
+    table = view_indices(cached_frames(cache), model_cfg.get("num_frames"))
+    return [select_frames(cache, idx) for idx in table]
 
 
 def input_dir(params: dict, model_cfg: dict) -> Path:
@@ -125,27 +160,33 @@ def input_dir(params: dict, model_cfg: dict) -> Path:
     return resolve(params["paths"][kind])
 
 
-def load_split(params: dict, model_cfg: dict, split: str):
-    """(inputs, labels, clips) of one split, in the order the cache stores them."""
+def load_cache(params: dict, model_cfg: dict, split: str):
+    """(cache, labels, clips) of one split, in the order the cache stores them: every cached
+    frame of each clip (B x T x S x S x 3, or x 5 with the optical flow the model reads) or,
+    for a model on features, {"features": B x T x D (with its pooled flow), "mask": B x T}."""
     kind = model_cfg["input"]
     directory = input_dir(params, model_cfg) / split
     if kind == "frames":
-        frames, labels = load_arrays(directory, "frames", "labels")
+        cache, labels = load_arrays(directory, "frames", "labels")
         if reads_flow(model_cfg):
-            frames = with_flow(frames, *load_arrays(directory, "flow"))  # B,N,S,S,5
-        idx = frame_subset(frames.shape[1], model_cfg.get("num_frames"))
-        inputs = frames[:, idx]
+            cache = with_flow(cache, *load_arrays(directory, "flow"))  # B,T,S,S,5
     else:
         feats, labels, mask = load_arrays(directory, "features", "labels", "mask")
         if model_cfg.get("flow_grid"):  # each frame's pooled optical flow after its features
             flow_dir = resolve(params["paths"]["frames"]) / split
             motion = pooled_flow(*load_arrays(flow_dir, "flow"), int(model_cfg["flow_grid"]))
             feats = np.concatenate([feats, motion.astype(feats.dtype)], axis=-1)
-        inputs = sequence_inputs(feats, mask, model_cfg.get("num_frames"))
+        cache = {"features": feats, "mask": mask}
     clips = pd.read_csv(directory / "clips.csv")
     if len(clips) != len(labels):
         raise ValueError(f"{directory}: {len(labels)} labels but {len(clips)} rows in clips.csv")
-    return inputs, labels, clips
+    return cache, labels, clips
+
+
+def load_split(params: dict, model_cfg: dict, split: str):
+    """(inputs, labels, clips) of one split: the model's fixed evenly spaced frames."""
+    cache, labels, clips = load_cache(params, model_cfg, split)
+    return fixed_inputs(cache, model_cfg), labels, clips
 
 
 def mirrored(clips: np.ndarray) -> np.ndarray:

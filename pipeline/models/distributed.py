@@ -109,11 +109,11 @@ def take(x, index):
 def global_batches(fit_data: dict, epoch: int, seed: int):
     """(x, y, sample weights) of every global batch of `epoch`, the same on every worker: the
     training arrays shuffled from (seed, epoch), or the batches of an oversampling dataset."""
-    if "y" not in fit_data:  # a Keras PyDataset (oversampled clips)
+    if "y" not in fit_data:  # a Keras PyDataset (oversampled clips, temporal jitter)
         data = fit_data["x"]
         for b in range(len(data)):
-            x, y = data[b]
-            yield x, y, np.ones(len(y), np.float32)
+            x, y, *w = data[b]
+            yield x, y, w[0] if w else np.ones(len(y), np.float32)
         data.on_epoch_end()
         return
     y_all, size = fit_data["y"], int(fit_data["batch_size"])

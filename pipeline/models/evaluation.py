@@ -1,5 +1,6 @@
 """What the train stage measures of a trained model: its probabilities per clip (with test-time
-averaging over mirror images) and what it costs per clip at inference on this machine."""
+averaging over views in time and mirror images) and what it costs per clip at inference on
+this machine."""
 
 from __future__ import annotations
 
@@ -11,20 +12,27 @@ import numpy as np
 from pipeline.data.arrays import mirror_average, mirrored
 
 
-def clip_probabilities(model, inputs, batch_size: int, hflip: bool = False) -> np.ndarray:
-    """(clips x classes) probabilities, in the order of `inputs`; with `hflip` (a frame model's
-    `tta_hflip`) each clip's are averaged with those of its left-right mirror image."""
-    if not hflip:
-        return model.predict(inputs, batch_size=batch_size, verbose=0)
-    return mirror_average(model.predict(mirrored(inputs), batch_size=batch_size, verbose=0))
+def clip_probabilities(model, views: list, batch_size: int, hflip: bool = False) -> np.ndarray:
+    """(clips x classes) probabilities, in the order of the clips: the average over `views`
+    (the same clips' inputs, one per interleaved view of their frames; see
+    `evaluation_views`); with `hflip` (a frame model's `tta_hflip`) each view's are averaged
+    with those of its left-right mirror image."""
+    probs = [
+        mirror_average(model.predict(mirrored(x), batch_size=batch_size, verbose=0))
+        if hflip
+        else model.predict(x, batch_size=batch_size, verbose=0)
+        for x in views
+    ]
+    return np.mean(probs, axis=0)
 
 
-def model_ms_per_clip(model, inputs, batch_size: int, hflip: bool = False) -> float:
-    """Time per test clip on this machine (the model is already warm; with `hflip` two
-    forward passes, the clip's and its mirror image's), in ms."""
+def model_ms_per_clip(model, views: list, batch_size: int, hflip: bool = False) -> float:
+    """Time per test clip on this machine (the model is already warm; a forward pass per view,
+    two with `hflip`: the clip's and its mirror image's), in ms."""
+    inputs = views[0]
     n = len(inputs["features"]) if isinstance(inputs, dict) else len(inputs)
     start = time.perf_counter()
-    clip_probabilities(model, inputs, batch_size, hflip)
+    clip_probabilities(model, views, batch_size, hflip)
     return (time.perf_counter() - start) / n * 1000
 
 

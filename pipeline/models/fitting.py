@@ -109,26 +109,41 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, fl
     return out
 
 
-def oversampled_clips(
-    frames: np.ndarray,
+def training_clips(
+    inputs,
     labels: np.ndarray,
     batch_size: int,
-    augment_cfg: dict,
     seed: int,
+    class_weight: dict[int, float] | None = None,
+    augment_cfg: dict | None = None,
     pad_value: int = 0,
+    cache=None,
+    num_frames: int | None = None,
 ):
-    """A Keras PyDataset over the training clips plus augmented copies of the smaller classes.
+    """A Keras PyDataset over the training clips, for what fixed arrays cannot give:
 
-    Every epoch draws new copies (with new augmentations) so no two epochs see the same
-    synthetic clips; originals are passed through untouched. Deterministic from `seed`.
+    - `augment_cfg` (`train.oversample`): augmented copies of the smaller classes' clips,
+      new copies with new augmentations every epoch; the originals pass untouched;
+    - `cache` (`train.temporal_jitter`): each clip's `num_frames` frames drawn afresh every
+      epoch from all of its cached frames (one per segment), instead of the fixed ones.
+
+    Batches are (x, y) or, with `class_weight`, (x, y, sample weights). Deterministic from
+    `seed`; without a cache, the same batches as before temporal jitter existed.
     """
     import keras
 
+    from pipeline.data.arrays import cached_frames, select_frames
     from pipeline.data.augment import augment_clip, oversample_indices
+    from pipeline.data.temporal import jittered_indices
+    from pipeline.models.distributed import take
 
-    ones = np.ones(frames.shape[1], dtype=bool)
+    weights = (
+        np.array([class_weight[c] for c in range(max(class_weight) + 1)], np.float32)
+        if class_weight
+        else None
+    )
 
-    class OversampledClips(keras.utils.PyDataset):
+    class TrainingClips(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
             self.epoch = 0
@@ -136,9 +151,9 @@ def oversampled_clips(
 
         def plan(self):
             rng = np.random.default_rng([seed, self.epoch])
-            extra = oversample_indices(labels, rng)
-            order = np.concatenate([np.arange(len(labels)), extra])
-            is_copy = np.concatenate([np.zeros(len(labels), bool), np.ones(len(extra), bool)])
+            extra = oversample_indices(labels, rng) if augment_cfg is not None else []
+            order = np.concatenate([np.arange(len(labels)), extra]).astype(int)
+            is_copy = np.arange(len(order)) >= len(labels)
             perm = rng.permutation(len(order))
             self.order, self.is_copy = order[perm], is_copy[perm]
 
@@ -147,22 +162,29 @@ def oversampled_clips(
 
         def __getitem__(self, batch):
             part = slice(batch * batch_size, (batch + 1) * batch_size)
+            rows, copies = self.order[part], self.is_copy[part]
             rng = np.random.default_rng([seed, self.epoch, batch])
-            x = np.stack(
-                [
-                    augment_clip(frames[i], ones, augment_cfg, rng, pad_value)[0]
-                    if copy
-                    else frames[i]
-                    for i, copy in zip(self.order[part], self.is_copy[part])
-                ]
-            )
-            return x, labels[self.order[part]]
+            if cache is None:
+                x = take(inputs, rows)
+            else:
+                picks = jittered_indices(cached_frames(cache), num_frames, len(rows), rng)
+                x = select_frames(take(cache, rows), picks)
+            if copies.any():
+                ones = np.ones(x.shape[1], dtype=bool)
+                x = np.stack(
+                    [
+                        augment_clip(clip, ones, augment_cfg, rng, pad_value)[0] if copy else clip
+                        for clip, copy in zip(x, copies)
+                    ]
+                )
+            y = labels[rows]
+            return (x, y) if weights is None else (x, y, weights[y])
 
         def on_epoch_end(self):
             self.epoch += 1
             self.plan()
 
-    return OversampledClips()
+    return TrainingClips()
 
 
 def oversampled_features(
@@ -191,16 +213,31 @@ def oversampled_features(
     )
 
 
-def training_data(params: dict, cfg: dict, x_train, y_train, num_classes: int) -> dict:
+def training_data(params: dict, cfg: dict, x_train, y_train, num_classes: int, cache=None) -> dict:
     """The `model.fit` arguments for the training split: class weights by default, or
-    (`train.oversample: true`) augmented copies of the smaller classes and no weights.
-    Validation and test data never pass through here."""
+    (`train.oversample: true`) augmented copies of the smaller classes and no weights; with
+    `train.temporal_jitter`, frames drawn afresh each epoch from `cache` (every cached frame
+    of the training clips). Validation and test data never pass through here."""
     train_cfg = cfg["train"]
     batch_size = int(train_cfg["batch_size"])
-    if not train_cfg.get("oversample"):
-        weights = (
-            balanced_class_weights(y_train, num_classes) if train_cfg["class_weights"] else None
+    seed = int(params["seed"])
+    oversample, jitter = train_cfg.get("oversample"), train_cfg.get("temporal_jitter")
+    weights = (
+        balanced_class_weights(y_train, num_classes)
+        if train_cfg["class_weights"] and not oversample
+        else None
+    )
+    if jitter and cache is None:
+        raise ValueError(f"models.{cfg['name']}.train.temporal_jitter needs the cached frames")
+    if oversample and train_cfg["class_weights"]:
+        log.info("train.oversample is on: class weights are not used (classes are balanced)")
+    if oversample and isinstance(x_train, dict):
+        x, y = oversampled_features(x_train, y_train, input_dir(params, cfg), seed)
+        log.info(
+            "oversampling: %d training clips -> %d with augmented copies", len(y_train), len(y)
         )
+        return {"x": x, "y": y, "batch_size": batch_size, "class_weight": None, "shuffle": True}
+    if not (oversample or jitter):
         return {
             "x": x_train,
             "y": y_train,
@@ -208,22 +245,22 @@ def training_data(params: dict, cfg: dict, x_train, y_train, num_classes: int) -
             "class_weight": weights,
             "shuffle": True,
         }
-    seed = int(params["seed"])
-    if train_cfg["class_weights"]:
-        log.info("train.oversample is on: class weights are not used (classes are balanced)")
-    if isinstance(x_train, dict):
-        x, y = oversampled_features(x_train, y_train, input_dir(params, cfg), seed)
-        log.info(
-            "oversampling: %d training clips -> %d with augmented copies", len(y_train), len(y)
-        )
-        return {"x": x, "y": y, "batch_size": batch_size, "class_weight": None, "shuffle": True}
-    data = oversampled_clips(
-        x_train, y_train, batch_size, params["augment"], seed, int(params["frames"]["pad_value"])
+    data = training_clips(
+        x_train,
+        y_train,
+        batch_size,
+        seed,
+        class_weight=weights,
+        augment_cfg=params["augment"] if oversample else None,
+        pad_value=int(params["frames"]["pad_value"]),
+        cache=cache if jitter else None,
+        num_frames=cfg.get("num_frames"),
     )
     log.info(
-        "oversampling: %d training clips -> %d per epoch with augmented copies",
-        len(y_train),
+        "training clips: %d per epoch%s%s",
         len(data.order),
+        f" ({len(y_train)} with augmented copies)" if oversample else "",
+        ", frames drawn afresh each epoch (temporal jitter)" if jitter else "",
     )
     return {"x": data, "class_weight": None}
 
@@ -276,7 +313,9 @@ def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
         if any(layer.name == "feature_norm" for layer in model.layers):
             feats, mask = x_train["features"], x_train["mask"]
             model.get_layer("feature_norm").adapt(feats[mask][None])  # unrepeated frames, 1 x M x D
-        fit_data = training_data({**params, "seed": seed}, cfg, x_train, y_train, num_classes)
+        fit_data = training_data(
+            {**params, "seed": seed}, cfg, x_train, y_train, num_classes, data.get("train_cache")
+        )
         steps = (
             len(fit_data["x"])
             if "y" not in fit_data

@@ -42,6 +42,7 @@ class Training(Section):
     oversample: bool
     jit_compile: bool = False
     ema_momentum: Annotated[float, Field(gt=0, lt=1)] | None = None
+    temporal_jitter: bool = False  # each epoch, frames drawn afresh from the cached ones
 
     @model_validator(mode="after")
     def warmup_needs_cosine(self):
@@ -95,6 +96,7 @@ class FrameModel(Section):
     motion: Motion = "rgb"
     temporal_pooling: TemporalPooling = "mean"
     tta_hflip: bool = False  # test-time averaging over each clip and its mirror image
+    tta_views: bool = False  # test-time averaging over interleaved views of the cached frames
     clip_augment: ClipAugment | None = None
     head: Head
     train: Training
@@ -156,6 +158,7 @@ class CnnGru(Section):
     num_frames: Count | None
     feature_motion: Literal["none", "diff", "concat"] = "none"
     flow_grid: Natural = 0  # each frame's optical flow pooled over g x g cells; 0: none
+    tta_views: bool = False  # test-time averaging over interleaved views of the cached frames
     normalize_features: bool = True
     input_dropout: Rate = 0.0
     gru_units: Annotated[list[Count], Field(min_length=1)]
@@ -164,11 +167,16 @@ class CnnGru(Section):
     train: Training
 
     @model_validator(mode="after")
-    def no_oversampling_with_flow(self):
+    def no_oversampling_with_flow_or_jitter(self):
         if self.flow_grid and self.train.oversample:
             raise ValueError(
                 f"flow_grid={self.flow_grid} with train.oversample=true: the augmented "
                 "copies' cached features have no flow; use class weights (oversample false)"
+            )
+        if self.train.temporal_jitter and self.train.oversample:
+            raise ValueError(
+                "train.temporal_jitter with train.oversample=true: the augmented copies' "
+                "cached features have fixed frames; use class weights (oversample false)"
             )
         return self
 

@@ -274,3 +274,27 @@ class Params(Section):
                 "does not cache: set frames.flow.enabled=true (-S inputs=flow does)"
             )
         return self
+
+    @model_validator(mode="after")
+    def frames_to_vary_in_time(self):
+        """Temporal jitter and views pick among more cached frames than the model reads."""
+        cached = self.frames.num_frames
+        for name in ("frame_cnn", "cnn3d", "cnn_gru"):
+            model = getattr(self.models, name)
+            keys = [
+                f"models.{name}.{key}=true"
+                for key, on in (
+                    ("train.temporal_jitter", model.train.temporal_jitter),
+                    ("tta_views", model.tta_views),
+                )
+                if on
+            ]
+            if keys and (model.num_frames is None or cached < 2 * model.num_frames):
+                raise ValueError(
+                    f"{' and '.join(keys)} pick(s) among the cached frames, but "
+                    f"models.{name}.num_frames={model.num_frames} with frames.num_frames="
+                    f"{cached} leaves no choice: cache at least twice the frames the model "
+                    f"reads (e.g. frames.num_frames={2 * (model.num_frames or cached)} "
+                    f"models.{name}.num_frames={model.num_frames or cached})"
+                )
+        return self

@@ -64,6 +64,8 @@ def preprocessing_config(params: dict, name: str, classes: list[str]) -> dict:
         "flow_grid": int(cfg.get("flow_grid") or 0),  # cnn_gru: flow pooled per frame
         # test-time averaging: each clip's probabilities with its mirror image's (frame models)
         "tta_hflip": bool(cfg.get("tta_hflip")),
+        # ... and over interleaved views of the sampled frames (tta_views)
+        "tta_views": bool(cfg.get("tta_views")),
         "batch_size": int(cfg["train"]["batch_size"]),
         # the fewest decodable frames of a clip the model saw (shorter clips were quarantined)
         "min_frames": int(params["clean"]["min_frames"]),
@@ -104,6 +106,11 @@ class ClipClassifier:
 
     def use_mirror_averaging(self) -> bool:
         """Average each clip with its mirror image from now on, where the model can."""
+        return False
+
+    def use_view_averaging(self) -> bool:
+        """Average each clip over interleaved views of its frames from now on, where the
+        model reads fewer frames than are sampled."""
         return False
 
     def classify_clips(
@@ -238,18 +245,22 @@ class VideoClassifier(ClipClassifier):
                 self.backbone_runtime = used  # (runtime, precision) after any fallback
         return self._backbone
 
-    def model_inputs(self, frames: np.ndarray, masks: np.ndarray):
+    def model_inputs(self, frames: np.ndarray, masks: np.ndarray) -> list:
         """Model inputs for a batch of sampled clips (B x N x S x S x 3 uint8, or x 5 with
-        their optical flow after the RGB channels; B x N)."""
-        from pipeline.data.arrays import frame_subset, sequence_inputs
+        their optical flow after the RGB channels; B x N): one per view the model averages
+        over (`tta_views`; else the model's fixed frames alone), as its test clips had."""
+        from pipeline.data.arrays import evaluation_views
         from pipeline.data.flow import RGB_CHANNELS, pooled_flow
 
         if self.pre.get("flow") and frames.shape[-1] == RGB_CHANNELS:
             raise ValueError(f"{self.pre['model']} reads optical flow: decode clips with it")
+        sampling = {
+            "num_frames": self.pre.get("model_frames"),
+            "tta_views": self.pre.get("tta_views"),
+        }
         rgb = frames[..., :RGB_CHANNELS]
         if self.pre["input"] == "frames":
-            clips = frames if self.pre.get("flow") else rgb
-            return clips[:, frame_subset(frames.shape[1], self.pre.get("model_frames"))]
+            return evaluation_views(frames if self.pre.get("flow") else rgb, sampling)
         from pipeline.models.backbones import frame_features
 
         backbone, preprocess = self.backbone()
@@ -268,7 +279,7 @@ class VideoClassifier(ClipClassifier):
         if grid := self.pre.get("flow_grid"):  # as `load_split` appends it to cached features
             motion = pooled_flow(frames[..., RGB_CHANNELS:], grid)
             feats = np.concatenate([feats, motion.astype(feats.dtype)], axis=-1)
-        return sequence_inputs(feats, masks, self.pre.get("model_frames"))
+        return evaluation_views({"features": feats, "mask": masks}, sampling)
 
     def use_mirror_averaging(self) -> bool:
         """Average each clip's probabilities with its mirror image's from now on (`predict
@@ -278,16 +289,30 @@ class VideoClassifier(ClipClassifier):
         self.pre["tta_hflip"] = True
         return True
 
+    def use_view_averaging(self) -> bool:
+        """Average each clip's probabilities over interleaved views of its sampled frames from
+        now on (`predict --views`); False when the model reads every sampled frame (one view)."""
+        from pipeline.data.temporal import view_count
+
+        if view_count(int(self.pre["frames"]["num_frames"]), self.pre.get("model_frames")) < 2:
+            return False
+        self.pre["tta_views"] = True
+        return True
+
     def probabilities(self, frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """(B x classes) class probabilities for a batch of sampled clips, in the training
         batch size (`predict_on_batch`: Keras' `predict` adds ~0.1 s per call here); averaged
-        over each clip and its mirror image where the model was evaluated so (`tta_hflip`)."""
+        over views in time (`tta_views`) and over each clip and its mirror image
+        (`tta_hflip`) where the model was evaluated so."""
         from pipeline.data.arrays import mirror_average, mirrored
 
-        inputs = self.model_inputs(frames, masks)
-        if self.pre.get("tta_hflip"):
-            return mirror_average(self.predict_in_batches(mirrored(inputs)))
-        return self.predict_in_batches(inputs)
+        probs = [
+            mirror_average(self.predict_in_batches(mirrored(inputs)))
+            if self.pre.get("tta_hflip")
+            else self.predict_in_batches(inputs)
+            for inputs in self.model_inputs(frames, masks)
+        ]
+        return np.mean(probs, axis=0)
 
     def predict_in_batches(self, inputs) -> np.ndarray:
         step = int(self.pre["batch_size"])

@@ -62,6 +62,10 @@ class EnsembleClassifier(ClipClassifier):
         """Mirror averaging for every member on frames (cnn_gru keeps its features)."""
         return any([member.use_mirror_averaging() for member in self.members.values()])
 
+    def use_view_averaging(self) -> bool:
+        """Averaging over views in time for every member that reads fewer frames than sampled."""
+        return any([member.use_view_averaging() for member in self.members.values()])
+
     def probabilities(self, frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
         return sum(
             weight * self.members[name].probabilities(frames, masks)

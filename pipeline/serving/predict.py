@@ -172,9 +172,11 @@ def predict(
     timeline_png: Path | None = None,
     params_path: Path | None = None,
     hflip: bool = False,
+    views: bool = False,
 ) -> list[dict]:
     """Classify every video under `targets`; returns one row per file (or per window); with
-    `hflip`, each clip's probabilities averaged with its mirror image's."""
+    `hflip`, each clip's probabilities averaged with its mirror image's; with `views`, over
+    interleaved views of its sampled frames."""
     store = use_project_store()
     if model_uri:
         description = model_uri
@@ -192,6 +194,12 @@ def predict(
     classifier, _ = load_video_classifier(model_uri)
     if hflip and not classifier.use_mirror_averaging():
         log.warning("--hflip: %s reads features, not frames; ignored", classifier.pre["model"])
+    if views and not classifier.use_view_averaging():
+        log.warning(
+            "--views: %s reads every sampled frame (frames.num_frames %s), one view; ignored",
+            classifier.pre["model"],
+            classifier.pre["frames"]["num_frames"],
+        )
     log.info(
         "model: %s trained on %d classes, %d frames of %dx%d (%s sampling)%s",
         classifier.pre["model"],
@@ -272,6 +280,12 @@ def main(argv: list[str] | None = None) -> None:
         "(models on frames; a model evaluated so does it anyway)",
     )
     parser.add_argument(
+        "--views",
+        action="store_true",
+        help="test-time averaging over time: classify each clip's interleaved subsets of its "
+        "sampled frames and average (models that read fewer frames than are sampled)",
+    )
+    parser.add_argument(
         "--params", type=Path, help="params.yaml naming the champion (default: the project's)"
     )
     args = parser.parse_args(argv)
@@ -289,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
             args.timeline_png,
             args.params,
             args.hflip,
+            args.views,
         )
     except (PipelineError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)

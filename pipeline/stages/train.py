@@ -23,7 +23,13 @@ from pipeline.common import (
     write_json_atomic,
     write_text_atomic,
 )
-from pipeline.data.arrays import input_dir, load_arrays, load_split
+from pipeline.data.arrays import (
+    evaluation_views,
+    fixed_inputs,
+    input_dir,
+    load_arrays,
+    load_cache,
+)
 from pipeline.ensemble import PROBABILITIES_FILE, probability_rows
 from pipeline.models.distributed import is_chief, training_strategy, worker_index
 from pipeline.models.evaluation import backbone_ms_per_clip, clip_probabilities, model_ms_per_clip
@@ -72,7 +78,7 @@ def repeat_over_seeds(
     seeds = extra_seeds(params)
     if not seeds:
         return {}
-    x_test, y_test = data["test"]
+    y_test = data["test"][1]
     batch_size = int(params["models"][name]["train"]["batch_size"])
     rows = [{k: first[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}]
     for seed in seeds:
@@ -84,7 +90,7 @@ def repeat_over_seeds(
             model, _, _ = fit_model(params, name, data, len(classes), seed)
             for split in ("val", "test"):
                 probabilities[seed, split] = clip_probabilities(
-                    model, data[split][0], batch_size, params["models"][name].get("tta_hflip")
+                    model, data["views"][split], batch_size, params["models"][name].get("tta_hflip")
                 )
             y_pred = probabilities[seed, "test"].argmax(axis=1)
             scores = classification_metrics(y_test, y_pred, classes)
@@ -123,15 +129,21 @@ def train_and_evaluate(
     train_cfg = cfg["train"]
     classes = json.loads((input_dir(params, cfg) / "classes.json").read_text())
     dataset = json.loads((resolve(params["paths"]["clean"]) / "dataset.json").read_text())
-    x_train, y_train, _ = load_split(params, cfg, "train")
-    x_val, y_val, val_clips = load_split(params, cfg, "val")
-    x_test, y_test, test_clips = load_split(params, cfg, "test")
+    caches = {split: load_cache(params, cfg, split) for split in ("train", "val", "test")}
+    (_, y_train, _), (_, y_val, val_clips), (_, y_test, test_clips) = caches.values()
     if len(y_val) == 0 or len(y_test) == 0:
         raise ValueError(
             "the validation or test split is empty: the dataset needs more "
             "recording groups per class (see the clean stage's warnings)"
         )
-    data = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+    # the model's fixed frames of each clip (trained and validated on), the views of the
+    # evaluation (`tta_views`) and, for `train.temporal_jitter`, every cached training frame
+    data = {s: (fixed_inputs(cache, cfg), labels) for s, (cache, labels, _) in caches.items()}
+    data["views"] = {s: evaluation_views(caches[s][0], cfg) for s in ("val", "test")}
+    if train_cfg.get("temporal_jitter"):
+        data["train_cache"] = caches["train"][0]
+    del caches
+    x_test = data["test"][0]
     if not is_chief(params):
         return train_as_worker(params, name, data, len(classes))
 
@@ -170,16 +182,16 @@ def train_and_evaluate(
 
         # Predict in stored order; labels are read from the same arrays, so pairs stay aligned.
         seed, batch_size = int(params["seed"]), int(train_cfg["batch_size"])
-        probabilities = {  # averaged over mirror images with `tta_hflip`
-            (seed, split): clip_probabilities(model, x, batch_size, cfg.get("tta_hflip"))
-            for split, x in (("val", x_val), ("test", x_test))
+        probabilities = {  # averaged over views (`tta_views`) and mirror images (`tta_hflip`)
+            (seed, split): clip_probabilities(model, views, batch_size, cfg.get("tta_hflip"))
+            for split, views in data["views"].items()
         }
         probs = probabilities[seed, "test"]
         scores = classification_metrics(y_test, probs.argmax(axis=1), classes)
         # validation scores of the final (restored best) weights: what sweeps select on
         val_pred = probabilities[seed, "val"].argmax(axis=1)
         val_scores = classification_metrics(y_val, val_pred, classes)
-        model_ms = model_ms_per_clip(model, x_test, batch_size, cfg.get("tta_hflip"))
+        model_ms = model_ms_per_clip(model, data["views"]["test"], batch_size, cfg.get("tta_hflip"))
         streams = 2 if params["features"].get("motion") else 1  # appearance (+ motion)
         backbone_ms = (
             backbone_ms_per_clip(
