@@ -21,11 +21,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from pipeline.schema.model_sections import FLOW_MOTIONS  # a frame model's `motion` on flow
+
 FLOW_ZERO = 128  # the uint8 value of no motion; 1 and 255 are -max_speed and +max_speed
 FLOW_HALF_RANGE = 127
 FLOW_CHANNELS = 2  # x (to the right), y (downwards)
 RGB_CHANNELS = 3
-FLOW_MOTIONS = ("flow", "rgb_flow")  # a frame model's `motion` that reads the flow
 
 
 def reads_flow(model_cfg: dict) -> bool:

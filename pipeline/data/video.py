@@ -45,6 +45,14 @@ def frame_rate(cap: cv2.VideoCapture) -> float:
     return round(float(cap.get(cv2.CAP_PROP_FPS) or 0.0), 3)
 
 
+def flow_without_frame_rate(path: Path, flow, fps: float) -> str | None:
+    """Why a clip cannot be sampled with its optical flow (`flow` settings given), which is
+    measured per second: the video reports no frame rate. None when it can."""
+    if flow is not None and fps <= 0:
+        return f"{path}: the video reports no frame rate, which optical flow needs"
+    return None
+
+
 def probe_clip(path: Path, threads: int | None = None) -> dict:
     """Decode a clip once: frames actually decodable, fps, size, duration. Never raises.
 
@@ -197,8 +205,8 @@ def sample_frames(
     decodes to fewer frames than the probe counted, the sample is redrawn over the frames that
     do decode (and logged); a clip that yields none raises IOError naming it.
     """
-    if flow is not None and fps <= 0:
-        raise OSError(f"{path}: the video reports no frame rate, which optical flow needs")
+    if reason := flow_without_frame_rate(path, flow, fps):
+        raise OSError(reason)
     indices = sample_indices(total, n, sampling)
     needed = frames_needed(indices, total, flow)
     kept, decoded = decode_indices(path, needed, size, pad_value, threads)

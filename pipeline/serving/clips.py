@@ -110,6 +110,7 @@ def window_frames(
     from pipeline.data.flow import FlowSettings
     from pipeline.data.video import (
         display_frame,
+        flow_without_frame_rate,
         frame_rate,
         frames_needed,
         open_video,
@@ -136,8 +137,8 @@ def window_frames(
     if not cap.isOpened():
         raise VideoError(f"{path}: OpenCV cannot open it")
     fps = frame_rate(cap)
-    if flow is not None and fps <= 0:
-        raise VideoError(f"{path}: the video reports no frame rate, which optical flow needs")
+    if reason := flow_without_frame_rate(path, flow, fps):
+        raise VideoError(reason)
     try:
         frame_no, next_window = 0, 0
         while next_window < len(plans) and cap.grab():
@@ -188,6 +189,7 @@ def clip_frames(
 
     from pipeline.data.flow import FlowSettings
     from pipeline.data.video import (
+        flow_without_frame_rate,
         frame_rate,
         frames_needed,
         open_video,
@@ -213,9 +215,9 @@ def clip_frames(
         raise VideoError(f"{path}: OpenCV cannot open it (not a video, or an unsupported codec)")
     hint = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
     fps = frame_rate(cap)
-    if flow is not None and fps <= 0:
+    if reason := flow_without_frame_rate(path, flow, fps):
         cap.release()
-        raise VideoError(f"{path}: the video reports no frame rate, which optical flow needs")
+        raise VideoError(reason)
     wanted = (
         frames_needed(sample_indices(hint, n, sampling), hint, flow)
         if hint > 0
