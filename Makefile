@@ -45,14 +45,16 @@ test-all: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 # The build context of the serving image for deploy/k8s/serving.yaml: a Dockerfile and the
-# registered champion (compare.register_as, @champion) from MLFLOW_TRACKING_URI, else this
-# project's store, made to run as a non-root user (deploy/serving-image-user.Dockerfile). Then:
+# registered champion of params.yaml's dataset (compare.register_as, @champion; printed by
+# `python -m pipeline.serving.registry`) from MLFLOW_TRACKING_URI, else this project's store,
+# made to run as a non-root user (deploy/serving-image-user.Dockerfile). Then:
 # docker build -t REGISTRY/handball-action-classifier:champion $(SERVING_IMAGE_DIR)
 SERVING_IMAGE_DIR ?= deploy/serving-image
 serving-image: setup
 	rm -rf $(SERVING_IMAGE_DIR)
+	uri=$$($(BIN)/python -m pipeline.serving.registry) && \
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
-	  $(BIN)/mlflow models generate-dockerfile -m models:/handball-action-classifier@champion -d $(SERVING_IMAGE_DIR) && cat deploy/serving-image-user.Dockerfile >> $(SERVING_IMAGE_DIR)/Dockerfile
+	  $(BIN)/mlflow models generate-dockerfile -m "$$uri" -d $(SERVING_IMAGE_DIR) && cat deploy/serving-image-user.Dockerfile >> $(SERVING_IMAGE_DIR)/Dockerfile
 
 params: setup
 	$(BIN)/python -m pipeline.params

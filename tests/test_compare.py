@@ -57,3 +57,66 @@ def test_always_follows_every_run_and_unknown_policies_are_refused():
     assert promotion_reason(tags(0.1), tags(0.9), "always") is not None
     with pytest.raises(PipelineError, match="compare.promote"):
         promotion_reason(tags(0.1), tags(0.9), "sometimes")
+
+
+def test_a_champion_per_dataset_and_no_dataset_takes_anothers(tmp_path, monkeypatch, caplog):
+    """In a real MLflow store: `{dataset}` in `compare.register_as` gives each dataset its own
+    registered model and champion; a registered model holding one dataset's models refuses a
+    model of another (with `promote: always` too), also in a store from before the
+    registered model's dataset tag, where its champion's tag says which data it holds."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.serving.registry import register_champion
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    client = MlflowClient()
+
+    class Constant(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+    def trained(dataset: str, score: float):
+        """A logged model of `dataset`, the comparison row that ranks it, the clean stage's
+        record of its data."""
+        with mlflow.start_run(tags={"git_commit": "0" * 40}) as run:
+            info = mlflow.pyfunc.log_model(name="model", python_model=Constant())
+        best = {"model": "cnn3d", "val_macro_f1": score, "macro_f1": score}
+        best.update(macro_f1_low=score - 0.1, macro_f1_high=score + 0.1)
+        ref = {"run_id": run.info.run_id, "model_uri": info.model_uri}
+        data = {"name": dataset, "dataset_hash": f"hash-{dataset}", "split_hash": "s"}
+        return best, ref, data
+
+    def params(register_as: str, promote: str = "better") -> dict:
+        return {
+            "compare": {
+                "register_as": register_as,
+                "alias": "champion",
+                "metric": "macro_f1",
+                "promote": promote,
+            }
+        }
+
+    per_dataset = params("actions-{dataset}", promote="always")
+    real = register_champion(per_dataset, *trained("uniri_hbd", 0.6))
+    sample = register_champion(per_dataset, *trained("sample", 0.9))
+    assert (real.name, sample.name) == ("actions-uniri_hbd", "actions-sample")
+    assert client.get_registered_model("actions-uniri_hbd").tags["dataset_name"] == "uniri_hbd"
+    assert str(client.get_model_version_by_alias("actions-uniri_hbd", "champion").version) == "1"
+
+    # one name for every dataset: the sample is refused, whatever the promotion policy
+    shared = params("team-model", promote="always")
+    first = register_champion(shared, *trained("uniri_hbd", 0.6))
+    assert register_champion(shared, *trained("sample", 0.9)) is None
+    assert "team-model holds models of uniri_hbd, and a model trained on sample" in caplog.text
+    assert len(client.search_model_versions("name = 'team-model'")) == 1
+    assert client.get_model_version_by_alias("team-model", "champion").version == first.version
+
+    # a store from before the tag: the champion's dataset decides
+    client.delete_registered_model_tag("team-model", "dataset_name")
+    assert register_champion(shared, *trained("sample", 0.9)) is None
+    newer = register_champion(shared, *trained("uniri_hbd", 0.7))
+    assert str(newer.version) == "2" and client.get_registered_model("team-model").tags

@@ -77,6 +77,10 @@ BAD = [
         ["models.cnn_gru.train.temporal_jitter=true", "models.cnn_gru.train.oversample=true"],
         "models.cnn_gru: train.temporal_jitter with train.oversample=true",
     ),
+    (
+        ["compare.register_as='actions-{datset}'"],
+        "compare: register_as='actions-{datset}': the only placeholder is {dataset}",
+    ),
 ]
 
 

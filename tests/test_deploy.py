@@ -18,6 +18,9 @@ import pytest
 import yaml
 from conftest import ROOT, run
 
+from pipeline.common import load_params
+from pipeline.serving.registry import champion_uri
+
 pytestmark = pytest.mark.scaleout  # README "Scaling out"; `pytest -m scaleout`
 
 KUBERNETES_VERSION = (
@@ -79,19 +82,22 @@ def test_generated_dockerfile_serves_the_registered_champion(project, tmp_path):
     store = f"sqlite:///{repo / 'mlflow.db'}"
     env = {**state["env"], "MLFLOW_TRACKING_URI": store}
     out = tmp_path / "serving-image"
+    # the recipe's command as make runs it (the venv's tools on PATH)
+    recipe = (ROOT / "Makefile").read_text().split("\nserving-image:", 1)[1]
     command = next(
-        line.strip().split("$(BIN)/", 1)[1]
-        for line in (ROOT / "Makefile").read_text().splitlines()
-        if "generate-dockerfile" in line
+        line for line in recipe.replace("\\\n", " ").splitlines() if "generate-dockerfile" in line
     )
-    command = command.replace("$(SERVING_IMAGE_DIR)", str(out))
+    replacements = (("$(BIN)/", ""), ("$(SERVING_IMAGE_DIR)", str(out)), ("$(CURDIR)", str(repo)))
+    for made, shell in (*replacements, ("$$", "$")):
+        command = command.replace(made, shell)
     run(["bash", "-c", command], repo, env)
     dockerfile = (out / "Dockerfile").read_text()
     assert "COPY model_dir /opt/ml/model" in dockerfile and "_serve(" in dockerfile
     assert dockerfile.rstrip().endswith("USER 1000")  # not served as root
-    champion = MlflowClient(tracking_uri=store).get_model_version_by_alias(
-        "handball-action-classifier", "champion"
-    )
+    # the champion of the project's dataset: the generated sample's
+    name = champion_uri(load_params(repo / "params.yaml")).removeprefix("models:/")
+    assert name == "handball-action-classifier-sample@champion"
+    champion = MlflowClient(tracking_uri=store).get_model_version_by_alias(*name.split("@"))
     mlmodel = yaml.safe_load((out / "model_dir" / "MLmodel").read_text())
     assert mlmodel["run_id"] == champion.run_id
     requirements = (out / "model_dir" / "requirements.txt").read_text()

@@ -19,7 +19,7 @@ import cv2
 import pandas as pd
 import pytest
 import yaml
-from conftest import MODELS, free_port, post_json, wait_until_serving
+from conftest import MODELS, champion_name, free_port, post_json, wait_until_serving
 
 
 def predict_cli(repo: Path, env: dict, *args: str) -> tuple[subprocess.CompletedProcess, object]:
@@ -43,7 +43,7 @@ def first_repro_state(project):
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     params = yaml.safe_load((repo / "params.yaml").read_text())
     champion = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
-        params["compare"]["register_as"], "champion"
+        champion_name(params), "champion"
     )
     best = pd.read_csv(repo / "reports" / "comparison.csv")["model"].iloc[0]
     assert (
@@ -71,7 +71,7 @@ def test_default_model_is_the_champion_else_the_latest_comparisons_best(
     monkeypatch.delenv("DVC_ROOT", raising=False)
     store = use_project_store()
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    name = params["compare"]["register_as"]
+    name = champion_name(params)
     uri, why = default_model(params, store)
     assert uri == f"models:/{name}@champion" and f"the registered {name}@champion" in why
     params["compare"]["register_as"] = "never-registered"
@@ -117,7 +117,7 @@ def test_predict_reproduces_the_evaluation_predictions(first_repro_state, tmp_pa
             assert sum(probabilities.values()) == pytest.approx(1.0, abs=0.01)
             assert probabilities[row["action_1"]] == row["probability_1"]
         if default:
-            name = params["compare"]["register_as"]
+            name = champion_name(params)
             assert f"the registered {name}@champion" in proc.stderr
             assert [r["error"] for r in rows if r.get("error")] and "notes.avi" in proc.stderr
             assert f"{len(clips)} of {len(clips) + 1} files classified" in proc.stderr
@@ -218,7 +218,7 @@ def served_champion(first_repro_state):
             "models",
             "serve",
             "-m",
-            f"models:/{params['compare']['register_as']}@champion",
+            f"models:/{champion_name(params)}@champion",
             "--env-manager",
             "local",
             "-h",

@@ -155,14 +155,14 @@ def test_the_pipeline_a_queued_grid_and_predict_use_the_team_server(
         client_kwargs={"endpoint_url": s3_server["endpoint"]},
     )
     assert bucket.find(f"{s3_server['bucket']}/mlflow")
-    champion = client.get_model_version_by_alias("handball-action-classifier", "champion")
+    champion = client.get_model_version_by_alias("handball-action-classifier-sample", "champion")
     ranked = (clone / "reports" / "comparison.csv").read_text().splitlines()
     assert champion.tags["model"] == ranked[1].split(",")[0]  # best on validation
 
     # predict loads the champion through the server
     clip = next((clone / "data" / "raw").rglob("*.avi"))
     _, rows = predict_cli(
-        clone, env, str(clip), "--model", "models:/handball-action-classifier@champion"
+        clone, env, str(clip), "--model", "models:/handball-action-classifier-sample@champion"
     )
     assert rows[0]["action_1"] in json.loads((clone / "data" / "raw" / "classes.json").read_text())
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import MODELS, ROOT, free_port, stop_process_group, wait_until_serving
+from conftest import MODELS, ROOT, champion_name, free_port, stop_process_group, wait_until_serving
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 pytestmark = pytest.mark.ui
@@ -196,7 +196,7 @@ def test_registered_model_shows_the_champion_alias(mlflow_ui, page):
     from mlflow.tracking import MlflowClient
 
     url, repo, params, _ = mlflow_ui
-    name, alias = params["compare"]["register_as"], params["compare"]["alias"]
+    name, alias = champion_name(params), params["compare"]["alias"]
     store = f"sqlite:///{repo / 'mlflow.db'}"
     champion = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_by_alias(
         name, alias

@@ -24,6 +24,7 @@ import yaml
 from conftest import (
     MODELS,
     TINY,
+    champion_name,
     new_shell_env,
     readme_commands,
     run,
@@ -198,7 +199,9 @@ def test_best_model_is_the_registered_champion(project):
     ref = json.loads((repo / "reports" / best / "mlflow.json").read_text())
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    version = client.get_model_version_by_alias(cfg["register_as"], cfg["alias"])
+    name = champion_name(params)
+    assert name == "handball-action-classifier-sample"  # the generated sample's own
+    version = client.get_model_version_by_alias(name, cfg["alias"])
     assert version.run_id == ref["run_id"]
     assert version.tags["model"] == best
     dataset = json.loads((repo / "data" / "clean" / "dataset.json").read_text())
@@ -221,16 +224,13 @@ def test_best_model_is_the_registered_champion(project):
     config = yaml.safe_load(mlflow.artifacts.load_text(version.tags["config_artifact"]))
     assert config == params
     assert best in version.description and "validation" in version.description
-    assert client.get_registered_model(cfg["register_as"]).description
+    assert client.get_registered_model(name).description
+    assert client.get_registered_model(name).tags["dataset_name"] == "sample"
     # the champion's run page says it is the champion
-    assert (
-        client.get_run(ref["run_id"])
-        .data.tags["champion"]
-        .startswith(f"{cfg['register_as']}@{cfg['alias']}")
-    )
+    assert client.get_run(ref["run_id"]).data.tags["champion"].startswith(f"{name}@{cfg['alias']}")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    model = mlflow.pyfunc.load_model(f"models:/{cfg['register_as']}@{cfg['alias']}")
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{cfg['alias']}")
     assert model.metadata.run_id == ref["run_id"]
 
 
@@ -437,8 +437,8 @@ def test_queued_dvc_sweep_logs_each_experiment_into_the_root_store(project):
 
     # the champion is the version with the best validation score registered on this data and
     # split, whichever experiment ended last
-    versions = client.search_model_versions("name = 'handball-action-classifier'")
-    champion = client.get_model_version_by_alias("handball-action-classifier", "champion")
+    versions = client.search_model_versions("name = 'handball-action-classifier-sample'")
+    champion = client.get_model_version_by_alias("handball-action-classifier-sample", "champion")
     assert champion.tags["selected_by"] == "val_macro_f1"
     assert float(champion.tags["val_macro_f1"]) == max(
         float(v.tags["val_macro_f1"])

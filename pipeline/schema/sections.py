@@ -223,6 +223,18 @@ class Compare(Section):
     promote: Literal["better", "always"]
     ensemble: Ensemble
 
+    @model_validator(mode="after")
+    def one_placeholder(self):
+        """`register_as` may hold `{dataset}` and no other `{...}` (a typo would register
+        every dataset's models under one literal name)."""
+        rest = (self.register_as or "").replace("{dataset}", "")
+        if "{" in rest or "}" in rest:
+            raise ValueError(
+                f"register_as={self.register_as!r}: the only placeholder is {{dataset}} "
+                "(the dataset's name)"
+            )
+        return self
+
 
 class Gallery(Section):
     max_clips: Natural

@@ -7,10 +7,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from pathlib import Path
 
 from filelock import FileLock
 
-from pipeline.common import PipelineError, resolve, store_root
+from pipeline.common import (
+    PipelineError,
+    dataset_name,
+    load_params,
+    resolve,
+    setup_logging,
+    store_root,
+)
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +27,39 @@ MODEL_FORMAT = "video-pyfunc/1"
 
 
 PROMOTE_POLICIES = ("better", "always")
+# `compare.register_as`'s stand-in for the dataset's name: one registered model per dataset
+DATASET_PLACEHOLDER = "{dataset}"
+# registered-model tag: the dataset whose models a registered model holds
+DATASET_TAG = "dataset_name"
+
+
+def registered_name(register_as: str, dataset: str) -> str:
+    """The registered model that holds `dataset`'s champion: `compare.register_as` with
+    `{dataset}` replaced by the dataset's name (handball-action-classifier-uniri_hbd)."""
+    return register_as.replace(DATASET_PLACEHOLDER, dataset)
+
+
+def champion_uri(params: dict) -> str:
+    """`models:/<registered model>@<alias>` of the champion of this config's dataset."""
+    name = registered_name(params["compare"]["register_as"], dataset_name(params["dataset"]))
+    return f"models:/{name}@{params['compare']['alias']}"
+
+
+def registered_dataset(client, name: str, alias: str) -> str | None:
+    """The dataset whose models registered model `name` holds: its `dataset_name` tag or,
+    in a store from before that tag, its champion's; None for a new or empty one."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        return None
+    if model.tags.get(DATASET_TAG):
+        return model.tags[DATASET_TAG]
+    try:
+        return client.get_model_version_by_alias(name, alias).tags.get(DATASET_TAG)
+    except MlflowException:
+        return None
 
 
 def check_promote_policy(policy: str) -> None:
@@ -117,9 +158,9 @@ def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
     from pipeline.tracking import git_commit
 
     cfg = params["compare"]
-    name, alias = cfg.get("register_as"), cfg.get("alias") or "champion"
-    if not name:
+    if not cfg.get("register_as"):
         return None
+    name, alias = registered_name(cfg["register_as"], dataset["name"]), cfg["alias"]
     run_id = ref.get("run_id", "")
     client = MlflowClient()
     try:
@@ -155,6 +196,20 @@ def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
     }
     # Queued experiments finish concurrently: read, decide and move the alias one at a time.
     with FileLock(store_root() / "mlflow.db.lock"):
+        holds = registered_dataset(client, name, alias)
+        if holds not in (None, dataset["name"]):
+            log.warning(
+                "not registering %s: %s holds models of %s, and a model trained on %s never "
+                "joins them or takes their @%s; give each dataset a registered model of its "
+                "own (compare.register_as with %s in it, as the default)",
+                best["model"],
+                name,
+                holds,
+                dataset["name"],
+                alias,
+                DATASET_PLACEHOLDER,
+            )
+            return None
         # A run restored from DVC's run cache is registered once, however often it comes back.
         existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
         if existing:
@@ -166,6 +221,7 @@ def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
             )
         if not client.get_registered_model(name).description:
             client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
+        client.set_registered_model_tag(name, DATASET_TAG, dataset["name"])
         try:
             current = client.get_model_version_by_alias(name, alias)
         except MlflowException:
@@ -213,12 +269,13 @@ def default_model(params: dict, store: str) -> tuple[str, str]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    name, alias = params["compare"].get("register_as"), params["compare"].get("alias")
-    if name and alias:
+    uri = champion_uri(params) if params["compare"].get("register_as") else None
+    if uri:
+        name, alias = uri.removeprefix("models:/").split("@")
         try:
             version = client.get_model_version_by_alias(name, alias)
             return (
-                f"models:/{name}@{alias}",
+                uri,
                 f"the registered {name}@{alias}: version {version.version}, "
                 f"{version.tags.get('model', '?')} from run {version.run_id}",
             )
@@ -239,10 +296,34 @@ def default_model(params: dict, store: str) -> tuple[str, str]:
         tags = runs[0].data.tags
         return (
             tags["best_model_uri"],
-            f"no {name}@{alias} is registered; the best model ({tags.get('best_model')}) "
+            f"no {uri} is registered; the best model ({tags.get('best_model')}) "
             f"of the latest comparison run {runs[0].info.run_id}",
         )
     raise PipelineError(
-        f"no model to use: no registered {name}@{alias} and no comparison run "
+        f"no model to use: no registered {uri} and no comparison run "
         f"in {store}. Run the pipeline first (`dvc repro`) or pass --model URI"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the model URI of the champion of this project's dataset (`make serving-image`)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--params", type=Path, help="params.yaml (default: the project's)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        params = load_params(args.params)
+    except (PipelineError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    if not params["compare"].get("register_as"):
+        log.error("compare.register_as is null: this project registers no champion")
+        sys.exit(2)
+    sys.stdout.write(champion_uri(params) + "\n")
+
+
+if __name__ == "__main__":
+    main()

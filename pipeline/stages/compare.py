@@ -285,7 +285,7 @@ def compare(params: dict) -> pd.DataFrame:
         mlflow.set_tag("best_model_uri", best_ref.get("model_uri", ""))
         version = register_champion(params, best, best_ref, dataset)
         if version is not None:
-            mlflow.set_tags({"champion": f"{params['compare']['register_as']}/{version.version}"})
+            mlflow.set_tags({"champion": f"{version.name}/{version.version}"})
     log.info(
         "compare: best by validation %s is %s (val %.3f; test %.3f, %.0f%% CI %.3f-%.3f)\n%s",
         metric,
