@@ -74,6 +74,9 @@ def matmul_gmac_per_s(precision: str, n: int = 2048, chain: int = 8, repeats: in
 
 
 def main() -> None:
+    from pipeline.logs import quiet_tensorflow_startup
+
+    quiet_tensorflow_startup()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--frames", type=int, default=16)
@@ -86,9 +89,9 @@ def main() -> None:
 
     import numpy as np
 
-    from pipeline.common import seed_everything
     from pipeline.models.backbones import build_feature_backbone, frame_features
     from pipeline.models.runtimes import cpu_has_bfloat16
+    from pipeline.models.seeding import seed_everything
 
     shape = (args.size, args.size, 3)
     rng = np.random.default_rng(0)

@@ -58,7 +58,7 @@ def reference_decode(params: dict) -> int:
     import numpy as np
     import pandas as pd
 
-    from pipeline.common import resolve
+    from pipeline.config import resolve
     from pipeline.data.video import letterbox, sample_indices
 
     n, size = int(params["frames"]["num_frames"]), int(params["frames"]["size"])
@@ -117,7 +117,7 @@ def run_variant(variant: str, root: Path) -> None:
     """Child process: time one side and print a JSON line."""
     import logging
 
-    from pipeline.common import load_params
+    from pipeline.config import load_params
 
     logging.disable(logging.WARNING)
     os.chdir(root)
@@ -147,6 +147,9 @@ def measure(variant: str, root: Path) -> dict:
 
 
 def main() -> None:
+    from pipeline.logs import quiet_tensorflow_startup
+
+    quiet_tensorflow_startup()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--source",
@@ -178,7 +181,7 @@ def main() -> None:
         (root / "params.yaml").write_text(yaml.safe_dump(params))
         splits = pd.read_csv(root / params["paths"]["clean"] / "splits.csv")
         clips, source_frames = len(splits), int(splits["frames"].sum())
-        from pipeline.common import worker_count
+        from pipeline.parallel import worker_count
 
         workers = worker_count(params.get("workers"))
         reference_decode(params)  # warm the page cache so neither side pays the first read

@@ -92,6 +92,9 @@ def measure(uri: str, clips: list[Path], repeats: int, setting: tuple) -> dict:
 
 
 def main() -> None:
+    from pipeline.logs import quiet_tensorflow_startup
+
+    quiet_tensorflow_startup()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
@@ -104,7 +107,7 @@ def main() -> None:
 
     import pandas as pd
 
-    from pipeline.common import load_params, resolve
+    from pipeline.config import load_params, resolve
     from pipeline.serving.predict import use_project_store
 
     use_project_store()

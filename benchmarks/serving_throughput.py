@@ -133,6 +133,9 @@ def load(url: str, bodies: list[bytes], clients: int, requests: int) -> dict:
 
 
 def main() -> None:
+    from pipeline.logs import quiet_tensorflow_startup
+
+    quiet_tensorflow_startup()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=48, help="timed requests per level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
@@ -146,7 +149,8 @@ def main() -> None:
 
     import pandas as pd
 
-    from pipeline.common import load_params, resolve, write_bytes_atomic
+    from pipeline.atomic import write_bytes_atomic
+    from pipeline.config import load_params, resolve
 
     params = load_params()
     reports = resolve(params["paths"]["reports"])

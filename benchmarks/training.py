@@ -112,7 +112,7 @@ def measure(params: dict, model: str, setting: str, epochs: int) -> dict:
     import keras
 
     import pipeline.models.fitting as fitting
-    from pipeline.common import dataset_classes
+    from pipeline.config import dataset_classes
     from pipeline.data.arrays import load_split
 
     run_params = with_override(params, model, setting, epochs)
@@ -162,6 +162,9 @@ def run_in_new_process(model: str, setting: str, epochs: int) -> dict:
 
 
 def main() -> None:
+    from pipeline.logs import quiet_tensorflow_startup
+
+    quiet_tensorflow_startup()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None, help="default: every model")
     parser.add_argument("--epochs", type=int, default=6, help="the first + steady ones")
@@ -176,7 +179,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     os.chdir(ROOT)
 
-    from pipeline.common import load_params, write_bytes_atomic
+    from pipeline.atomic import write_bytes_atomic
+    from pipeline.config import load_params
 
     params = load_params()
     if args.run:  # one measurement, in this process

@@ -1,6 +1,13 @@
-"""Handball action recognition: DVC stages, Hydra configs and MLflow tracking for three models."""
+"""Handball action recognition: DVC stages, Hydra configs and MLflow tracking for three models.
 
-from pipeline.common import quiet_tensorflow_startup
+Importing the package changes nothing in the process. Entry points (stage commands, predict,
+sweeps, served models) keep TensorFlow's start-up lines out (`pipeline.logs`); their worker
+processes, which inherit the marker it sets, do the same as they import the package.
+"""
 
-# before any module of the package imports TensorFlow (stages, their workers, predict, serving)
-quiet_tensorflow_startup()
+import os as _os
+
+if _os.environ.get("HANDBALL_QUIET_TF") == "1":  # `pipeline.logs.QUIET_TF_ENV`
+    from pipeline.logs import quiet_tensorflow_startup as _quiet
+
+    _quiet()

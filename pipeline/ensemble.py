@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.common import PipelineError, atomic_dir
+from pipeline.atomic import atomic_dir
+from pipeline.errors import PipelineError
 from pipeline.evaluate import (
     SCORES,
     classification_metrics,

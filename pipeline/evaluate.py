@@ -20,7 +20,7 @@ from sklearn.metrics import (  # noqa: E402
     precision_recall_fscore_support,
 )
 
-from pipeline.common import atomic_dir  # noqa: E402
+from pipeline.atomic import atomic_dir  # noqa: E402
 
 # the headline scores `classification_metrics` returns (and the comparison reports)
 SCORES = ["accuracy", "balanced_accuracy", "macro_f1"]

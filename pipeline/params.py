@@ -20,7 +20,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline.common import repo_root, setup_logging, write_text_atomic
+from pipeline.atomic import write_text_atomic
+from pipeline.config import repo_root
+from pipeline.logs import setup_logging
 from pipeline.schema import InvalidConfig, unknown_setting, validate_params
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.common import PipelineError, repo_root, setup_logging
+from pipeline.config import repo_root
 from pipeline.data.arrays import load_arrays
+from pipeline.errors import PipelineError
+from pipeline.logs import quiet_tensorflow_startup, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +248,7 @@ def failed_run_recorded(parent: str, overrides: str) -> bool:
 def hydra_main() -> None:
     """`python -m pipeline.sweep -m ...`: Hydra reads its arguments from sys.argv."""
     setup_logging()
+    quiet_tensorflow_startup()
     conf_dir = str(repo_root() / "conf")
     os.environ.pop(INVALID_ENV, None)
     hydra.main(config_path=conf_dir, config_name="sweep", version_base="1.3")(sweep_job)()

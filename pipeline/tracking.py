@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline.common import SPLITS, repo_root, resolve, store_root
+from pipeline.config import SPLITS, repo_root, resolve, store_root
 
 log = logging.getLogger(__name__)
 

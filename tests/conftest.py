@@ -312,7 +312,7 @@ def s3_server(tmp_path_factory) -> dict:
 def champion_name(params: dict) -> str:
     """The registered model holding the champion of `params`' dataset (`compare.register_as`
     with the dataset's name for `{dataset}`)."""
-    from pipeline.common import dataset_name
+    from pipeline.config import dataset_name
     from pipeline.serving.registry import registered_name
 
     return registered_name(params["compare"]["register_as"], dataset_name(params["dataset"]))

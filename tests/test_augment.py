@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.common import PipelineError
 from pipeline.data.arrays import save_arrays
 from pipeline.data.augment import augment_clip, jitter_indices, oversample_indices
+from pipeline.errors import PipelineError
 
 AUG = {"hflip": 0.5, "rotation_deg": 5, "blur": 0.2, "noise_std": 4.0, "temporal_jitter": 1}
 
@@ -59,7 +59,7 @@ def test_temporal_jitter_stays_in_order_and_marks_repeats():
 
 
 def test_oversampled_epochs_are_balanced_with_untouched_originals(tiny_params):
-    from pipeline.models.fitting import training_data
+    from pipeline.models.training_data import training_data
 
     x = clips(12)
     y = np.array([0] * 8 + [1] * 3 + [2] * 1)
@@ -86,7 +86,7 @@ def test_oversampled_epochs_are_balanced_with_untouched_originals(tiny_params):
 
 
 def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root, tiny_params):
-    from pipeline.models.fitting import training_data
+    from pipeline.models.training_data import training_data
     from pipeline.stages.features import extract_features
 
     frames_dir = in_tmp_root / "data" / "frames"
@@ -138,13 +138,13 @@ def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root
 def test_motion_stream_features_are_the_features_of_frame_changes():
     """`features.motion`: each frame's own features, then the same backbone's features of its
     change since the previous frame (mid-grey = no change); frames of one clip only."""
-    from pipeline.common import seed_everything
     from pipeline.models.backbones import (
         build_backbone,
         frame_changes,
         frame_features,
         preprocess_for,
     )
+    from pipeline.models.seeding import seed_everything
 
     frames = clips(3, t=4, size=32)
     changes = frame_changes(frames)

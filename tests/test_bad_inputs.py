@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from conftest import write_numbered_video
 
-from pipeline.common import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.stages.clean import clean
 from pipeline.stages.download import download
 from pipeline.stages.frames import extract_frames

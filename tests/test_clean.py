@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 from conftest import write_numbered_video
 
-from pipeline.common import PipelineError
 from pipeline.data.splits import group_of, split_by_group
 from pipeline.data.video import probe_clip
+from pipeline.errors import PipelineError
 from pipeline.stages.clean import clean
 
 PATTERN = r"^(?P<group>.+?)_act\d+$"

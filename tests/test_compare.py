@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.common import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.serving.registry import promotion_reason
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.common import PipelineError
+from pipeline.errors import PipelineError
 
 pytestmark = pytest.mark.scaleout  # README "Scaling out"; `pytest -m scaleout`
 
@@ -73,8 +73,8 @@ def test_the_per_clip_stages_on_a_cluster_write_the_local_bytes(in_tmp_root, tin
 def test_a_worker_that_cannot_see_a_clip_stops_the_stage(tmp_path):
     """A clip this machine has but a worker cannot read (no shared volume) is an error, not a
     clip recorded as unreadable and dropped."""
-    from pipeline.cluster import cluster_map
     from pipeline.data.video import probe_and_hash
+    from pipeline.parallel import cluster_map
 
     missing = tmp_path / "not-on-the-worker.avi"
     with (
@@ -86,8 +86,8 @@ def test_a_worker_that_cannot_see_a_clip_stops_the_stage(tmp_path):
 
 
 def test_an_unreachable_scheduler_names_the_key(tmp_path):
-    from pipeline.cluster import clip_map
     from pipeline.data.video import probe_and_hash
+    from pipeline.parallel import clip_map
 
     dask = {"scheduler": "tcp://127.0.0.1:9", "clips_per_task": 4, "connect_timeout_s": 2}
     with pytest.raises(PipelineError, match="dask.scheduler='tcp://127.0.0.1:9'"):
@@ -100,7 +100,7 @@ def test_the_local_pool_imports_nothing_from_dask(tmp_path):
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from pipeline.cluster import clip_map\n"
+        "from pipeline.parallel import clip_map\n"
         "from pipeline.data.video import probe_and_hash\n"
         f"clips = [Path({str(clip)!r})]\n"
         "params = {'workers': 1, 'dask': {'scheduler': None}}\n"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import ROOT, run
 
-from pipeline.common import load_params
+from pipeline.config import load_params
 from pipeline.serving.registry import champion_uri
 
 pytestmark = pytest.mark.scaleout  # README "Scaling out"; `pytest -m scaleout`

@@ -131,7 +131,7 @@ def test_mirrored_trains_with_keras_fit_on_the_devices_here(tiny_data, tmp_path)
 
 
 def test_multi_worker_without_tf_config_says_what_is_missing(tmp_path, monkeypatch):
-    from pipeline.common import PipelineError
+    from pipeline.errors import PipelineError
     from pipeline.models.distributed import training_strategy
 
     monkeypatch.delenv("TF_CONFIG", raising=False)

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 from conftest import write_numbered_video
 
-from pipeline.common import PipelineError
 from pipeline.data.archive import UnsafeArchive, safe_extract
+from pipeline.errors import PipelineError
 from pipeline.stages.download import download
 
 CLASSES = ["passing", "shot", "jump-shot", "running", "dribbling"]
@@ -270,7 +270,7 @@ def test_a_folder_without_class_folders_names_the_keys_to_set(tmp_path, in_tmp_r
 
 
 def test_a_dataset_without_a_name_is_named_after_its_folder_or_archive():
-    from pipeline.common import dataset_name
+    from pipeline.config import dataset_name
 
     assert dataset_name({"name": "uniri_hbd", "path": "data/source"}) == "uniri_hbd"
     assert dataset_name({"name": None, "path": "../shared/data/real/cricket_shots/"}) == (

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.common import PipelineError
 from pipeline.ensemble import (
     EnsembleConfig,
     aligned_probabilities,
@@ -21,6 +20,7 @@ from pipeline.ensemble import (
     seed_ensembles,
     simplex_grid,
 )
+from pipeline.errors import PipelineError
 
 CLASSES = ["pass", "shot", "run"]
 MODELS = ["frame_cnn", "cnn3d", "cnn_gru"]

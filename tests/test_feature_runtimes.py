@@ -12,10 +12,10 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.common import seed_everything
 from pipeline.models import runtimes
 from pipeline.models.backbones import build_feature_backbone, frame_features
 from pipeline.models.runtimes import cpu_has_bfloat16
+from pipeline.models.seeding import seed_everything
 
 SIZE = 32  # the smallest input ResNet101V2 takes
 

@@ -135,9 +135,9 @@ def at_test_size(params: dict, name: str) -> dict:
 def features_of(frames: np.ndarray, params: dict) -> dict:
     """cnn_gru's inputs: the features stage's backbone (ResNet101V2, seeded random init) on
     every frame, all frames valid."""
-    from pipeline.common import seed_everything
     from pipeline.data.arrays import sequence_inputs
     from pipeline.models.backbones import build_backbone, frame_features, preprocess_for
+    from pipeline.models.seeding import seed_everything
 
     seed_everything(0)
     feats_cfg = params["features"]

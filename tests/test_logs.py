@@ -9,10 +9,11 @@ import sys
 
 from conftest import ROOT
 
-from pipeline.common import QUIET_TF_ENV, TF_STARTUP_NOISE
+from pipeline.logs import QUIET_TF_ENV, TF_STARTUP_NOISE
 
-# what a stage does: import the package, then Keras/TensorFlow, then run something
+# what an entry point does: keep TensorFlow quiet, then import Keras/TensorFlow and use them
 USES_TENSORFLOW = (
+    "from pipeline.logs import quiet_tensorflow_startup; quiet_tensorflow_startup(); "
     "import os, pipeline.models.builders, keras, tensorflow as tf; "
     "keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).predict(tf.ones((1, 3)), "
     "verbose=0); print(os.environ['TF_CPP_MIN_LOG_LEVEL'])"
@@ -48,7 +49,7 @@ def test_the_users_tf_cpp_min_log_level_wins():
 def test_other_c_level_stderr_lines_pass_through():
     code = (
         "import os\n"
-        "from pipeline.common import TF_STARTUP_NOISE, filtered_c_stderr\n"
+        "from pipeline.logs import TF_STARTUP_NOISE, filtered_c_stderr\n"
         "with filtered_c_stderr(TF_STARTUP_NOISE):\n"
         "    os.write(2, b'I0000 cudart_stub.cc:31] Could not find cuda drivers\\n')\n"
         "    os.write(2, b'E0000 something real went wrong\\n')\n"
@@ -56,3 +57,13 @@ def test_other_c_level_stderr_lines_pass_through():
     proc = python(code)
     assert "something real went wrong" in proc.stderr
     assert "cudart_stub" not in proc.stderr
+
+
+def test_importing_the_package_leaves_the_process_as_it_was():
+    """A notebook or another program importing `pipeline` keeps TensorFlow's own logging; a
+    worker process of a quiet entry point (the marker in its environment) stays quiet."""
+    check = "import os, pipeline; print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))"
+    assert python(check).stdout.strip() == "None"
+    worker = python(check.replace("pipeline;", "pipeline, tensorflow;"), **{QUIET_TF_ENV: "1"})
+    assert worker.stdout.strip() == "2"
+    assert not [line for line in worker.stderr.splitlines() if TF_STARTUP_NOISE.search(line)]

@@ -84,7 +84,7 @@ def test_cnn_gru_masks_repeated_frames(tiny_params):
 
 def test_random_init_backbone_is_reproducible_by_seed():
     """`weights: null` features must not change between two runs of the same config."""
-    from pipeline.common import seed_everything
+    from pipeline.models.seeding import seed_everything
 
     builds = []
     for _ in range(2):

@@ -33,7 +33,7 @@ from conftest import (
     stages_run,
 )
 
-from pipeline.common import TF_STARTUP_NOISE
+from pipeline.logs import TF_STARTUP_NOISE
 from pipeline.params import compose_params, dump_params
 
 BASELINES = ["baseline_majority", "baseline_motion_logreg"]

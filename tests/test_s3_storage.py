@@ -19,7 +19,7 @@ import pytest
 from conftest import run
 from test_download import make_uniri_like, uniri_params
 
-from pipeline.common import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.params import compose_params, dump_params
 from pipeline.stages.download import download
 

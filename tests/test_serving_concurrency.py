@@ -37,8 +37,8 @@ def model_folder(tmp_path_factory, tiny_params) -> Path:
     (what `mlflow artifacts download` gives; `mlflow models serve -m FOLDER` serves it)."""
     import mlflow
 
-    from pipeline.common import seed_everything
     from pipeline.models.builders import build_cnn3d
+    from pipeline.models.seeding import seed_everything
     from pipeline.serving.classifier import preprocessing_config
     from pipeline.serving.pyfunc import log_video_classifier
 

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.data.arrays import evaluation_views, select_frames
 from pipeline.data.temporal import jittered_indices, view_count, view_indices
-from pipeline.models.fitting import training_clips
+from pipeline.models.training_data import training_clips
 
 CACHED, READ = 16, 8
 

@@ -20,7 +20,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from pipeline.common import PipelineError
+from pipeline.errors import PipelineError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 

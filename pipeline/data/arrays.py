@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.common import resolve
+from pipeline.config import resolve
 from pipeline.data.flow import (
     FLOW_CHANNELS,
     RGB_CHANNELS,

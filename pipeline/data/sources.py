@@ -15,9 +15,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.common import PipelineError, resolve
+from pipeline.config import resolve
 from pipeline.data.archive import copy_stream, is_archive, safe_extract
 from pipeline.data.sample import generate_sample
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.common import SPLITS, PipelineError
+from pipeline.config import SPLITS
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.common import PipelineError, resolve
+from pipeline.config import resolve
+from pipeline.errors import PipelineError
 from pipeline.models.runtimes import OpenVinoModel, feature_runtime
 
 APPLICATIONS = {

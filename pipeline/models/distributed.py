@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from pipeline.common import PipelineError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.common import resolve
+from pipeline.config import resolve
 from pipeline.data.flow import reads_flow
 from pipeline.serving.clips import (
     TooFewFrames,
@@ -232,8 +232,8 @@ class VideoClassifier(ClipClassifier):
         right before construction, so `weights: null` gives the same random weights."""
         with self._building:  # one build: the seed is process-wide
             if self._backbone is None:
-                from pipeline.common import seed_everything
                 from pipeline.models.backbones import build_feature_backbone
+                from pipeline.models.seeding import seed_everything
 
                 feats, size = self.pre["features"], int(self.pre["frames"]["size"])
                 seed_everything(int(feats["seed"]))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.common import PipelineError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

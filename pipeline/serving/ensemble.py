@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.common import PipelineError
+from pipeline.errors import PipelineError
+from pipeline.logs import quiet_tensorflow_startup
 from pipeline.serving.classifier import ClipClassifier, VideoClassifier
 from pipeline.serving.pyfunc import VideoClassifierModel, log_classifier_pyfunc
 
@@ -79,6 +80,7 @@ class EnsembleClassifierModel(VideoClassifierModel):
     `ensemble` (json: per member its weight and artifact files under `members`)."""
 
     def load_context(self, context):
+        quiet_tensorflow_startup()  # a served model's process starts here
         import keras
 
         spec = json.loads(Path(context.artifacts["ensemble"]).read_text())

@@ -23,12 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.common import (
-    PipelineError,
-    load_params,
-    setup_logging,
-    write_bytes_atomic,
-)
+from pipeline.atomic import write_bytes_atomic
+from pipeline.config import load_params
+from pipeline.errors import PipelineError
+from pipeline.logs import quiet_tensorflow_startup, setup_logging
 from pipeline.serving.clips import VideoError, video_paths
 from pipeline.serving.pyfunc import load_video_classifier
 from pipeline.serving.registry import default_model
@@ -292,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stride is not None and args.window is None:
         parser.error("--stride needs --window")
     setup_logging()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_tensorflow_startup()
     try:
         rows = predict(
             args.targets,

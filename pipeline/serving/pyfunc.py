@@ -20,7 +20,8 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from pipeline.common import PipelineError
+from pipeline.errors import PipelineError
+from pipeline.logs import quiet_tensorflow_startup
 from pipeline.serving.classifier import SERVING_DISTRIBUTIONS, VideoClassifier
 from pipeline.serving.clips import (
     DEFAULT_MAX_FRAMES,
@@ -119,6 +120,7 @@ class VideoClassifierModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context):
+        quiet_tensorflow_startup()  # a served model's process starts here
         import keras
 
         pre = json.loads(Path(context.artifacts["preprocessing"]).read_text())
@@ -217,7 +219,7 @@ def log_video_classifier(model_file: Path, pre: dict, name: str = "model"):
     """Log the trained model in the active run as `name` (the model's own, e.g. `cnn3d`): a
     VideoClassifierModel pyfunc carrying the .keras file, its preprocessing and the pipeline
     code. Returns MLflow's ModelInfo."""
-    from pipeline.common import resolve
+    from pipeline.config import resolve
 
     with tempfile.TemporaryDirectory() as tmp:
         pre_file = Path(tmp) / "preprocessing.json"

@@ -11,14 +11,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from pipeline.common import (
-    PipelineError,
-    dataset_name,
-    load_params,
-    resolve,
-    setup_logging,
-    store_root,
-)
+from pipeline.config import dataset_name, load_params, resolve, store_root
+from pipeline.errors import PipelineError
+from pipeline.logs import setup_logging
 
 log = logging.getLogger(__name__)
 

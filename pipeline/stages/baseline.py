@@ -19,9 +19,11 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.common import SPLITS, atomic_dir, resolve, stage_cli, write_json_atomic
+from pipeline.atomic import atomic_dir, write_json_atomic
+from pipeline.config import SPLITS, resolve
 from pipeline.data.arrays import load_arrays
 from pipeline.evaluate import SCORES, classification_metrics
+from pipeline.stages.cli import stage_cli
 
 log = logging.getLogger(__name__)
 

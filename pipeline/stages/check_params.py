@@ -9,7 +9,9 @@ every time, so a config that passes reruns nothing downstream.
 
 from __future__ import annotations
 
-from pipeline.common import resolve, stage_cli, write_text_atomic
+from pipeline.atomic import write_text_atomic
+from pipeline.config import resolve
+from pipeline.stages.cli import stage_cli
 
 CHECKED = "params.yaml follows the config schema (pipeline/schema/)\n"
 

@@ -24,16 +24,8 @@ import logging
 import numpy as np
 import pandas as pd
 
-from pipeline.cluster import clip_map
-from pipeline.common import (
-    SPLITS,
-    PipelineError,
-    atomic_dir,
-    dataset_name,
-    resolve,
-    stage_cli,
-    write_json_atomic,
-)
+from pipeline.atomic import atomic_dir, write_json_atomic
+from pipeline.config import SPLITS, dataset_name, resolve
 from pipeline.data.splits import (
     apply_split_file,
     check_class_minimum,
@@ -44,6 +36,9 @@ from pipeline.data.splits import (
     warn_missing_test_classes,
 )
 from pipeline.data.video import probe_and_hash
+from pipeline.errors import PipelineError
+from pipeline.parallel import clip_map
+from pipeline.stages.cli import stage_cli
 
 log = logging.getLogger(__name__)
 

@@ -29,16 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.common import (
-    PipelineError,
-    dataset_classes,
-    resolve,
-    stage_cli,
-    write_bytes_atomic,
-    write_json_atomic,
-    write_text_atomic,
-)
+from pipeline.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from pipeline.comparison_report import comparison_figure, json_safe, markdown_table
+from pipeline.config import dataset_classes, resolve
 from pipeline.ensemble import (
     ENSEMBLE,
     aligned_probabilities,
@@ -48,12 +41,14 @@ from pipeline.ensemble import (
     seed_ensembles,
     write_ensemble_reports,
 )
+from pipeline.errors import PipelineError
 from pipeline.evaluate import SCORES, bootstrap_intervals
 from pipeline.serving.registry import (
     check_promote_policy,
     model_ref,
     register_champion,
 )
+from pipeline.stages.cli import stage_cli
 
 log = logging.getLogger(__name__)
 

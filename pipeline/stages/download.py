@@ -21,15 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.common import (
-    PipelineError,
-    atomic_dir,
-    dataset_name,
-    resolve,
-    stage_cli,
-    write_json_atomic,
-)
+from pipeline.atomic import atomic_dir, write_json_atomic
+from pipeline.config import dataset_name, resolve
 from pipeline.data.sources import dataset_rows
+from pipeline.errors import PipelineError
+from pipeline.stages.cli import stage_cli
 
 log = logging.getLogger(__name__)
 

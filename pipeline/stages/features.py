@@ -20,23 +20,19 @@ import shutil
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cluster import clips_per_task, cluster_map, dask_client, dask_scheduler
-from pipeline.common import (
-    SPLITS,
-    PipelineError,
-    atomic_dir,
-    resolve,
-    seed_everything,
-    stage_cli,
-    write_json_atomic,
-)
+from pipeline.atomic import atomic_dir, write_json_atomic
+from pipeline.config import SPLITS, resolve
 from pipeline.data.arrays import load_arrays, save_arrays
+from pipeline.errors import PipelineError
 from pipeline.models.backbones import (
     build_feature_backbone,
     feature_width,
     frame_features,
     weights_digest,
 )
+from pipeline.models.seeding import seed_everything
+from pipeline.parallel import clips_per_task, cluster_map, dask_client, dask_scheduler
+from pipeline.stages.cli import stage_cli
 
 log = logging.getLogger(__name__)
 

@@ -16,18 +16,13 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.cluster import clip_map
-from pipeline.common import (
-    SPLITS,
-    atomic_dir,
-    dataset_classes,
-    resolve,
-    stage_cli,
-    write_json_atomic,
-)
+from pipeline.atomic import atomic_dir, write_json_atomic
+from pipeline.config import SPLITS, dataset_classes, resolve
 from pipeline.data.arrays import NpyRowWriter, save_arrays
 from pipeline.data.flow import RGB_CHANNELS, FlowSettings
 from pipeline.data.video import sample_frames, sample_indices
+from pipeline.parallel import clip_map
+from pipeline.stages.cli import stage_cli
 
 log = logging.getLogger(__name__)
 

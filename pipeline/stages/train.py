@@ -16,13 +16,8 @@ import logging
 
 import pandas as pd
 
-from pipeline.common import (
-    atomic_dir,
-    resolve,
-    stage_cli,
-    write_json_atomic,
-    write_text_atomic,
-)
+from pipeline.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from pipeline.config import resolve
 from pipeline.data.arrays import (
     evaluation_views,
     fixed_inputs,
@@ -34,6 +29,7 @@ from pipeline.ensemble import PROBABILITIES_FILE, probability_rows
 from pipeline.models.distributed import is_chief, training_strategy, worker_index
 from pipeline.models.evaluation import backbone_ms_per_clip, clip_probabilities, model_ms_per_clip
 from pipeline.models.fitting import fit_model
+from pipeline.stages.cli import stage_cli
 
 log = logging.getLogger(__name__)
 

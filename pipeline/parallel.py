@@ -1,16 +1,19 @@
-"""The per-clip stages (clean's probe, frames, features) on a Dask distributed cluster.
+"""Work over many clips in parallel, results in input order: in local worker processes
+(`workers`), or on a Dask distributed cluster when `dask.scheduler` names a running scheduler
+(`tcp://scheduler:8786`; null keeps the local pool and imports nothing from Dask).
 
-`dask.scheduler` in conf/config.yaml names a running scheduler (`tcp://scheduler:8786`); null
-keeps the local worker pool (`common.parallel_map`) and imports nothing from Dask. Work goes out
-in blocks of `dask.clips_per_task` clips; the results come back in input order with a bounded
-number of blocks in flight, so a stage streams them to its outputs as it does locally and
-writes the same bytes. Like `workers`, the setting moves the work, never changes a result.
+Both go through one bounded, in-order map (`in_order`): a few tasks in flight ahead of the
+caller, each result handed over as soon as every earlier one has been, so a stage streams
+results to its outputs and holds neither the whole input nor the whole output. On Dask, work
+goes out in blocks of `dask.clips_per_task` clips. Like `workers`, the setting moves the work,
+never changes a result.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -18,9 +21,71 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import PipelineError, parallel_map
+from pipeline.errors import PipelineError
+from pipeline.logs import quiet_tensorflow_startup
 
 log = logging.getLogger(__name__)
+
+
+def in_order(submit: Callable[[Any], Any], items: Iterable, ahead: int) -> Iterator[Any]:
+    """`submit(item).result()` for every item, in input order, with at most `ahead` items
+    submitted beyond the one being waited for (`submit` returns a future: a local pool's or
+    a Dask client's). `items` is read lazily."""
+    it = iter(items)
+    pending = deque(submit(x) for x in islice(it, ahead))
+    while pending:
+        result = pending.popleft().result()
+        pending.extend(submit(x) for x in islice(it, 1))
+        yield result
+
+
+def worker_count(requested: int | None) -> int:
+    """`requested` processes, or one per available core when it is null/0."""
+    if requested:
+        return max(1, int(requested))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def parallel_map(
+    fn: Callable[[Any], Any], items: list, workers: int | None, desc: str, unit: str = "clip"
+) -> Iterator[Any]:
+    """`fn` over `items` in worker processes, results in input order, with a progress bar.
+
+    Results are yielded as they arrive (in order), so a caller can write each one away and
+    keep memory bounded by a few items, not the whole list. `fn` must be a module-level
+    function of an importable module. One worker (or one item) runs in this process.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    n = min(worker_count(workers), max(1, len(items)))
+    bar = tqdm(total=len(items), desc=desc, unit=unit)
+    try:
+        if n == 1:
+            for item in items:
+                yield fn(item)
+                bar.update()
+            return
+        # forkserver, not fork: a process that has loaded TensorFlow (tests, notebooks) holds
+        # threads and locks that a forked child would inherit mid-use and deadlock on.
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([fn.__module__])  # workers start with it imported
+        else:
+            context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            max_workers=n, mp_context=context, initializer=quiet_tensorflow_startup
+        ) as pool:
+            for result in in_order(lambda x: pool.submit(fn, x), items, 2 * n):
+                yield result
+                bar.update()
+    finally:
+        bar.close()
 
 
 def dask_settings(params: dict) -> dict:
@@ -72,6 +137,7 @@ def run_block(fn: Callable[..., Any], block: list, *shared: Any) -> list:
     """One task on a worker: `fn(*shared, item)` over a block of (item, path) pairs. A path is
     a file the stage's own machine has; a worker that cannot see it stops the stage (the
     per-clip stages would otherwise record the clip as unreadable and drop it)."""
+    quiet_tensorflow_startup()  # a Dask worker is a process of its own
     for _, path in block:
         if path is not None and not Path(path).is_file():
             raise PipelineError(
@@ -102,17 +168,12 @@ def cluster_map(
     from tqdm import tqdm
 
     workers = max(1, len(client.scheduler_info().get("workers", {})))
-    blocks = iter(blocks)
-    pending = deque(
-        client.submit(run_block, fn, block, *shared, pure=False)
-        for block in islice(blocks, 2 * workers)
-    )
+
+    def submit(block):
+        return client.submit(run_block, fn, block, *shared, pure=False)
+
     with tqdm(desc=f"{desc} (dask)", unit=unit) as bar:
-        while pending:
-            results = pending.popleft().result()
-            pending.extend(
-                client.submit(run_block, fn, b, *shared, pure=False) for b in islice(blocks, 1)
-            )
+        for results in in_order(submit, blocks, 2 * workers):
             for result in results:
                 yield result
                 bar.update()

@@ -1,0 +1,96 @@
+"""Logging for the package's processes: one log format, and TensorFlow's C++ start-up lines
+(which users read as errors) kept out of them. Entry points (stage commands, predict, sweeps,
+served models, worker processes) call `quiet_tensorflow_startup` before TensorFlow loads;
+importing `pipeline` changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.util
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+
+# TensorFlow's C++ start-up lines, which users read as errors: CUDA probing on machines without
+# a GPU, oneDNN and CPU-instruction notes, absl's "before InitializeLog" banner. TensorFlow
+# 2.19+ writes them before it reads TF_CPP_MIN_LOG_LEVEL (tensorflow/tensorflow#100442).
+TF_STARTUP_NOISE = re.compile(
+    r"absl::InitializeLog\(\)|oneDNN custom operations|cudart_stub|Could not find cuda drivers"
+    r"|cpu_feature_guard|rebuild TensorFlow with the appropriate compiler flags"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory|computation_placer|TF-TRT Warning"
+    r"|failed call to cuInit"
+)
+QUIET_TF_ENV = "HANDBALL_QUIET_TF"  # marks TF_CPP_MIN_LOG_LEVEL as set by us, not by the user
+
+
+@contextlib.contextmanager
+def filtered_c_stderr(noise: re.Pattern) -> Iterator[None]:
+    """Send file descriptor 2 (where C++ libraries write) to a temporary file while the block
+    runs, then pass on every line that does not match `noise`."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 to redirect: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not noise.search(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` once and runs its import inside `filtered_c_stderr`."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def quiet_exec_module(module):
+            with filtered_c_stderr(TF_STARTUP_NOISE):
+                exec_module(module)
+                # probing the devices now keeps its "failed call to cuInit" (no GPU) in here
+                with contextlib.suppress(Exception):
+                    module.config.list_physical_devices()
+
+        spec.loader.exec_module = quiet_exec_module
+        return spec
+
+
+def quiet_tensorflow_startup() -> None:
+    """Keep TensorFlow's start-up lines out of this package's processes (stages, their
+    workers, predict, served models), unless the user chose TF_CPP_MIN_LOG_LEVEL: then
+    TensorFlow logs as they asked. Call before TensorFlow is imported."""
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ and os.environ.get(QUIET_TF_ENV) != "1":
+        return  # the user's own setting wins
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # TensorFlow's own INFO and WARNING lines
+    os.environ[QUIET_TF_ENV] = "1"  # inherited by worker processes, which do the same
+    if "tensorflow" not in sys.modules and not any(
+        isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path
+    ):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )

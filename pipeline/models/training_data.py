@@ -1,0 +1,184 @@
+"""What `model.fit` trains on: the training split as arrays with class weights, or as a
+dataset that draws augmented copies of the smaller classes (`train.oversample`) and/or each
+clip's frames afresh every epoch (`train.temporal_jitter`). Validation and test data never
+pass through here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.arrays import input_dir, load_arrays, sequence_inputs
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """sklearn's 'balanced' weights for the classes present in training; 1.0 for the rest."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    out = {i: 1.0 for i in range(num_classes)}
+    out.update({int(c): float(w) for c, w in zip(present, weights)})
+    return out
+
+
+def training_clips(
+    inputs,
+    labels: np.ndarray,
+    batch_size: int,
+    seed: int,
+    class_weight: dict[int, float] | None = None,
+    augment_cfg: dict | None = None,
+    pad_value: int = 0,
+    cache=None,
+    num_frames: int | None = None,
+):
+    """A Keras PyDataset over the training clips, for what fixed arrays cannot give:
+
+    - `augment_cfg` (`train.oversample`): augmented copies of the smaller classes' clips,
+      new copies with new augmentations every epoch; the originals pass untouched;
+    - `cache` (`train.temporal_jitter`): each clip's `num_frames` frames drawn afresh every
+      epoch from all of its cached frames (one per segment), instead of the fixed ones.
+
+    Batches are (x, y) or, with `class_weight`, (x, y, sample weights). Deterministic from
+    `seed`; without a cache, the same batches as before temporal jitter existed.
+    """
+    import keras
+
+    from pipeline.data.arrays import cached_frames, select_frames
+    from pipeline.data.augment import augment_clip, oversample_indices
+    from pipeline.data.temporal import jittered_indices
+    from pipeline.models.distributed import take
+
+    weights = (
+        np.array([class_weight[c] for c in range(max(class_weight) + 1)], np.float32)
+        if class_weight
+        else None
+    )
+
+    class TrainingClips(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.epoch = 0
+            self.plan()
+
+        def plan(self):
+            rng = np.random.default_rng([seed, self.epoch])
+            extra = oversample_indices(labels, rng) if augment_cfg is not None else []
+            order = np.concatenate([np.arange(len(labels)), extra]).astype(int)
+            is_copy = np.arange(len(order)) >= len(labels)
+            perm = rng.permutation(len(order))
+            self.order, self.is_copy = order[perm], is_copy[perm]
+
+        def __len__(self):
+            return int(np.ceil(len(self.order) / batch_size))
+
+        def __getitem__(self, batch):
+            part = slice(batch * batch_size, (batch + 1) * batch_size)
+            rows, copies = self.order[part], self.is_copy[part]
+            rng = np.random.default_rng([seed, self.epoch, batch])
+            if cache is None:
+                x = take(inputs, rows)
+            else:
+                picks = jittered_indices(cached_frames(cache), num_frames, len(rows), rng)
+                x = select_frames(take(cache, rows), picks)
+            if copies.any():
+                ones = np.ones(x.shape[1], dtype=bool)
+                x = np.stack(
+                    [
+                        augment_clip(clip, ones, augment_cfg, rng, pad_value)[0] if copy else clip
+                        for clip, copy in zip(x, copies)
+                    ]
+                )
+            y = labels[rows]
+            return (x, y) if weights is None else (x, y, weights[y])
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            self.plan()
+
+    return TrainingClips()
+
+
+def oversampled_features(
+    inputs: dict, labels: np.ndarray, features_dir: Path, seed: int
+) -> tuple[dict, np.ndarray]:
+    """Training features plus copies of the smaller classes' clips, each copy taken from the
+    cached features of an augmented version of the clip (`features.augmented_copies`)."""
+    from pipeline.data.augment import oversample_indices
+
+    directory = features_dir / "train"
+    if not (directory / "aug_features.npy").is_file():
+        raise PipelineError(
+            "train.oversample needs augmented training features: set features.augmented_copies "
+            ">= 1 and rerun the features stage (`dvc repro`)"
+        )
+    aug, aug_mask = load_arrays(directory, "aug_features", "aug_mask")
+    rng = np.random.default_rng(seed)
+    extra = oversample_indices(labels, rng)
+    version = rng.integers(0, aug.shape[1], size=len(extra))
+    copies = sequence_inputs(
+        aug[extra, version], aug_mask[extra, version], inputs["features"].shape[1]
+    )  # the model's num_frames
+    return (
+        {k: np.concatenate([inputs[k], copies[k]]) for k in ("features", "mask")},
+        np.concatenate([labels, labels[extra]]),
+    )
+
+
+def training_data(params: dict, cfg: dict, x_train, y_train, num_classes: int, cache=None) -> dict:
+    """The `model.fit` arguments for the training split: class weights by default, or
+    (`train.oversample: true`) augmented copies of the smaller classes and no weights; with
+    `train.temporal_jitter`, frames drawn afresh each epoch from `cache` (every cached frame
+    of the training clips). Validation and test data never pass through here."""
+    train_cfg = cfg["train"]
+    batch_size = int(train_cfg["batch_size"])
+    seed = int(params["seed"])
+    oversample, jitter = train_cfg.get("oversample"), train_cfg.get("temporal_jitter")
+    weights = (
+        balanced_class_weights(y_train, num_classes)
+        if train_cfg["class_weights"] and not oversample
+        else None
+    )
+    if jitter and cache is None:
+        raise ValueError(f"models.{cfg['name']}.train.temporal_jitter needs the cached frames")
+    if oversample and train_cfg["class_weights"]:
+        log.info("train.oversample is on: class weights are not used (classes are balanced)")
+    if oversample and isinstance(x_train, dict):
+        x, y = oversampled_features(x_train, y_train, input_dir(params, cfg), seed)
+        log.info(
+            "oversampling: %d training clips -> %d with augmented copies", len(y_train), len(y)
+        )
+        return {"x": x, "y": y, "batch_size": batch_size, "class_weight": None, "shuffle": True}
+    if not (oversample or jitter):
+        return {
+            "x": x_train,
+            "y": y_train,
+            "batch_size": batch_size,
+            "class_weight": weights,
+            "shuffle": True,
+        }
+    data = training_clips(
+        x_train,
+        y_train,
+        batch_size,
+        seed,
+        class_weight=weights,
+        augment_cfg=params["augment"] if oversample else None,
+        pad_value=int(params["frames"]["pad_value"]),
+        cache=cache if jitter else None,
+        num_frames=cfg.get("num_frames"),
+    )
+    log.info(
+        "training clips: %d per epoch%s%s",
+        len(data.order),
+        f" ({len(y_train)} with augmented copies)" if oversample else "",
+        ", frames drawn afresh each epoch (temporal jitter)" if jitter else "",
+    )
+    return {"x": data, "class_weight": None}

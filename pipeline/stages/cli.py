@@ -1,0 +1,46 @@
+"""The thin command line every stage module's `main()` is."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.config import load_params
+from pipeline.errors import PipelineError
+from pipeline.logs import quiet_tensorflow_startup, setup_logging
+
+log = logging.getLogger("pipeline")
+
+
+def stage_cli(
+    name: str,
+    description: str,
+    run: Callable[[dict, argparse.Namespace], Any],
+    argv: list[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> None:
+    """The thin command line around a stage function: `--params`, logging, timing, exit codes.
+
+    Expected failures (PipelineError, a missing input file) end with one clear log line and
+    exit status 2 instead of a traceback.
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"python -m pipeline.stages.{name}", description=description
+    )
+    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    quiet_tensorflow_startup()  # before any stage code imports TensorFlow
+    start = time.perf_counter()
+    try:
+        run(load_params(args.params), args)
+    except (PipelineError, FileNotFoundError) as exc:
+        log.error("%s failed: %s", name, exc)
+        sys.exit(2)
+    log.info("%s finished in %.1f s", name, time.perf_counter() - start)
