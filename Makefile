@@ -46,13 +46,13 @@ test-all: lint
 
 # The build context of the serving image for deploy/k8s/serving.yaml: a Dockerfile and the
 # registered champion of params.yaml's dataset (compare.register_as, @champion; printed by
-# `python -m pipeline.serving.registry`) from MLFLOW_TRACKING_URI, else this project's store,
+# `python -m pipeline.serving.champion`) from MLFLOW_TRACKING_URI, else this project's store,
 # made to run as a non-root user (deploy/serving-image-user.Dockerfile). Then:
 # docker build -t REGISTRY/handball-action-classifier:champion $(SERVING_IMAGE_DIR)
 SERVING_IMAGE_DIR ?= deploy/serving-image
 serving-image: setup
 	rm -rf $(SERVING_IMAGE_DIR)
-	uri=$$($(BIN)/python -m pipeline.serving.registry) && \
+	uri=$$($(BIN)/python -m pipeline.serving.champion) && \
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 	  $(BIN)/mlflow models generate-dockerfile -m "$$uri" -d $(SERVING_IMAGE_DIR) && cat deploy/serving-image-user.Dockerfile >> $(SERVING_IMAGE_DIR)/Dockerfile
 

@@ -19,7 +19,7 @@ import yaml
 from conftest import ROOT, run
 
 from pipeline.config import load_params
-from pipeline.serving.registry import champion_uri
+from pipeline.serving.champion import champion_uri
 
 pytestmark = pytest.mark.scaleout  # README "Scaling out"; `pytest -m scaleout`
 

@@ -63,8 +63,8 @@ def download_model(repo: Path, uri: str, dst: Path) -> str:
 def test_default_model_is_the_champion_else_the_latest_comparisons_best(
     first_repro_state, monkeypatch
 ):
+    from pipeline.serving.champion import default_model
     from pipeline.serving.predict import use_project_store
-    from pipeline.serving.registry import default_model
 
     repo, _ = first_repro_state
     monkeypatch.chdir(repo)

@@ -123,6 +123,101 @@ def _lerp(a: float, b: float, t: float) -> float:
     return a + (b - a) * float(np.clip(t, 0.0, 1.0))
 
 
+@dataclass(frozen=True)
+class ClipLayout:
+    """What one clip's random draws fix: speed, direction, where the players, the loose ball
+    and the goal are, and sizes, in pixels of a `width` x `height` frame."""
+
+    speed: float
+    direction: int
+    start_x: float
+    floor: float
+    mate_x: float
+    mate_floor: float
+    loose_ball: tuple[float, float]
+    goal: tuple[float, float]
+    width: int
+    height: int
+    h: int  # the main player's height
+    mh: int  # the teammate's
+    phase0: float
+
+
+@dataclass
+class Pose:
+    """Both players' positions, limbs and the ball at one instant (ball None: in the main
+    player's hand)."""
+
+    px: float
+    py: float
+    mx: float
+    my: float
+    leg: float
+    raise_: float = 0.0
+    forward: float = 0.0
+    mate_raise: float = 0.0
+    ball: tuple[float, float] | None = None
+
+
+def pose_at(action: str, t: float, c: ClipLayout) -> Pose:
+    """The pose of `action` a fraction `t` (0-1) of the way through the clip."""
+    width, height, h, mh, phase0 = c.width, c.height, c.h, c.mh, c.phase0
+    pose = Pose(c.start_x, c.floor, c.mate_x, c.mate_floor, phase0)
+    if action == "running":
+        pose.px = c.start_x + c.direction * c.speed * 0.7 * width * (t - 0.5)
+        pose.leg = phase0 + 10 * np.pi * c.speed * t
+        pose.ball = c.loose_ball
+    elif action == "dribbling":
+        pose.px = c.start_x + c.direction * c.speed * 0.15 * width * (t - 0.5)
+        pose.leg = phase0 + 4 * np.pi * c.speed * t
+        bounce = abs(np.sin(phase0 + 3 * np.pi * c.speed * t))
+        pose.ball = (pose.px + c.direction * 0.25 * h, _lerp(c.floor, c.floor - 0.6 * h, bounce))
+        pose.forward = 0.3
+    elif action == "passing":
+        throw = (t - 0.35) / 0.3
+        pose.raise_ = 0.6 if t < 0.35 else 0.2
+        pose.forward = 0.8 if 0.3 < t < 0.5 else 0.1
+        hand = (pose.px + 0.2 * h, pose.py - 0.5 * h)
+        catch = (pose.mx, pose.my - 0.6 * mh)
+        pose.ball = (
+            _lerp(hand[0], catch[0], throw),
+            _lerp(hand[1], catch[1], throw) - 0.25 * h * np.sin(np.pi * np.clip(throw, 0, 1)),
+        )
+        pose.mate_raise = 0.6 if t > 0.5 else 0.0
+    elif action in ("shot", "jump-shot"):
+        release = 0.5 if action == "shot" else 0.6
+        if action == "jump-shot":
+            run = min(t, 0.35) / 0.35
+            pose.px = c.start_x + (c.goal[0] - c.start_x) * 0.25 * run * c.speed
+            pose.leg = phase0 + 6 * np.pi * min(t, 0.35)
+            jump = np.clip((t - 0.35) / 0.45, 0, 1)
+            pose.py = c.floor - 0.9 * h * np.sin(np.pi * jump)
+        pose.raise_ = 1.0 if release - 0.25 < t < release + 0.05 else 0.2
+        hand = (pose.px + 0.2 * h, pose.py - 1.0 * h * pose.raise_ - 0.3 * h)
+        fly = (t - release) / 0.25
+        pose.ball = (
+            (hand[0], hand[1])
+            if fly <= 0
+            else (_lerp(hand[0], c.goal[0], fly), _lerp(hand[1], c.goal[1], fly))
+        )
+    elif action == "crossing":
+        # Main player and teammate run diagonally across each other; ball handed over mid-way.
+        pose.px = c.start_x + c.direction * c.speed * 0.35 * width * (t - 0.5)
+        pose.mx = c.start_x - c.direction * c.speed * 0.35 * width * (t - 0.5)
+        pose.my = _lerp(c.floor - 0.15 * height, c.floor - 0.02 * height, t)
+        pose.leg = phase0 + 8 * np.pi * c.speed * t
+        if t > 0.5:
+            pose.ball = (pose.mx + 0.2 * mh, pose.my - 0.5 * mh)
+    elif action == "defence":
+        pose.px = c.start_x + 0.2 * width * np.sin(phase0 + 4 * np.pi * c.speed * t)
+        pose.leg = phase0 + 8 * np.pi * c.speed * t
+        pose.raise_, pose.forward = 1.0, 0.6
+        pose.ball = c.loose_ball
+    else:
+        raise ValueError(f"the sample generator has no motion for action {action!r}")
+    return pose
+
+
 def render_clip(
     action: str,
     scene: Scene,
@@ -142,91 +237,38 @@ def render_clip(
     mate_floor = floor - rng.uniform(0.0, 0.1) * height
     loose_ball = (rng.uniform(0.1, 0.9) * width, floor - rng.uniform(0.0, 0.1) * height)
     goal = (0.03 * width if scene.goal_left else 0.97 * width, float(scene.goal_y))
+    draws = (speed, direction, start_x, floor, mate_x, mate_floor, loose_ball, goal)
     brightness = rng.uniform(-20, 20)
     h, mh = scene.player_height, scene.teammate_height
-    phase0 = rng.uniform(0, 2 * np.pi)
+    layout = ClipLayout(*draws, width, height, h, mh, phase0=rng.uniform(0, 2 * np.pi))
     frames = []
     for i in range(length):
         t = i / max(1, length - 1)
         img = scene.background.copy()
-        px, py, mx, my = start_x, floor, mate_x, mate_floor
-        leg, raise_, forward, mate_raise = phase0, 0.0, 0.0, 0.0
-        ball = None  # None: in the main player's hand
-        if action == "running":
-            px = start_x + direction * speed * 0.7 * width * (t - 0.5)
-            leg = phase0 + 10 * np.pi * speed * t
-            ball = loose_ball
-        elif action == "dribbling":
-            px = start_x + direction * speed * 0.15 * width * (t - 0.5)
-            leg = phase0 + 4 * np.pi * speed * t
-            bounce = abs(np.sin(phase0 + 3 * np.pi * speed * t))
-            ball = (px + direction * 0.25 * h, _lerp(floor, floor - 0.6 * h, bounce))
-            forward = 0.3
-        elif action == "passing":
-            throw = (t - 0.35) / 0.3
-            raise_ = 0.6 if t < 0.35 else 0.2
-            forward = 0.8 if 0.3 < t < 0.5 else 0.1
-            hand = (px + 0.2 * h, py - 0.5 * h)
-            catch = (mx, my - 0.6 * mh)
-            ball = (
-                _lerp(hand[0], catch[0], throw),
-                _lerp(hand[1], catch[1], throw) - 0.25 * h * np.sin(np.pi * np.clip(throw, 0, 1)),
-            )
-            mate_raise = 0.6 if t > 0.5 else 0.0
-        elif action in ("shot", "jump-shot"):
-            release = 0.5 if action == "shot" else 0.6
-            if action == "jump-shot":
-                run = min(t, 0.35) / 0.35
-                px = start_x + (goal[0] - start_x) * 0.25 * run * speed
-                leg = phase0 + 6 * np.pi * min(t, 0.35)
-                jump = np.clip((t - 0.35) / 0.45, 0, 1)
-                py = floor - 0.9 * h * np.sin(np.pi * jump)
-            raise_ = 1.0 if release - 0.25 < t < release + 0.05 else 0.2
-            hand = (px + 0.2 * h, py - 1.0 * h * raise_ - 0.3 * h)
-            fly = (t - release) / 0.25
-            ball = (
-                (hand[0], hand[1])
-                if fly <= 0
-                else (_lerp(hand[0], goal[0], fly), _lerp(hand[1], goal[1], fly))
-            )
-        elif action == "crossing":
-            # Main player and teammate run diagonally across each other; ball handed over mid-way.
-            px = start_x + direction * speed * 0.35 * width * (t - 0.5)
-            mx = start_x - direction * speed * 0.35 * width * (t - 0.5)
-            my = _lerp(floor - 0.15 * height, floor - 0.02 * height, t)
-            leg = phase0 + 8 * np.pi * speed * t
-            if t > 0.5:
-                ball = (mx + 0.2 * mh, my - 0.5 * mh)
-        elif action == "defence":
-            px = start_x + 0.2 * width * np.sin(phase0 + 4 * np.pi * speed * t)
-            leg = phase0 + 8 * np.pi * speed * t
-            raise_, forward = 1.0, 0.6
-            ball = loose_ball
-        else:
-            raise ValueError(f"the sample generator has no motion for action {action!r}")
+        pose = pose_at(action, t, layout)
         mate_leg = 8 * np.pi * t if action == "crossing" else 0.3 * np.sin(2 * np.pi * t)
         draw_player(
             img,
-            mx,
-            my,
+            pose.mx,
+            pose.my,
             mh,
             scene.teammate_colour,
             scene.skin_colour,
             leg_phase=mate_leg,
-            arm_raise=mate_raise,
+            arm_raise=pose.mate_raise,
         )
         hand = draw_player(
             img,
-            px,
-            py,
+            pose.px,
+            pose.py,
             h,
             scene.player_colour,
             scene.skin_colour,
-            leg_phase=leg,
-            arm_raise=raise_,
-            arm_forward=forward,
+            leg_phase=pose.leg,
+            arm_raise=pose.raise_,
+            arm_forward=pose.forward,
         )
-        bx, by = ball if ball is not None else hand
+        bx, by = pose.ball if pose.ball is not None else hand
         cv2.circle(img, (int(bx), int(by)), max(4, h // 6), scene.ball_colour, -1)
         noisy = img.astype(np.float32) + brightness + rng.normal(0, noise, img.shape)
         frames.append(np.clip(noisy, 0, 255).astype(np.uint8))

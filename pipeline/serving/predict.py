@@ -27,9 +27,9 @@ from pipeline.atomic import write_bytes_atomic
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.logs import quiet_tensorflow_startup, setup_logging
+from pipeline.serving.champion import default_model
 from pipeline.serving.clips import VideoError, video_paths
 from pipeline.serving.pyfunc import load_video_classifier
-from pipeline.serving.registry import default_model
 
 log = logging.getLogger(__name__)
 

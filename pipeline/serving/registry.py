@@ -7,13 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from pathlib import Path
 
 from filelock import FileLock
 
-from pipeline.config import dataset_name, load_params, resolve, store_root
+from pipeline.config import resolve, store_root
 from pipeline.errors import PipelineError
-from pipeline.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +30,6 @@ def registered_name(register_as: str, dataset: str) -> str:
     """The registered model that holds `dataset`'s champion: `compare.register_as` with
     `{dataset}` replaced by the dataset's name (handball-action-classifier-uniri_hbd)."""
     return register_as.replace(DATASET_PLACEHOLDER, dataset)
-
-
-def champion_uri(params: dict) -> str:
-    """`models:/<registered model>@<alias>` of the champion of this config's dataset."""
-    name = registered_name(params["compare"]["register_as"], dataset_name(params["dataset"]))
-    return f"models:/{name}@{params['compare']['alias']}"
 
 
 def registered_dataset(client, name: str, alias: str) -> str | None:
@@ -141,54 +133,25 @@ def model_ref(params: dict, model: str) -> dict:
 
 def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
     """Register the best model's logged MLflow model (`ref`: its `model_ref`) as a version of
-    `compare.register_as` and move `compare.alias` to it as `compare.promote` decides.
+    its dataset's registered model (`compare.register_as`) and move `compare.alias` to it as
+    `compare.promote` decides: find its training run -> describe it in tags -> (one process
+    at a time) refuse another dataset's registered model -> register -> move the alias.
 
-    Returns the version the alias points at afterwards, or None when the training run is not
-    in this MLflow store (e.g. reports restored next to an empty store), which is logged.
+    Returns the version the alias points at afterwards, or None when nothing was registered
+    (no `register_as`; the training run not in this store, e.g. reports restored next to an
+    empty store; a registered model of other data), which is logged.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking import git_commit
 
     cfg = params["compare"]
     if not cfg.get("register_as"):
         return None
     name, alias = registered_name(cfg["register_as"], dataset["name"]), cfg["alias"]
-    run_id = ref.get("run_id", "")
     client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
-        client.get_logged_model(ref["model_uri"].removeprefix("models:/"))
-    except (MlflowException, KeyError):
-        log.warning(
-            "not registering %s: its training run %r or logged model is not in %s "
-            "(retrain it with `dvc repro -f train@%s`)",
-            best["model"],
-            run_id,
-            mlflow.get_tracking_uri(),
-            best["model"],
-        )
+    run = training_run(client, best["model"], ref)
+    if run is None:
         return None
-    metric = cfg["metric"]
-    selected_by = f"val_{metric}"
-    tags = {
-        "model": best["model"],
-        "git_commit": run.data.tags.get("git_commit") or git_commit(),
-        "dvc_exp_name": run.data.tags.get("dvc_exp_name", ""),
-        "dataset_hash": dataset["dataset_hash"],
-        "split_hash": dataset.get("split_hash", ""),
-        "dataset_name": dataset["name"],
-        "selected_by": selected_by,
-        "format": MODEL_FORMAT,
-        selected_by: f"{best[selected_by]:.4f}",
-        # reported, never used to choose
-        f"test_{metric}": f"{best[metric]:.4f}",
-        f"test_{metric}_ci": f"[{best[metric + '_low']:.4f}, {best[metric + '_high']:.4f}]",
-        # the composed config is the run's artifact `config.yaml` (a tag would swamp the UI)
-        "config_artifact": f"runs:/{run_id}/config.yaml",
-    }
+    tags = version_tags(best, run, dataset, cfg["metric"])
     # Queued experiments finish concurrently: read, decide and move the alias one at a time.
     with FileLock(store_root() / "mlflow.db.lock"):
         holds = registered_dataset(client, name, alias)
@@ -205,49 +168,112 @@ def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
                 DATASET_PLACEHOLDER,
             )
             return None
-        # A run restored from DVC's run cache is registered once, however often it comes back.
-        existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        if existing:
-            version = existing[0]
-        else:
-            version = mlflow.register_model(ref["model_uri"], name, tags=tags)
-            client.update_model_version(
-                name, version.version, description=version_description(best, tags, metric)
-            )
-        if not client.get_registered_model(name).description:
-            client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
-        client.set_registered_model_tag(name, DATASET_TAG, dataset["name"])
-        try:
-            current = client.get_model_version_by_alias(name, alias)
-        except MlflowException:
-            current = None
-        if current is not None and current.version == version.version:
-            log.info("%s@%s is already %s (run %s)", name, alias, best["model"], run_id)
-            return current
-        reason = promotion_reason(
-            tags, current.tags if current else None, cfg.get("promote", "better")
+        version = registered_version(
+            client, name, ref, tags, version_description(best, tags, cfg["metric"])
         )
-        if reason is None:
-            log.info(
-                "%s (run %s, %s %s) is %s version %s; @%s stays on version %s (%s %s, "
-                "compare.promote=better)",
-                best["model"],
-                run_id,
-                selected_by,
-                tags[selected_by],
-                name,
-                version.version,
-                alias,
-                current.version,
-                selected_by,
-                current.tags.get(selected_by),
-            )
-            return current
-        client.set_registered_model_alias(name, alias, version.version)
-        mark_champion_run(client, version, current, f"{name}@{alias} (version {version.version})")
+        return move_alias(client, name, alias, version, tags, cfg.get("promote", "better"))
+
+
+def training_run(client, model: str, ref: dict):
+    """The MLflow run that trained the model `ref` points at, or None (logged) when it or its
+    logged model is not in this store."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(ref.get("run_id", ""))
+        client.get_logged_model(ref["model_uri"].removeprefix("models:/"))
+    except (MlflowException, KeyError):
+        log.warning(
+            "not registering %s: its training run %r or logged model is not in %s "
+            "(retrain it with `dvc repro -f train@%s`)",
+            model,
+            ref.get("run_id", ""),
+            mlflow.get_tracking_uri(),
+            model,
+        )
+        return None
+    return run
+
+
+def version_tags(best: dict, run, dataset: dict, metric: str) -> dict[str, str]:
+    """What a registered version says about itself: which model, code, data and split, how
+    it was chosen (its validation score), its test score, where its config is."""
+    from pipeline.tracking import git_commit
+
+    selected_by = f"val_{metric}"
+    return {
+        "model": best["model"],
+        "git_commit": run.data.tags.get("git_commit") or git_commit(),
+        "dvc_exp_name": run.data.tags.get("dvc_exp_name", ""),
+        "dataset_hash": dataset["dataset_hash"],
+        "split_hash": dataset.get("split_hash", ""),
+        "dataset_name": dataset["name"],
+        "selected_by": selected_by,
+        "format": MODEL_FORMAT,
+        selected_by: f"{best[selected_by]:.4f}",
+        # reported, never used to choose
+        f"test_{metric}": f"{best[metric]:.4f}",
+        f"test_{metric}_ci": f"[{best[metric + '_low']:.4f}, {best[metric + '_high']:.4f}]",
+        # the composed config is the run's artifact `config.yaml` (a tag would swamp the UI)
+        "config_artifact": f"runs:/{run.info.run_id}/config.yaml",
+    }
+
+
+def registered_version(client, name: str, ref: dict, tags: dict, description: str):
+    """The version of `name` holding the run's model: registered now (with `tags` and
+    `description`), or the one registered before (a run restored from DVC's run cache is
+    registered once, however often it comes back). The registered model gets its
+    description once and its dataset's tag."""
+    import mlflow
+
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{ref['run_id']}'")
+    if existing:
+        version = existing[0]
+    else:
+        version = mlflow.register_model(ref["model_uri"], name, tags=tags)
+        client.update_model_version(name, version.version, description=description)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
+    client.set_registered_model_tag(name, DATASET_TAG, tags["dataset_name"])
+    return version
+
+
+def move_alias(client, name: str, alias: str, version, tags: dict, policy: str):
+    """Move `alias` to `version` when `promotion_reason` gives a reason (marking the runs of
+    the new and the old champion); returns the version the alias points at afterwards."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        current = None
+    model, run_id, selected_by = tags["model"], version.run_id, tags["selected_by"]
+    if current is not None and current.version == version.version:
+        log.info("%s@%s is already %s (run %s)", name, alias, model, run_id)
+        return current
+    reason = promotion_reason(tags, current.tags if current else None, policy)
+    if reason is None:
+        log.info(
+            "%s (run %s, %s %s) is %s version %s; @%s stays on version %s (%s %s, "
+            "compare.promote=better)",
+            model,
+            run_id,
+            selected_by,
+            tags[selected_by],
+            name,
+            version.version,
+            alias,
+            current.version,
+            selected_by,
+            current.tags.get(selected_by),
+        )
+        return current
+    client.set_registered_model_alias(name, alias, version.version)
+    mark_champion_run(client, version, current, f"{name}@{alias} (version {version.version})")
     log.info(
         "registered %s (run %s) as %s version %s, alias @%s: %s",
-        best["model"],
+        model,
         run_id,
         name,
         version.version,
@@ -255,70 +281,3 @@ def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
         reason,
     )
     return client.get_model_version(name, version.version)
-
-
-def default_model(params: dict, store: str) -> tuple[str, str]:
-    """(model URI, what it is): the registered champion, else the best model of the latest
-    comparison run in the project's MLflow store."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    uri = champion_uri(params) if params["compare"].get("register_as") else None
-    if uri:
-        name, alias = uri.removeprefix("models:/").split("@")
-        try:
-            version = client.get_model_version_by_alias(name, alias)
-            return (
-                uri,
-                f"the registered {name}@{alias}: version {version.version}, "
-                f"{version.tags.get('model', '?')} from run {version.run_id}",
-            )
-        except MlflowException:
-            pass
-    experiment = client.get_experiment_by_name(params["mlflow"]["experiment"])
-    runs = (
-        client.search_runs(
-            [experiment.experiment_id],
-            filter_string="tags.model = 'comparison'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if experiment
-        else []
-    )
-    if runs and runs[0].data.tags.get("best_model_uri"):
-        tags = runs[0].data.tags
-        return (
-            tags["best_model_uri"],
-            f"no {uri} is registered; the best model ({tags.get('best_model')}) "
-            f"of the latest comparison run {runs[0].info.run_id}",
-        )
-    raise PipelineError(
-        f"no model to use: no registered {uri} and no comparison run "
-        f"in {store}. Run the pipeline first (`dvc repro`) or pass --model URI"
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Print the model URI of the champion of this project's dataset (`make serving-image`)."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--params", type=Path, help="params.yaml (default: the project's)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        params = load_params(args.params)
-    except (PipelineError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        sys.exit(2)
-    if not params["compare"].get("register_as"):
-        log.error("compare.register_as is null: this project registers no champion")
-        sys.exit(2)
-    sys.stdout.write(champion_uri(params) + "\n")
-
-
-if __name__ == "__main__":
-    main()

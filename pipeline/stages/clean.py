@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -44,88 +45,25 @@ log = logging.getLogger(__name__)
 
 
 def clean(params: dict) -> pd.DataFrame:
+    """Probe every downloaded clip, quarantine the unusable ones, split the rest by recording
+    group (or as `dataset.split_file` says) and write `paths.clean`: read the manifest ->
+    probe -> split -> describe the dataset -> write. Returns the split table."""
     cfg, ds = params["clean"], params["dataset"]
     raw = resolve(params["paths"]["raw"])
-    manifest_path = raw / "manifest.csv"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found: run the download stage first")
-    # dataset.classes, or (when it is null) the class folders the download stage found
-    if ds.get("classes"):
-        classes = list(ds["classes"])
-    elif (raw / "classes.json").is_file():
-        classes = json.loads((raw / "classes.json").read_text())
-    else:
-        raise FileNotFoundError(f"{raw / 'classes.json'} not found: rerun the download stage")
-    manifest = pd.read_csv(manifest_path, dtype={"path": str, "label": str})
-    if "source" not in manifest:
-        manifest["source"] = manifest["path"]
-    unknown = sorted(set(manifest["label"]) - set(classes))
-    if unknown:
-        raise PipelineError(f"{manifest_path} has labels not in dataset.classes: {unknown}")
-
-    clips = [raw / p for p in manifest["path"]]
-    infos = list(clip_map(probe_and_hash, clips, params, "probe clips", clips))
-    probe = pd.concat([manifest.reset_index(drop=True), pd.DataFrame(infos)], axis=1)
-    reasons = [drop_reason(info, cfg) for info in infos]
-    probe["reason_code"] = [code for code, _ in reasons]
-    probe["reason"] = [text for _, text in reasons]
-    probe["status"] = np.where(probe["reason_code"] == "", "ok", "dropped")
-    probe = mark_duplicates(probe)
-    probe["group"] = [group_of(p, cfg["group_pattern"]) for p in probe["path"]]
-
+    manifest, classes = read_manifest(raw, ds)
+    probe = probe_clips(manifest, raw, params)
     with atomic_dir(resolve(params["paths"]["clean"])) as tmp:
         if ds.get("split_file"):
             probe = apply_split_file(probe, resolve(ds["split_file"]), classes, tmp)
         usable = probe[probe["status"] == "ok"].copy()
-        dropped = probe[probe["status"] == "dropped"]
-        check_class_minimum(usable, classes, int(cfg["min_clips_per_class"]), dropped)
-        if ds.get("split_file"):
-            leaks = usable.groupby("group")["split"].nunique()
-            if (leaks > 1).any():
-                log.warning(
-                    "split file puts %d recording groups in more than one split (e.g. "
-                    "%s): scores may be optimistic",
-                    int((leaks > 1).sum()),
-                    ", ".join(leaks.index[leaks > 1][:3]),
-                )
-        else:
-            usable["split"] = split_by_group(
-                usable, cfg["val_fraction"], cfg["test_fraction"], params["seed"]
-            )
-        quarantine = dropped
+        quarantine = probe[probe["status"] == "dropped"]
+        check_class_minimum(usable, classes, int(cfg["min_clips_per_class"]), quarantine)
+        usable["split"] = assigned_splits(usable, cfg, ds, params["seed"])
         for rec in quarantine.itertuples():
             log.warning("quarantined %s: %s", rec.path, rec.reason)
         splits = usable[["path", "label", "group", "split", "frames", "fps", "width", "height"]]
         warn_missing_test_classes(splits, classes)
-        dataset_hash = hashlib.sha256(
-            "".join(
-                f"{p}\t{label}\t{h}\n"
-                for p, label, h in sorted(zip(usable["path"], usable["label"], usable["sha256"]))
-            ).encode()
-        ).hexdigest()
-        # which clip is in which split: scores (and champions) compare only on the same one
-        split_hash = hashlib.sha256(
-            "".join(f"{p}\t{s}\n" for p, s in sorted(zip(splits["path"], splits["split"]))).encode()
-        ).hexdigest()
-        summary = {
-            "name": dataset_name(ds),
-            "classes": classes,
-            "dataset_hash": dataset_hash,
-            "split_hash": split_hash,
-            "clips": int(len(probe)),
-            "usable": int(len(usable)),
-            "quarantined": int(len(quarantine)),
-            "quarantined_by_reason": {
-                k: int(v) for k, v in quarantine["reason_code"].value_counts().items()
-            },
-            "split_source": "split_file" if ds.get("split_file") else "grouped_random",
-            "counts": {
-                s: {
-                    c: int(((splits["split"] == s) & (splits["label"] == c)).sum()) for c in classes
-                }
-                for s in SPLITS
-            },
-        }
+        summary = dataset_record(ds, classes, probe, usable, quarantine, splits)
         probe.drop(columns=["group"]).to_csv(tmp / "probe.csv", index=False)
         quarantine[["path", "label", "reason_code", "reason"]].to_csv(
             tmp / "quarantine.csv", index=False
@@ -140,9 +78,93 @@ def clean(params: dict) -> pd.DataFrame:
         len(quarantine),
         "".join(f", {v} {k}" for k, v in summary["quarantined_by_reason"].items()),
         *(int((splits["split"] == s).sum()) for s in SPLITS),
-        dataset_hash[:12],
+        summary["dataset_hash"][:12],
     )
     return splits
+
+
+def read_manifest(raw: Path, ds: dict) -> tuple[pd.DataFrame, list[str]]:
+    """The download stage's manifest (path, label, source per clip) and the class list:
+    `dataset.classes`, or (when it is null) the class folders the download stage found."""
+    manifest_path = raw / "manifest.csv"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found: run the download stage first")
+    if ds.get("classes"):
+        classes = list(ds["classes"])
+    elif (raw / "classes.json").is_file():
+        classes = json.loads((raw / "classes.json").read_text())
+    else:
+        raise FileNotFoundError(f"{raw / 'classes.json'} not found: rerun the download stage")
+    manifest = pd.read_csv(manifest_path, dtype={"path": str, "label": str})
+    if "source" not in manifest:
+        manifest["source"] = manifest["path"]
+    unknown = sorted(set(manifest["label"]) - set(classes))
+    if unknown:
+        raise PipelineError(f"{manifest_path} has labels not in dataset.classes: {unknown}")
+    return manifest, classes
+
+
+def probe_clips(manifest: pd.DataFrame, raw: Path, params: dict) -> pd.DataFrame:
+    """The manifest with each clip's probe (frames, fps, size, hash), why it is unusable if
+    it is (`status` dropped, `reason`), duplicates marked, and its recording group."""
+    cfg = params["clean"]
+    clips = [raw / p for p in manifest["path"]]
+    infos = list(clip_map(probe_and_hash, clips, params, "probe clips", clips))
+    probe = pd.concat([manifest.reset_index(drop=True), pd.DataFrame(infos)], axis=1)
+    reasons = [drop_reason(info, cfg) for info in infos]
+    probe["reason_code"] = [code for code, _ in reasons]
+    probe["reason"] = [text for _, text in reasons]
+    probe["status"] = np.where(probe["reason_code"] == "", "ok", "dropped")
+    probe = mark_duplicates(probe)
+    probe["group"] = [group_of(p, cfg["group_pattern"]) for p in probe["path"]]
+    return probe
+
+
+def assigned_splits(usable: pd.DataFrame, cfg: dict, ds: dict, seed) -> pd.Series:
+    """Each usable clip's split: the split file's (warning when it puts one recording group
+    in more than one split), else a random split of the recording groups."""
+    if not ds.get("split_file"):
+        return split_by_group(usable, cfg["val_fraction"], cfg["test_fraction"], seed)
+    leaks = usable.groupby("group")["split"].nunique()
+    if (leaks > 1).any():
+        log.warning(
+            "split file puts %d recording groups in more than one split (e.g. "
+            "%s): scores may be optimistic",
+            int((leaks > 1).sum()),
+            ", ".join(leaks.index[leaks > 1][:3]),
+        )
+    return usable["split"]
+
+
+def dataset_record(ds, classes, probe, usable, quarantine, splits) -> dict:
+    """`dataset.json`: the dataset's name, classes, content and split hashes (scores and
+    champions compare only on the same data and split), counts and where the split came from."""
+    dataset_hash = hashlib.sha256(
+        "".join(
+            f"{p}\t{label}\t{h}\n"
+            for p, label, h in sorted(zip(usable["path"], usable["label"], usable["sha256"]))
+        ).encode()
+    ).hexdigest()
+    split_hash = hashlib.sha256(
+        "".join(f"{p}\t{s}\n" for p, s in sorted(zip(splits["path"], splits["split"]))).encode()
+    ).hexdigest()
+    return {
+        "name": dataset_name(ds),
+        "classes": classes,
+        "dataset_hash": dataset_hash,
+        "split_hash": split_hash,
+        "clips": int(len(probe)),
+        "usable": int(len(usable)),
+        "quarantined": int(len(quarantine)),
+        "quarantined_by_reason": {
+            k: int(v) for k, v in quarantine["reason_code"].value_counts().items()
+        },
+        "split_source": "split_file" if ds.get("split_file") else "grouped_random",
+        "counts": {
+            s: {c: int(((splits["split"] == s) & (splits["label"] == c)).sum()) for c in classes}
+            for s in SPLITS
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,74 +26,13 @@ from pipeline.data.arrays import (
     load_cache,
 )
 from pipeline.ensemble import PROBABILITIES_FILE, probability_rows
-from pipeline.models.distributed import is_chief, training_strategy, worker_index
+from pipeline.models.distributed import is_chief, training_strategy
 from pipeline.models.evaluation import backbone_ms_per_clip, clip_probabilities, model_ms_per_clip
 from pipeline.models.fitting import fit_model
 from pipeline.stages.cli import stage_cli
+from pipeline.stages.train_seeds import repeat_over_seeds, train_as_worker
 
 log = logging.getLogger(__name__)
-
-
-def extra_seeds(params: dict) -> list[int]:
-    """The seeds of `train_seeds` other than `seed`, in order."""
-    return [int(s) for s in params.get("train_seeds") or [] if int(s) != int(params["seed"])]
-
-
-def train_as_worker(params: dict, name: str, data: dict, num_classes: int) -> dict:
-    """A `multi_worker` worker other than the chief: trains in step with the chief (the same
-    seeds in the same order) and writes nothing, neither files nor MLflow runs."""
-    import keras
-
-    for i, seed in enumerate([int(params["seed"]), *extra_seeds(params)]):
-        if i:
-            keras.backend.clear_session()
-        fit_model(params, name, data, num_classes, seed)
-    log.info("%s: trained as worker %d; the chief writes the outputs", name, worker_index())
-    return {}
-
-
-def repeat_over_seeds(
-    params: dict,
-    name: str,
-    data: dict,
-    classes: list[str],
-    first: dict,
-    tags: dict,
-    title: str,
-    probabilities: dict,
-) -> dict:
-    """Train again with every seed of `train_seeds` other than `seed`, each as a nested MLflow
-    run (`<title> · seed N`), add each seed's validation and test probabilities to
-    `probabilities` ((seed, split) -> clips x classes) and return mean and standard deviation
-    of the test scores over all seeds."""
-    import keras
-    import mlflow
-
-    from pipeline.evaluate import classification_metrics, seed_spread
-
-    seeds = extra_seeds(params)
-    if not seeds:
-        return {}
-    y_test = data["test"][1]
-    batch_size = int(params["models"][name]["train"]["batch_size"])
-    rows = [{k: first[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}]
-    for seed in seeds:
-        keras.backend.clear_session()
-        with mlflow.start_run(
-            run_name=f"{title} · seed {seed}", nested=True, tags={**tags, "seed": str(seed)}
-        ):
-            mlflow.log_param("seed", seed)
-            model, _, _ = fit_model(params, name, data, len(classes), seed)
-            for split in ("val", "test"):
-                probabilities[seed, split] = clip_probabilities(
-                    model, data["views"][split], batch_size, params["models"][name].get("tta_hflip")
-                )
-            y_pred = probabilities[seed, "test"].argmax(axis=1)
-            scores = classification_metrics(y_test, y_pred, classes)
-            rows.append({k: scores[k] for k in rows[0]})
-            mlflow.log_metrics({f"test_{k}": v for k, v in rows[-1].items()})
-        log.info("%s seed %d: test macro-F1 %.3f", name, seed, rows[-1]["macro_f1"])
-    return seed_spread(rows)
 
 
 def train_and_evaluate(
@@ -101,16 +40,12 @@ def train_and_evaluate(
 ) -> dict:
     """Train model `name`, evaluate it on validation and test, write its outputs under
     `paths.*`, log one MLflow run (a child of `parent_run_id` in a sweep) and return the
-    summary that goes to `metrics/<name>.json`."""
+    summary that goes to `metrics/<name>.json`: load -> fit -> evaluate -> write reports and
+    the model -> repeat over the other seeds -> summary."""
     import mlflow
 
-    from pipeline.evaluate import classification_metrics, write_test_reports
-    from pipeline.serving.classifier import preprocessing_config
-    from pipeline.serving.pyfunc import log_video_classifier
     from pipeline.tracking import (
         DESCRIPTION_TAG,
-        flatten,
-        log_dataset,
         run_description,
         run_name,
         run_tags,
@@ -122,29 +57,15 @@ def train_and_evaluate(
     if name not in params["models"]:
         raise ValueError(f"no config for model {name!r} under models: {sorted(params['models'])}")
     cfg = params["models"][name]
-    train_cfg = cfg["train"]
     classes = json.loads((input_dir(params, cfg) / "classes.json").read_text())
     dataset = json.loads((resolve(params["paths"]["clean"]) / "dataset.json").read_text())
-    caches = {split: load_cache(params, cfg, split) for split in ("train", "val", "test")}
-    (_, y_train, _), (_, y_val, val_clips), (_, y_test, test_clips) = caches.values()
-    if len(y_val) == 0 or len(y_test) == 0:
-        raise ValueError(
-            "the validation or test split is empty: the dataset needs more "
-            "recording groups per class (see the clean stage's warnings)"
-        )
-    # the model's fixed frames of each clip (trained and validated on), the views of the
-    # evaluation (`tta_views`) and, for `train.temporal_jitter`, every cached training frame
-    data = {s: (fixed_inputs(cache, cfg), labels) for s, (cache, labels, _) in caches.items()}
-    data["views"] = {s: evaluation_views(caches[s][0], cfg) for s in ("val", "test")}
-    if train_cfg.get("temporal_jitter"):
-        data["train_cache"] = caches["train"][0]
-    del caches
-    x_test = data["test"][0]
+    data, clips = load_data(params, cfg)
     if not is_chief(params):
         return train_as_worker(params, name, data, len(classes))
 
     use_experiment(params["mlflow"]["experiment"])
     reports = resolve(params["paths"]["reports"]) / name
+    seed = int(params["seed"])
     tags = {**run_tags(name, dataset), **(extra_tags or {})}
     with mlflow.start_run(
         run_name=run_name(name, dataset),
@@ -152,158 +73,209 @@ def train_and_evaluate(
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None,
     ) as run:
-        mlflow.log_params(
-            flatten(
-                {
-                    "model": cfg,
-                    "frames": params["frames"],
-                    "features": params["features"],
-                    "seed": params["seed"],
-                    "train_seeds": params.get("train_seeds"),
-                    "dataset": {
-                        "name": dataset["name"],
-                        "split_source": dataset.get("split_source"),
-                        "classes": ",".join(classes),  # in class-index order
-                    },
-                }
-            )
-        )
-        if train_cfg.get("oversample"):
-            mlflow.log_params(flatten({"augment": params["augment"]}))
-        mlflow.log_dict(params, "config.yaml")  # the composed config this run trained with
-        log_dataset(params, dataset, len(y_train), resolve(params["paths"]["clean"]))
-        model, history, train_time = fit_model(
-            params, name, data, len(classes), int(params["seed"])
-        )
-
-        # Predict in stored order; labels are read from the same arrays, so pairs stay aligned.
-        seed, batch_size = int(params["seed"]), int(train_cfg["batch_size"])
-        probabilities = {  # averaged over views (`tta_views`) and mirror images (`tta_hflip`)
-            (seed, split): clip_probabilities(model, views, batch_size, cfg.get("tta_hflip"))
-            for split, views in data["views"].items()
-        }
-        probs = probabilities[seed, "test"]
-        scores = classification_metrics(y_test, probs.argmax(axis=1), classes)
-        # validation scores of the final (restored best) weights: what sweeps select on
-        val_pred = probabilities[seed, "val"].argmax(axis=1)
-        val_scores = classification_metrics(y_val, val_pred, classes)
-        model_ms = model_ms_per_clip(model, data["views"]["test"], batch_size, cfg.get("tta_hflip"))
-        streams = 2 if params["features"].get("motion") else 1  # appearance (+ motion)
-        backbone_ms = (
-            backbone_ms_per_clip(
-                params["features"]["backbone"],
-                int(params["frames"]["size"]),
-                x_test["features"].shape[1] * streams,
-            )
-            if isinstance(x_test, dict)
-            else 0.0
-        )
-        summary = {
-            "accuracy": scores["accuracy"],
-            "balanced_accuracy": scores["balanced_accuracy"],
-            "macro_f1": scores["macro_f1"],
-            "params": int(model.count_params()),
-            "train_time_s": round(train_time, 2),
-            "epochs": len(history.history["loss"]),
-            "test_clips": int(len(y_test)),
-            **{f"val_{k}": val_scores[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
-            # per clip on this machine, from cached frames; cnn_gru adds its feature backbone
-            "inference_ms_per_clip": round(model_ms + backbone_ms, 2),
-            "model_ms_per_clip": round(model_ms, 2),
-            "backbone_ms_per_clip": round(backbone_ms, 2),
-        }
-        mlflow.log_metrics(
-            {
-                "num_params": summary["params"],
-                "epochs_trained": summary["epochs"],
-                "train_time_s": summary["train_time_s"],
-                **{
-                    k: summary[k]
-                    for k in ("inference_ms_per_clip", "model_ms_per_clip", "backbone_ms_per_clip")
-                },
-            }
-        )
-        # apart from the headline scores (a section of their own in the UI's charts)
-        mlflow.log_metrics(
-            {f"per_class/test_f1_{c}": s["f1"] for c, s in scores["per_class"].items()}
-        )
-
-        # the reports, a gallery of the misclassified test clips among them (their frames)
-        test_frames = load_arrays(
-            resolve(params["paths"]["frames"]) / "test", "frames", mmap_mode="r"
-        )[0]
-        for path in write_test_reports(
-            reports,
-            name,
-            y_test,
-            probs,
-            classes,
-            scores["per_class"],
-            test_clips,
-            history.history,
-            test_frames,
-            int(params["gallery"]["max_clips"]),
-        ):
-            mlflow.log_artifact(str(path))
-        mlflow.log_dict(scores, "test_metrics.json")
-
-        model_dir = resolve(params["paths"]["models"]) / name
-        with atomic_dir(model_dir) as tmp:
-            model.save(tmp / "model.keras")
-        # the MLflow model classifies video files: it carries this run's preprocessing
-        info = log_video_classifier(
-            model_dir / "model.keras", preprocessing_config(params, name, classes), name
-        )
-        # where this model lives in the local MLflow store (compare registers the champion)
-        write_json_atomic(
-            reports / "mlflow.json", {"run_id": run.info.run_id, "model_uri": info.model_uri}
-        )
-        # test and validation scores, of the run and of its logged model (the UI's Models tab
-        # lists them side by side); `eval_val_*`, since Keras logs a per-epoch `val_accuracy`
-        mlflow.log_metrics(
-            {
-                f"{prefix}{k}": summary[f"{key}{k}"]
-                for prefix, key in (("test_", ""), ("eval_val_", "val_"))
-                for k in ("accuracy", "balanced_accuracy", "macro_f1")
-            },
-            model_id=info.model_id,
-        )
+        log_run_inputs(params, cfg, dataset, classes, len(data["train"][1]))
+        model, history, train_time = fit_model(params, name, data, len(classes), seed)
+        probabilities, scores, summary = evaluate(params, cfg, model, data, classes, seed)
+        summary.update(train_time_s=round(train_time, 2), epochs=len(history.history["loss"]))
+        log_run_metrics(summary, scores)
+        test_probs = probabilities[seed, "test"]
+        write_reports(params, name, data["test"][1], test_probs, classes, scores, clips, history)
+        save_and_log_model(params, name, model, classes, run.info.run_id, summary)
         spread = repeat_over_seeds(
             params, name, data, classes, summary, tags, run_name(name, dataset), probabilities
         )
-        # every seed's validation and test probabilities: what the ensemble row averages
-        clips = {"val": val_clips, "test": test_clips}
-        write_text_atomic(
-            reports / PROBABILITIES_FILE,
-            pd.concat(
-                [
-                    probability_rows(s, sp, clips[sp], p, classes)
-                    for (s, sp), p in probabilities.items()
-                ]
-            ).to_csv(index=False),
-        )
+        write_probabilities(reports, probabilities, clips, classes)
         if spread:
             summary.update({k: round(v, 4) for k, v in spread.items()})
             mlflow.log_metrics({f"test_{k}": v for k, v in spread.items() if k != "seeds"})
             mlflow.log_metric("seeds", spread["seeds"])
         mlflow.set_tag(DESCRIPTION_TAG, run_description(name, dataset, params, summary))
     write_json_atomic(resolve(params["paths"]["metrics"]) / f"{name}.json", summary)
-    log.info(
-        "%s: test accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f after %d epochs "
-        "(%.0f s, %d params)%s",
+    log.info("%s: %s", name, summary_line(summary, spread))
+    return summary
+
+
+def load_data(params: dict, cfg: dict) -> tuple[dict, dict]:
+    """The model's inputs and labels per split (its fixed frames of each clip, trained and
+    validated on), the views of the evaluation (`tta_views`), every cached training frame
+    for `train.temporal_jitter`, and the validation and test clips' table."""
+    caches = {split: load_cache(params, cfg, split) for split in ("train", "val", "test")}
+    if not len(caches["val"][1]) or not len(caches["test"][1]):
+        raise ValueError(
+            "the validation or test split is empty: the dataset needs more "
+            "recording groups per class (see the clean stage's warnings)"
+        )
+    data = {s: (fixed_inputs(cache, cfg), labels) for s, (cache, labels, _) in caches.items()}
+    data["views"] = {s: evaluation_views(caches[s][0], cfg) for s in ("val", "test")}
+    if cfg["train"].get("temporal_jitter"):
+        data["train_cache"] = caches["train"][0]
+    return data, {s: caches[s][2] for s in ("val", "test")}
+
+
+def log_run_inputs(params: dict, cfg: dict, dataset: dict, classes: list, train_clips: int):
+    """The run's params (the model's section, frames, features, seeds, the dataset), its
+    composed config as `config.yaml` and its training data."""
+    import mlflow
+
+    from pipeline.tracking import flatten, log_dataset
+
+    described = {"name": dataset["name"], "split_source": dataset.get("split_source")}
+    inputs = {
+        "model": cfg,
+        "frames": params["frames"],
+        "features": params["features"],
+        "seed": params["seed"],
+        "train_seeds": params.get("train_seeds"),
+        "dataset": {**described, "classes": ",".join(classes)},  # in class-index order
+    }
+    mlflow.log_params(flatten(inputs))
+    if cfg["train"].get("oversample"):
+        mlflow.log_params(flatten({"augment": params["augment"]}))
+    mlflow.log_dict(params, "config.yaml")  # the composed config this run trained with
+    log_dataset(params, dataset, train_clips, resolve(params["paths"]["clean"]))
+
+
+def evaluate(params: dict, cfg: dict, model, data: dict, classes: list, seed: int):
+    """(probabilities per (seed, split), test scores, summary): the model's validation and
+    test probabilities in stored order (averaged over views and mirror images where the
+    config says), their scores and what a clip costs at inference on this machine."""
+    from pipeline.evaluate import classification_metrics
+
+    batch_size, hflip = int(cfg["train"]["batch_size"]), cfg.get("tta_hflip")
+    probabilities = {
+        (seed, split): clip_probabilities(model, views, batch_size, hflip)
+        for split, views in data["views"].items()
+    }
+    scores, val_scores = (
+        classification_metrics(data[s][1], probabilities[seed, s].argmax(axis=1), classes)
+        for s in ("test", "val")
+    )
+    model_ms = model_ms_per_clip(model, data["views"]["test"], batch_size, hflip)
+    x_test = data["test"][0]
+    streams = 2 if params["features"].get("motion") else 1  # appearance (+ motion)
+    backbone_ms = (
+        backbone_ms_per_clip(
+            params["features"]["backbone"],
+            int(params["frames"]["size"]),
+            x_test["features"].shape[1] * streams,
+        )
+        if isinstance(x_test, dict)
+        else 0.0
+    )
+    summary = {
+        **{k: scores[k] for k in SCORE_KEYS},
+        "params": int(model.count_params()),
+        "test_clips": int(len(data["test"][1])),
+        **{f"val_{k}": val_scores[k] for k in SCORE_KEYS},
+        # per clip on this machine, from cached frames; cnn_gru adds its feature backbone
+        "inference_ms_per_clip": round(model_ms + backbone_ms, 2),
+        "model_ms_per_clip": round(model_ms, 2),
+        "backbone_ms_per_clip": round(backbone_ms, 2),
+    }
+    return probabilities, scores, summary
+
+
+SCORE_KEYS = ("accuracy", "balanced_accuracy", "macro_f1")
+COST_KEYS = ("inference_ms_per_clip", "model_ms_per_clip", "backbone_ms_per_clip")
+
+
+def log_run_metrics(summary: dict, scores: dict) -> None:
+    import mlflow
+
+    mlflow.log_metrics(
+        {
+            "num_params": summary["params"],
+            "epochs_trained": summary["epochs"],
+            "train_time_s": summary["train_time_s"],
+            **{k: summary[k] for k in COST_KEYS},
+        }
+    )
+    # apart from the headline scores (a section of their own in the UI's charts)
+    mlflow.log_metrics({f"per_class/test_f1_{c}": s["f1"] for c, s in scores["per_class"].items()})
+
+
+def write_reports(
+    params: dict, name: str, y_test, probs, classes: list, scores: dict, clips: dict, history
+) -> None:
+    """`reports/<model>/` (a gallery of the misclassified test clips among them, from their
+    cached frames), each an artifact of the run, and the test scores as `test_metrics.json`."""
+    import mlflow
+
+    from pipeline.evaluate import write_test_reports
+
+    frames_dir = resolve(params["paths"]["frames"]) / "test"
+    test_frames = load_arrays(frames_dir, "frames", mmap_mode="r")[0]
+    for path in write_test_reports(
+        resolve(params["paths"]["reports"]) / name,
         name,
-        summary["accuracy"],
-        summary["balanced_accuracy"],
-        summary["macro_f1"],
-        summary["epochs"],
-        train_time,
-        summary["params"],
+        y_test,
+        probs,
+        classes,
+        scores["per_class"],
+        clips["test"],
+        history.history,
+        test_frames,
+        int(params["gallery"]["max_clips"]),
+    ):
+        mlflow.log_artifact(str(path))
+    mlflow.log_dict(scores, "test_metrics.json")
+
+
+def save_and_log_model(
+    params: dict, name: str, model, classes: list, run_id: str, summary: dict
+) -> None:
+    """`models/<model>/model.keras`, and the MLflow model that classifies video files with
+    this run's preprocessing, with its scores; `reports/<model>/mlflow.json` says where it
+    lives (compare registers the champion from there)."""
+    import mlflow
+
+    from pipeline.serving.classifier import preprocessing_config
+    from pipeline.serving.pyfunc import log_video_classifier
+
+    model_dir = resolve(params["paths"]["models"]) / name
+    with atomic_dir(model_dir) as tmp:
+        model.save(tmp / "model.keras")
+    info = log_video_classifier(
+        model_dir / "model.keras", preprocessing_config(params, name, classes), name
+    )
+    write_json_atomic(
+        resolve(params["paths"]["reports"]) / name / "mlflow.json",
+        {"run_id": run_id, "model_uri": info.model_uri},
+    )
+    # test and validation scores, of the run and of its logged model (the UI's Models tab
+    # lists them side by side); `eval_val_*`, since Keras logs a per-epoch `val_accuracy`
+    mlflow.log_metrics(
+        {
+            f"{prefix}{k}": summary[f"{key}{k}"]
+            for prefix, key in (("test_", ""), ("eval_val_", "val_"))
+            for k in SCORE_KEYS
+        },
+        model_id=info.model_id,
+    )
+
+
+def write_probabilities(reports, probabilities: dict, clips: dict, classes: list) -> None:
+    """Every seed's validation and test probabilities: what the ensemble row averages."""
+    rows = [
+        probability_rows(seed, split, clips[split], probs, classes)
+        for (seed, split), probs in probabilities.items()
+    ]
+    write_text_atomic(reports / PROBABILITIES_FILE, pd.concat(rows).to_csv(index=False))
+
+
+def summary_line(summary: dict, spread: dict) -> str:
+    over_seeds = (
         f"; over {spread['seeds']} seeds macro-F1 {spread['macro_f1_mean']:.3f} ± "
         f"{spread['macro_f1_std']:.3f}"
         if spread
-        else "",
+        else ""
     )
-    return summary
+    return (
+        f"test accuracy {summary['accuracy']:.3f}, balanced accuracy "
+        f"{summary['balanced_accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f} after "
+        f"{summary['epochs']} epochs ({summary['train_time_s']:.0f} s, {summary['params']} "
+        f"params){over_seeds}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,89 @@
+"""Finding the champion: the registered model and alias of a config's dataset, the model
+`predict` uses by default, and `python -m pipeline.serving.champion`, which prints the
+champion's URI for the project's `params.yaml` (`make serving-image`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipeline.config import dataset_name, load_params
+from pipeline.errors import PipelineError
+from pipeline.logs import setup_logging
+from pipeline.serving.registry import registered_name
+
+log = logging.getLogger(__name__)
+
+
+def champion_uri(params: dict) -> str:
+    """`models:/<registered model>@<alias>` of the champion of this config's dataset."""
+    name = registered_name(params["compare"]["register_as"], dataset_name(params["dataset"]))
+    return f"models:/{name}@{params['compare']['alias']}"
+
+
+def default_model(params: dict, store: str) -> tuple[str, str]:
+    """(model URI, what it is): the registered champion, else the best model of the latest
+    comparison run in the project's MLflow store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    uri = champion_uri(params) if params["compare"].get("register_as") else None
+    if uri:
+        name, alias = uri.removeprefix("models:/").split("@")
+        try:
+            version = client.get_model_version_by_alias(name, alias)
+            return (
+                uri,
+                f"the registered {name}@{alias}: version {version.version}, "
+                f"{version.tags.get('model', '?')} from run {version.run_id}",
+            )
+        except MlflowException:
+            pass
+    experiment = client.get_experiment_by_name(params["mlflow"]["experiment"])
+    runs = (
+        client.search_runs(
+            [experiment.experiment_id],
+            filter_string="tags.model = 'comparison'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if experiment
+        else []
+    )
+    if runs and runs[0].data.tags.get("best_model_uri"):
+        tags = runs[0].data.tags
+        return (
+            tags["best_model_uri"],
+            f"no {uri} is registered; the best model ({tags.get('best_model')}) "
+            f"of the latest comparison run {runs[0].info.run_id}",
+        )
+    raise PipelineError(
+        f"no model to use: no registered {uri} and no comparison run "
+        f"in {store}. Run the pipeline first (`dvc repro`) or pass --model URI"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the model URI of the champion of this project's dataset (`make serving-image`)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--params", type=Path, help="params.yaml (default: the project's)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        params = load_params(args.params)
+    except (PipelineError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    if not params["compare"].get("register_as"):
+        log.error("compare.register_as is null: this project registers no champion")
+        sys.exit(2)
+    sys.stdout.write(champion_uri(params) + "\n")
+
+
+if __name__ == "__main__":
+    main()
