@@ -1,7 +1,8 @@
 """Logging for the package's processes: one log format, and TensorFlow's C++ start-up lines
-(which users read as errors) kept out of them. Entry points (stage commands, predict, sweeps,
-served models, worker processes) call `quiet_tensorflow_startup` before TensorFlow loads;
-importing `pipeline` changes nothing.
+(which users read as errors) kept out of them. Entry points call `quiet_tensorflow_startup`
+before TensorFlow loads: the stage commands' package (`pipeline.stages`, as it is imported),
+predict, sweeps, a served model's `load_context`, worker processes; importing `pipeline`
+itself changes nothing.
 """
 
 from __future__ import annotations

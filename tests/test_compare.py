@@ -65,14 +65,16 @@ def test_a_champion_per_dataset_and_no_dataset_takes_anothers(tmp_path, monkeypa
     model of another (with `promote: always` too), also in a store from before the
     registered model's dataset tag, where its champion's tag says which data it holds."""
     import mlflow
+    import mlflow.tracking._tracking_service.utils as tracking_utils
     from mlflow.tracking import MlflowClient
 
     from pipeline.serving.registry import register_champion
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(store)
-    mlflow.set_registry_uri(store)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # as conftest.isolated_mlflow_store: MLFLOW_TRACKING_URI must not outlive the test
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", uri)
     client = MlflowClient()
 
     class Constant(mlflow.pyfunc.PythonModel):

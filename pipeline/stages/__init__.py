@@ -1,1 +1,9 @@
-"""One module per DVC stage: `main()` reads params.yaml, calls library functions, writes outputs."""
+"""One module per DVC stage: `main()` reads params.yaml, calls library functions, writes outputs.
+
+Each is an entry point (`python -m pipeline.stages.<stage>`), and some import TensorFlow as
+they load, so the package keeps TensorFlow's start-up lines out before any of them does.
+"""
+
+from pipeline.logs import quiet_tensorflow_startup
+
+quiet_tensorflow_startup()
