@@ -30,8 +30,9 @@ def default_model(params: dict, store: str) -> tuple[str, str]:
 
     client = MlflowClient()
     uri = champion_uri(params) if params["compare"].get("register_as") else None
+    champion = uri.removeprefix("models:/") if uri else "champion"  # <name>@<alias>
     if uri:
-        name, alias = uri.removeprefix("models:/").split("@")
+        name, alias = champion.split("@")
         try:
             version = client.get_model_version_by_alias(name, alias)
             return (
@@ -56,11 +57,11 @@ def default_model(params: dict, store: str) -> tuple[str, str]:
         tags = runs[0].data.tags
         return (
             tags["best_model_uri"],
-            f"no {uri} is registered; the best model ({tags.get('best_model')}) "
+            f"no {champion} is registered; the best model ({tags.get('best_model')}) "
             f"of the latest comparison run {runs[0].info.run_id}",
         )
     raise PipelineError(
-        f"no model to use: no registered {uri} and no comparison run "
+        f"no model to use: no registered {champion} and no comparison run "
         f"in {store}. Run the pipeline first (`dvc repro`) or pass --model URI"
     )
 
