@@ -316,3 +316,27 @@ def champion_name(params: dict) -> str:
     from pipeline.serving.registry import registered_name
 
     return registered_name(params["compare"]["register_as"], dataset_name(params["dataset"]))
+
+
+def assert_predict_reproduces_the_evaluation(repo: Path, env: dict, models: list[str]) -> None:
+    """`python -m pipeline.predict` on each model's test videos, with the model its train
+    stage logged, gives every clip the label and top probability of its `predictions.csv`."""
+    import json
+
+    import pandas as pd
+
+    for model in models:
+        expected = pd.read_csv(repo / "reports" / model / "predictions.csv")
+        run_id = json.loads((repo / "reports" / model / "mlflow.json").read_text())["run_id"]
+        clips = [str(repo / "data/raw" / p) for p in expected["path"]]
+        rows = run_json(
+            [sys.executable, "-m", "pipeline.predict", *clips, "--model", f"runs:/{run_id}/{model}"]
+            + ["--format", "json"],
+            repo,
+            env,
+        )
+        assert len(rows) == len(expected)
+        for clip, row in zip(expected.itertuples(), rows):
+            assert row["path"].endswith(clip.path)
+            assert row["action_1"] == clip.predicted, (model, clip.path)
+            assert row["probability_1"] == pytest.approx(clip.confidence, abs=2e-3), model

@@ -196,10 +196,8 @@ def test_pipeline_on_flow_serves_what_it_evaluated(tmp_path):
     trains on it, and `predict`, which decodes each test video and measures its flow again,
     gives every test clip the label and probability the evaluation gave it, for each model
     and for the ensemble of them."""
-    import json
-    import sys
 
-    from conftest import MODELS, project_copy, run, run_json
+    from conftest import MODELS, assert_predict_reproduces_the_evaluation, project_copy, run
 
     repo = tmp_path / "project"
     repo.mkdir()
@@ -210,18 +208,4 @@ def test_pipeline_on_flow_serves_what_it_evaluated(tmp_path):
     frames = np.load(repo / "data/frames/test/frames.npy")
     flow = np.load(repo / "data/frames/test/flow.npy")
     assert flow.shape == (*frames.shape[:-1], 2) and flow.dtype == np.uint8
-    for model in [*MODELS, "ensemble"]:
-        expected = pd.read_csv(repo / "reports" / model / "predictions.csv")
-        run_id = json.loads((repo / "reports" / model / "mlflow.json").read_text())["run_id"]
-        clips = [str(repo / "data/raw" / p) for p in expected["path"]]
-        rows = run_json(
-            [sys.executable, "-m", "pipeline.predict", *clips, "--model", f"runs:/{run_id}/{model}"]
-            + ["--format", "json"],
-            repo,
-            env,
-        )
-        assert len(rows) == len(expected)
-        for clip, row in zip(expected.itertuples(), rows):
-            assert row["path"].endswith(clip.path)
-            assert row["action_1"] == clip.predicted, (model, clip.path)
-            assert row["probability_1"] == pytest.approx(clip.confidence, abs=2e-3), model
+    assert_predict_reproduces_the_evaluation(repo, env, [*MODELS, "ensemble"])

@@ -5,7 +5,6 @@ training, evaluation and serving."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from pipeline.data.arrays import evaluation_views, select_frames
@@ -190,10 +189,8 @@ def test_pipeline_with_temporal_jitter_serves_what_it_evaluated(tmp_path):
     """Twice the frames cached as cnn3d and cnn_gru read: both train with temporal jitter
     (cnn3d with oversampled copies as well) and are evaluated over the two views; `predict`
     on the test videos gives every clip the label and probability the evaluation gave it."""
-    import json
-    import sys
 
-    from conftest import project_copy, run, run_json
+    from conftest import assert_predict_reproduces_the_evaluation, project_copy, run
 
     repo = tmp_path / "project"
     repo.mkdir()
@@ -208,18 +205,4 @@ def test_pipeline_with_temporal_jitter_serves_what_it_evaluated(tmp_path):
     )
     run(["dvc", "repro", "train@cnn3d", "train@cnn_gru"], repo, env)
     assert np.load(repo / "data/frames/test/frames.npy", mmap_mode="r").shape[1] == 12
-    for model in ("cnn3d", "cnn_gru"):
-        expected = pd.read_csv(repo / "reports" / model / "predictions.csv")
-        run_id = json.loads((repo / "reports" / model / "mlflow.json").read_text())["run_id"]
-        clips = [str(repo / "data/raw" / p) for p in expected["path"]]
-        rows = run_json(
-            [sys.executable, "-m", "pipeline.predict", *clips, "--model", f"runs:/{run_id}/{model}"]
-            + ["--format", "json"],
-            repo,
-            env,
-        )
-        assert len(rows) == len(expected)
-        for clip, row in zip(expected.itertuples(), rows):
-            assert row["path"].endswith(clip.path)
-            assert row["action_1"] == clip.predicted, (model, clip.path)
-            assert row["probability_1"] == pytest.approx(clip.confidence, abs=2e-3), model
+    assert_predict_reproduces_the_evaluation(repo, env, ["cnn3d", "cnn_gru"])
