@@ -78,9 +78,8 @@ def parallel_map(
             context.set_forkserver_preload([fn.__module__])  # workers start with it imported
         else:
             context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            max_workers=n, mp_context=context, initializer=quiet_tensorflow_startup
-        ) as pool:
+        # (the workers inherit the quiet entry point's marker: `import pipeline` continues it)
+        with ProcessPoolExecutor(max_workers=n, mp_context=context) as pool:
             for result in in_order(lambda x: pool.submit(fn, x), items, 2 * n):
                 yield result
                 bar.update()

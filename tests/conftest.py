@@ -312,10 +312,9 @@ def s3_server(tmp_path_factory) -> dict:
 def champion_name(params: dict) -> str:
     """The registered model holding the champion of `params`' dataset (`compare.register_as`
     with the dataset's name for `{dataset}`)."""
-    from pipeline.config import dataset_name
-    from pipeline.serving.registry import registered_name
+    from pipeline.serving import champion
 
-    return registered_name(params["compare"]["register_as"], dataset_name(params["dataset"]))
+    return champion.champion_name(params)
 
 
 def assert_predict_reproduces_the_evaluation(repo: Path, env: dict, models: list[str]) -> None:

@@ -16,10 +16,14 @@ from pipeline.serving.registry import registered_name
 log = logging.getLogger(__name__)
 
 
+def champion_name(params: dict) -> str:
+    """The registered model holding the champion of this config's dataset."""
+    return registered_name(params["compare"]["register_as"], dataset_name(params["dataset"]))
+
+
 def champion_uri(params: dict) -> str:
     """`models:/<registered model>@<alias>` of the champion of this config's dataset."""
-    name = registered_name(params["compare"]["register_as"], dataset_name(params["dataset"]))
-    return f"models:/{name}@{params['compare']['alias']}"
+    return f"models:/{champion_name(params)}@{params['compare']['alias']}"
 
 
 def default_model(params: dict, store: str) -> tuple[str, str]:
@@ -29,14 +33,14 @@ def default_model(params: dict, store: str) -> tuple[str, str]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    uri = champion_uri(params) if params["compare"].get("register_as") else None
-    champion = uri.removeprefix("models:/") if uri else "champion"  # <name>@<alias>
-    if uri:
-        name, alias = champion.split("@")
+    registers = bool(params["compare"].get("register_as"))
+    name, alias = champion_name(params) if registers else None, params["compare"]["alias"]
+    champion = f"{name}@{alias}" if registers else "champion"
+    if registers:
         try:
             version = client.get_model_version_by_alias(name, alias)
             return (
-                uri,
+                f"models:/{champion}",
                 f"the registered {name}@{alias}: version {version.version}, "
                 f"{version.tags.get('model', '?')} from run {version.run_id}",
             )

@@ -106,7 +106,11 @@ def load_data(params: dict, cfg: dict) -> tuple[dict, dict]:
             "recording groups per class (see the clean stage's warnings)"
         )
     data = {s: (fixed_inputs(cache, cfg), labels) for s, (cache, labels, _) in caches.items()}
-    data["views"] = {s: evaluation_views(caches[s][0], cfg) for s in ("val", "test")}
+    # without `tta_views` the one view is the fixed frames already selected: not a second copy
+    data["views"] = {
+        s: evaluation_views(caches[s][0], cfg) if cfg.get("tta_views") else [data[s][0]]
+        for s in ("val", "test")
+    }
     if cfg["train"].get("temporal_jitter"):
         data["train_cache"] = caches["train"][0]
     return data, {s: caches[s][2] for s in ("val", "test")}
