@@ -30,13 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import repo_root
 from pipeline.data.arrays import load_arrays
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, refusal_message, server_refusals
 from pipeline.logs import quiet_tensorflow_startup, setup_logging
 
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "HANDBALL_SWEEP_PARENT_RUN_ID"
-INVALID_ENV = "HANDBALL_SWEEP_INVALID"  # set when the grid breaks the schema: jobs are skipped
+# set when the grid breaks the schema or the tracking server refuses the sweep: jobs are skipped
+INVALID_ENV = "HANDBALL_SWEEP_INVALID"
 
 
 def objective_name(params: dict) -> str:
@@ -69,7 +70,6 @@ class MlflowParentRun(Callback):
             log.warning(
                 "the sweep's grid was not checked up front (%s); each job checks its own", exc
             )
-        exp_id = use_experiment(config.mlflow.experiment)
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         name = config.model.name
         tags = {
@@ -78,7 +78,14 @@ class MlflowParentRun(Callback):
             "sweep_overrides": " ".join(config.hydra.overrides.task),
             "mlflow.runName": f"sweep {name} {sweep_dir.name}",
         }
-        run = MlflowClient().create_run(exp_id, tags=tags)
+        try:
+            with server_refusals():
+                exp_id = use_experiment(config.mlflow.experiment)
+                run = MlflowClient().create_run(exp_id, tags=tags)
+        except PipelineError as exc:  # the tracking server refused: no job could log either
+            log.error("%s", exc)
+            os.environ[INVALID_ENV] = "1"
+            return
         os.environ[PARENT_ENV] = run.info.run_id
         log.info("sweep: MLflow parent run %s", run.info.run_id)
 
@@ -198,7 +205,7 @@ def sweep_job(cfg: DictConfig) -> float:
 
     task_overrides = list(HydraConfig.get().overrides.task)
     if os.environ.get(INVALID_ENV):
-        log.warning("sweep job skipped (%s): the sweep's config breaks the schema", task_overrides)
+        log.warning("sweep job skipped (%s): the sweep did not start (above)", task_overrides)
         return math.nan
     name, params = job_params(OmegaConf.to_container(cfg, resolve=True), task_overrides)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -221,7 +228,10 @@ def sweep_job(cfg: DictConfig) -> float:
         )
         return float(summary[objective_name(params)])
     except Exception as exc:  # one failed job must not stop the sweep
-        log.error("sweep job %s (%s) failed: %s", job_dir.name, overrides, exc)
+        refusal = refusal_message(exc)
+        log.error("sweep job %s (%s) failed: %s", job_dir.name, overrides, refusal or exc)
+        if refusal:  # the tracking server would refuse recording the failure too
+            return math.nan
         if parent and mlflow.active_run() is None and not failed_run_recorded(parent, overrides):
             use_experiment(params["mlflow"]["experiment"])
             with mlflow.start_run(

@@ -142,7 +142,7 @@ def test_the_tracking_server_image_pins_the_tested_mlflow(name):
     from importlib.metadata import version
 
     text = (ROOT / "deploy" / name).read_text()
-    assert f"mlflow=={version('mlflow')}" in text
+    assert f"mlflow[auth]=={version('mlflow')}" in text  # with its basic-auth app
     assert "psycopg2-binary" in text and "boto3" in text
 
 
@@ -267,6 +267,21 @@ def test_the_tracking_server_is_reached_only_by_the_projects_pods_and_hides_its_
     assert not any("backend-store-uri" in a for a in container["args"])
     env = {e["name"]: e for e in container["env"]}
     assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-backend"
+    # accounts: MLflow's basic-auth app, its settings, admin password and Flask secret from the
+    # Secret mlflow-auth (README "Access control")
+    assert "--app-name=basic-auth" in container["args"]
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth"
+    config = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in server["spec"]["template"]["spec"]["volumes"]}
+    [volume] = [n for n, path in mounts.items() if Path(path) == config.parent]
+    assert volumes[volume]["secret"]["secretName"] == "mlflow-auth"
+    example = yaml.safe_load_all((ROOT / "deploy" / "k8s" / "secrets.example.yaml").read_text())
+    auth = next(d for d in example if d["metadata"]["name"] == "mlflow-auth")["stringData"]
+    assert {config.name, "admin_password", "flask_secret_key"} <= set(auth)
+    assert "default_permission = READ" in auth[config.name]
+    assert "postgresql" in auth[config.name]  # the users live in the runs' PostgreSQL
     policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"] == server["spec"]["selector"]["matchLabels"]
     [rule] = policy["spec"]["ingress"]
@@ -279,8 +294,13 @@ def test_the_tracking_server_is_reached_only_by_the_projects_pods_and_hides_its_
 def test_the_training_job_is_pinned_and_bounded():
     docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "training-job.yaml").read_text()))
     job = next(d for d in docs if d["kind"] == "Job")
-    image = job["spec"]["template"]["spec"]["containers"][0]["image"]
+    worker = job["spec"]["template"]["spec"]["containers"][0]
+    image = worker["image"]
     assert ":" in image and not image.endswith(":latest")
+    # the chief logs to the tracking server with an account from a Secret
+    env = {e["name"]: e for e in worker["env"]}
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-client"
     assert 0 < job["spec"]["activeDeadlineSeconds"] <= 24 * 3600
 
 

@@ -54,6 +54,7 @@ def test_openvino_float32_gives_the_keras_features_and_repeats_them_exactly(fram
     assert np.array_equal(first, again)
 
 
+@pytest.mark.slow  # converts ResNet101V2 to OpenVINO's IR twice: ~45 s; CI runs it
 def test_a_converted_model_is_kept_and_reused(frames, tmp_path, monkeypatch, caplog):
     """The first OpenVINO build converts and keeps the model (IR with float32 weights, named
     by a digest of the weights); the next loads it without exporting anything and computes

@@ -81,6 +81,7 @@ def test_default_model_is_the_champion_else_the_latest_comparisons_best(
     assert "no never-registered@champion is registered" in why and best in why
 
 
+@pytest.mark.slow  # four models loaded by four `predict` processes: ~65 s; CI runs it
 def test_predict_reproduces_the_evaluation_predictions(first_repro_state, tmp_path):
     """Each model and the ensemble of them, through the preprocessing logged with it, gives
     every test clip the label and probability the evaluation gave it; the champion is the default model; an unreadable

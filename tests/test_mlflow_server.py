@@ -1,8 +1,10 @@
 """One MLflow tracking server for a team: PostgreSQL as its store, artifacts proxied to S3
-(SeaweedFS, `s3_server` in conftest.py), the pipeline and `predict` pointed at it by
-MLFLOW_TRACKING_URI only. All real servers on 127.0.0.1 with free ports, started and stopped
-here: PostgreSQL 15 from Debian's package (`initdb` + `pg_ctl`, as the `postgres` user when the
-tests run as root), `mlflow server` as a user would run it.
+(SeaweedFS, `s3_server` in conftest.py), accounts and permissions by MLflow's basic-auth app
+(its users in the same PostgreSQL), the pipeline and `predict` pointed at it by
+MLFLOW_TRACKING_URI and MLFLOW_TRACKING_USERNAME/PASSWORD only. All real servers on 127.0.0.1
+with free ports, started and stopped here: PostgreSQL 15 from Debian's package (`initdb` +
+`pg_ctl`, as the `postgres` user when the tests run as root), `mlflow server --app-name
+basic-auth` as deploy/k8s/mlflow-server.yaml runs it.
 """
 
 from __future__ import annotations
@@ -13,10 +15,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import MODELS, free_port, run, stop_process_group, wait_until_serving
+from conftest import (
+    MODELS,
+    free_port,
+    new_shell_env,
+    readme_commands,
+    run,
+    stop_process_group,
+    wait_until_serving,
+)
 from test_inference_e2e import predict_cli
 from test_pipeline_e2e import wait_for_queue
 
@@ -79,24 +91,45 @@ def postgres():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+ADMIN = ("admin", "admin-password-of-the-test")
+# the accounts README "Access control" creates, and one that is granted nothing
+PASSWORDS = {"ana": "ana-password-of-the-test", "bo": "bo-password-of-the-test"}
+READER = ("carl", "carl-password-of-the-test")
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, s3_server, tmp_path_factory):
-    """`mlflow server` on PostgreSQL, artifacts proxied to `s3://handball/mlflow` (only the
-    server holds the storage keys), the Host names a cluster would use allowed."""
+    """`mlflow server --app-name basic-auth` on PostgreSQL, its users' tables in the same
+    database, everyone READ by default, artifacts proxied to `s3://handball/mlflow` (only the
+    server holds the storage keys), the Host names a cluster would use allowed; the admin's
+    password and the Flask secret from the environment, as the Secret `mlflow-auth` gives them."""
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
+    auth_config = folder / "basic_auth.ini"
+    auth_config.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = {postgres}\n"
+        f"admin_username = {ADMIN[0]}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
     env = {
         **os.environ,
         "AWS_ACCESS_KEY_ID": s3_server["key"],
         "AWS_SECRET_ACCESS_KEY": s3_server["secret"],
         "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"],
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_AUTH_CONFIG_PATH": str(auth_config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-secret-of-the-test",
+        # MLflow reads the store from here, as the Deployment has it (not on the command line)
+        "MLFLOW_BACKEND_STORE_URI": postgres,
     }
     cmd = [
         str(Path(sys.executable).parent / "mlflow"),
         "server",
-        "--backend-store-uri",
-        postgres,
+        "--app-name",
+        "basic-auth",
         "--artifacts-destination",
         f"s3://{s3_server['bucket']}/mlflow",
         "--host",
@@ -120,18 +153,54 @@ def mlflow_server(postgres, s3_server, tmp_path_factory):
         stop_process_group(server)
 
 
+def as_user(env: dict, server: str, account: tuple[str, str] | None) -> dict:
+    """`env` pointed at the server as `account` (None: anonymous), without storage keys."""
+    out = {k: v for k, v in env.items() if not k.startswith(("AWS_", "MLFLOW_TRACKING_"))}
+    out["MLFLOW_TRACKING_URI"] = server
+    if account:
+        out["MLFLOW_TRACKING_USERNAME"], out["MLFLOW_TRACKING_PASSWORD"] = account
+    return out
+
+
+@pytest.fixture(scope="module")
+def team(project, mlflow_server, tmp_path_factory):
+    """The team README "Access control" sets up, by its commands as printed, run by the admin
+    in a new shell (passwords typed on stdin), plus `carl`, who is granted nothing; then bo's
+    clone of the project after his `dvc repro` against the server."""
+    repo, state = project
+    folder = tmp_path_factory.mktemp("team")
+    admin = new_shell_env(as_user(state["env"], mlflow_server, ADMIN))
+    accounts = {**PASSWORDS, READER[0]: READER[1]}
+    commands = readme_commands("python -m pipeline.server_access")
+    commands.append(f"python -m pipeline.server_access add-user {READER[0]}")
+    for command in commands:
+        user = command.split()[-1]
+        typed = accounts[user] + "\n" if " add-user " in command else ""
+        proc = subprocess.run(
+            ["bash", "-c", f"source .venv/bin/activate && {command}"],
+            cwd=repo,
+            env=admin,
+            input=typed,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, f"{command}: {proc.stderr[-3000:]}"
+    clone = folder / "bo"
+    env = as_user(state["env"], mlflow_server, ("bo", PASSWORDS["bo"]))
+    run(["git", "clone", "-q", str(repo), str(clone)], folder, env)
+    run(["dvc", "repro"], clone, env)
+    return clone, env
+
+
 def test_the_pipeline_a_queued_grid_and_predict_use_the_team_server(
-    project, mlflow_server, s3_server, tmp_path
+    team, mlflow_server, s3_server, monkeypatch
 ):
     from mlflow.tracking import MlflowClient
 
-    repo, state = project
-    clone = tmp_path / "clone"
-    # a teammate's clone: no storage keys, only the server's address
-    env = {k: v for k, v in state["env"].items() if not k.startswith("AWS_")}
-    env["MLFLOW_TRACKING_URI"] = mlflow_server
-    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
-    run(["dvc", "repro"], clone, env)
+    # bo's clone: no storage keys, only the server's address and his account
+    clone, env = team
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bo")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORDS["bo"])
     assert not (clone / "mlflow.db").exists() and not (clone / "mlruns").exists()
 
     client = MlflowClient(tracking_uri=mlflow_server)
@@ -166,7 +235,8 @@ def test_the_pipeline_a_queued_grid_and_predict_use_the_team_server(
     )
     assert rows[0]["action_1"] in json.loads((clone / "data" / "raw" / "classes.json").read_text())
 
-    # a two-point queued grid logs into the same server, tagged with the experiment names
+    # a two-point queued grid (`dvc exp run`) logs into the same server as bo, tagged with the
+    # experiment names
     run(["git", "add", "-A"], clone, env)
     run(["git", "commit", "-q", "-m", "results"], clone, env)
     names = ["server-grid-a", "server-grid-b"]
@@ -194,3 +264,87 @@ def test_the_pipeline_a_queued_grid_and_predict_use_the_team_server(
     }
     assert set(names) <= tagged
     assert not (clone / "mlflow.db").exists()
+
+
+def refused(cmd: list[str], cwd: Path, env: dict) -> str:
+    """The one log line a command the server refuses ends with (exit status 2, no traceback)."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2, f"{' '.join(cmd)}: {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [line] = [x for x in proc.stderr.splitlines() if " ERROR " in x]
+    return line
+
+
+def test_the_team_server_refuses_what_an_account_may_not_do(
+    team, mlflow_server, monkeypatch, tmp_path
+):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.errors import refusal_message
+
+    clone, bo = team
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # the server refusals name
+    champion = "models:/handball-action-classifier-sample@champion"
+    clip = str(next((clone / "data" / "raw").rglob("*.avi")))
+    predict = [sys.executable, "-m", "pipeline.predict", clip, "--model", champion]
+
+    # anyone without an account: 401, and the commands say what to set
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=1")
+    assert answer.value.code == 401
+    line = refused(predict, clone, as_user(bo, mlflow_server, None))
+    assert (
+        "HTTP 401" in line and "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in line
+    )
+    wrong = refused(predict, clone, as_user(bo, mlflow_server, ("bo", "not-bos-password")))
+    assert "refused user 'bo' (HTTP 401" in wrong and "MLFLOW_TRACKING_PASSWORD" in wrong
+
+    # carl holds the default, READ: he looks, and loads the champion ...
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", READER[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", READER[1])
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("handball-actions")
+    assert client.search_runs([experiment.experiment_id])
+    carl = as_user(bo, mlflow_server, READER)
+    run(predict, clone, carl)
+    # ... but logs, registers and moves the alias nothing
+    version = client.get_model_version_by_alias("handball-action-classifier-sample", "champion")
+    for write in (
+        lambda: client.create_run(experiment.experiment_id),
+        lambda: client.create_model_version(
+            "handball-action-classifier-sample", version.source, version.run_id
+        ),
+        lambda: client.set_registered_model_alias(
+            "handball-action-classifier-sample", "champion", version.version
+        ),
+    ):
+        with pytest.raises(MlflowException) as refusal:
+            write()
+        assert refusal.value.get_http_status_code() == 403
+    compare = [sys.executable, "-m", "pipeline.stages.compare"]
+    line = refused(compare, clone, carl)
+    assert "refused user 'carl' (HTTP 403" in line and "EDIT on the experiment" in line
+    # a sweep he starts stops before its first job, on the same line
+    sweep = [sys.executable, "-m", "pipeline.sweep", "-m", "model=cnn_gru", "experiment=tiny"]
+    sweep.append(f"hydra.sweep.dir={tmp_path / 'multirun'}")
+    proc = subprocess.run(sweep, cwd=clone, env=carl, capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert "refused user 'carl' (HTTP 403" in output and "Epoch 1/" not in output
+
+    # ana trains (EDIT on the experiment) but does not promote: bo holds the registered model
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ana")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORDS["ana"])
+    client.set_terminated(client.create_run(experiment.experiment_id).info.run_id)
+    with pytest.raises(MlflowException) as refusal:
+        client.create_model_version(
+            "handball-action-classifier-sample", version.source, version.run_id
+        )
+    line = refusal_message(refusal.value)
+    assert "refused user 'ana' (HTTP 403" in line and "EDIT on the registered model" in line
+    assert "compare.register_as=null" in line
+    assert (
+        client.get_model_version_by_alias("handball-action-classifier-sample", "champion").version
+        == version.version
+    )

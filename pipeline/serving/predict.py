@@ -25,7 +25,7 @@ import pandas as pd
 
 from pipeline.atomic import write_bytes_atomic
 from pipeline.config import load_params
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, server_refusals
 from pipeline.logs import quiet_tensorflow_startup, setup_logging
 from pipeline.serving.champion import default_model
 from pipeline.serving.clips import VideoError, video_paths
@@ -292,17 +292,18 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     quiet_tensorflow_startup()
     try:
-        rows = predict(
-            args.targets,
-            args.model,
-            args.top_k,
-            args.window,
-            args.stride,
-            args.timeline_png,
-            args.params,
-            args.hflip,
-            args.views,
-        )
+        with server_refusals():
+            rows = predict(
+                args.targets,
+                args.model,
+                args.top_k,
+                args.window,
+                args.stride,
+                args.timeline_png,
+                args.params,
+                args.hflip,
+                args.views,
+            )
     except (PipelineError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         sys.exit(2)

@@ -11,7 +11,7 @@ import logging
 from filelock import FileLock
 
 from pipeline.config import resolve, store_root
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, refusal_message
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,9 @@ def registered_dataset(client, name: str, alias: str) -> str | None:
 
     try:
         model = client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if refusal_message(exc):  # not "no such model": the server said no
+            raise
         return None
     if model.tags.get(DATASET_TAG):
         return model.tags[DATASET_TAG]

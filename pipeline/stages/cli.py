@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import load_params
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, server_refusals
 from pipeline.logs import quiet_tensorflow_startup, setup_logging
 
 log = logging.getLogger("pipeline")
@@ -25,8 +25,8 @@ def stage_cli(
 ) -> None:
     """The thin command line around a stage function: `--params`, logging, timing, exit codes.
 
-    Expected failures (PipelineError, a missing input file) end with one clear log line and
-    exit status 2 instead of a traceback.
+    Expected failures (PipelineError, a missing input file, a tracking server's refusal) end
+    with one clear log line and exit status 2 instead of a traceback.
     """
     parser = argparse.ArgumentParser(
         prog=f"python -m pipeline.stages.{name}", description=description
@@ -39,7 +39,8 @@ def stage_cli(
     quiet_tensorflow_startup()  # before any stage code imports TensorFlow
     start = time.perf_counter()
     try:
-        run(load_params(args.params), args)
+        with server_refusals():
+            run(load_params(args.params), args)
     except (PipelineError, FileNotFoundError) as exc:
         log.error("%s failed: %s", name, exc)
         sys.exit(2)
