@@ -2,20 +2,38 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# Two installs from uv.lock's hash-checked exports (`make lock` writes them): `make setup` the
+# runtime only (the stages, predict, serving), `make setup-dev` adds the test tooling.
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+DEV_STAMP := $(VENV)/.installed-dev
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --no-deps
 
-.PHONY: setup repro lint test test-real test-all params clean-outputs serving-image
+.PHONY: setup setup-dev lock repro lint test test-real test-all params clean-outputs serving-image
 
-$(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
-	  { echo "Python >= 3.11 is required (found $$($(PYTHON) --version))"; exit 1; }
+$(RUNTIME_STAMP): requirements/runtime.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 14))' || \
+	  { echo "Python 3.11 to 3.13 is required (found $$($(PYTHON) --version))"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(PIP_INSTALL) --require-hashes -r requirements/runtime.txt
+	$(PIP_INSTALL) -e .
 	@test -d .git || git init -q
-	@touch $(STAMP)
+	@touch $@
 
-setup: $(STAMP)
+$(DEV_STAMP): $(RUNTIME_STAMP) requirements/dev.txt
+	$(PIP_INSTALL) --require-hashes -r requirements/dev.txt
+	@touch $@
+
+setup: $(RUNTIME_STAMP)
+
+setup-dev: $(DEV_STAMP)
+
+# Re-resolve uv.lock from pyproject.toml (newest versions within its bounds that install on
+# every platform of [tool.uv]) and write its exports; commit all three.
+lock: setup-dev
+	$(BIN)/uv lock --upgrade
+	$(BIN)/uv export --quiet --frozen --no-emit-project --format requirements-txt -o requirements/runtime.txt
+	$(BIN)/uv export --quiet --frozen --no-emit-project --extra dev --format requirements-txt -o requirements/dev.txt
 
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
@@ -29,7 +47,7 @@ repro: setup
 
 # Style and architecture: ruff (pyproject.toml [tool.ruff]) and the import contracts
 # (pyproject.toml [tool.importlinter]: layers, serving without training code, no cycles).
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check pipeline tests benchmarks
 	$(BIN)/ruff format --check pipeline tests benchmarks
 	$(BIN)/lint-imports
@@ -38,7 +56,7 @@ test: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not real_data"
 
 # Opt-in tests on real footage (../shared/data/real); they skip when it is absent.
-test-real: setup
+test-real: setup-dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m real_data
 
 test-all: lint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -107,14 +108,32 @@ def git_commit() -> str:
         return "unknown"
 
 
+def lock_digest() -> str:
+    """The first 16 hex digits of the sha256 of the workspace's `uv.lock` (what `make setup`
+    installs from), "" where there is none."""
+    lock = repo_root() / "uv.lock"
+    return hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.is_file() else ""
+
+
+def installed_digest() -> str:
+    """The first 16 hex digits of the sha256 of every installed distribution's name==version,
+    sorted: differs from another run's when anything installed differs, lock or not."""
+    from importlib.metadata import distributions
+
+    pins = sorted({f"{d.metadata['Name'].lower()}=={d.version}" for d in distributions()})
+    return hashlib.sha256("\n".join(pins).encode()).hexdigest()[:16]
+
+
 def run_tags(model: str, dataset: dict | None = None) -> dict[str, str]:
     """Tags of a run on `dataset` (the clean stage's dataset.json; None when the run has no
     data of its own): what it is, from which commit and DVC experiment, on which data and
-    split."""
+    split, in which environment (the lock's digest and that of what is installed)."""
     dataset = dataset or {}
     return {
         "model": model,
         "git_commit": git_commit(),
+        "uv_lock_sha256": lock_digest(),
+        "installed_sha256": installed_digest(),
         "dataset_hash": dataset.get("dataset_hash", ""),
         "split_hash": dataset.get("split_hash", ""),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),

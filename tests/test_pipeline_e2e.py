@@ -11,6 +11,7 @@ runs. The tests run in file order on the same project.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -278,6 +279,10 @@ def test_mlflow_runs_are_comparable(project):
         assert run_.data.tags["git_commit"] == commit
         assert run_.data.tags["dataset_hash"] == dataset_hash
         assert "dvc_exp_name" in run_.data.tags
+        # the environment: the lock it was installed from, and what is installed
+        lock = hashlib.sha256((repo / "uv.lock").read_bytes()).hexdigest()[:16]
+        assert run_.data.tags["uv_lock_sha256"] == lock
+        assert len(run_.data.tags["installed_sha256"]) == 16
         for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "val_loss"):
             assert key in run_.data.metrics
         epochs = json.loads((repo / "metrics" / f"{model}.json").read_text())["epochs"]
