@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Two installs from uv.lock's hash-checked exports (`make lock` writes them): `make setup` the
-# runtime only (the stages, predict, serving), `make setup-dev` adds the test tooling.
+# Two installs from uv.lock's hash-checked exports (`make lock` writes them, and the training
+# image's requirements/s3.txt): `make setup` the runtime only (the stages, predict, serving),
+# `make setup-dev` adds the test tooling.
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP := $(VENV)/.installed-dev
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --no-deps
@@ -34,6 +35,7 @@ lock: setup-dev
 	$(BIN)/uv lock --upgrade
 	$(BIN)/uv export --quiet --frozen --no-emit-project --format requirements-txt -o requirements/runtime.txt
 	$(BIN)/uv export --quiet --frozen --no-emit-project --extra dev --format requirements-txt -o requirements/dev.txt
+	$(BIN)/uv export --quiet --frozen --no-emit-project --extra s3 --format requirements-txt -o requirements/s3.txt
 
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro

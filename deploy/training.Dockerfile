@@ -7,6 +7,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends git \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /work/handball
 COPY . .
-RUN pip install --no-cache-dir ".[s3]" && chown -R 1000:1000 /work/handball
+# the locked runtime with DVC's S3 remote (uv.lock's export, hashes checked), then the project
+RUN pip install --no-cache-dir --no-deps --require-hashes -r requirements/s3.txt \
+    && pip install --no-cache-dir --no-deps . && chown -R 1000:1000 /work/handball
 ENV HOME=/work/handball HANDBALL_OPENVINO_CACHE=/tmp/openvino
 USER 1000

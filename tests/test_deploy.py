@@ -203,8 +203,11 @@ def test_each_training_pod_builds_its_tf_config_from_its_completion_index(tmp_pa
 
 
 def test_the_training_image_installs_the_project_with_its_s3_remote():
+    """The locked runtime with DVC's S3 remote, hashes checked (uv.lock's export)."""
     text = (ROOT / "deploy" / "training.Dockerfile").read_text()
-    assert 'pip install --no-cache-dir ".[s3]"' in text
+    assert "--require-hashes -r requirements/s3.txt" in text
+    pins = (ROOT / "requirements" / "s3.txt").read_text()
+    assert "\ndvc-s3==" in pins and "\ntensorflow==" in pins
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     ignored = [line for line in lines if line and not line.startswith("#")]
     assert ".venv/" in ignored and "data/" in ignored and ".git" not in ignored

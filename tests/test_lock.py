@@ -19,6 +19,7 @@ UV = Path(sys.executable).parent / "uv"
 EXPORTS = {
     "requirements/runtime.txt": [],
     "requirements/dev.txt": ["--extra", "dev"],
+    "requirements/s3.txt": ["--extra", "s3"],  # deploy/training.Dockerfile
 }
 
 
