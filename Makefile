@@ -9,7 +9,7 @@ RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP := $(VENV)/.installed-dev
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --no-deps
 
-.PHONY: setup setup-dev lock repro lint test test-real test-all params clean-outputs serving-image
+.PHONY: setup setup-dev lock repro lint docs test test-real test-all params clean-outputs serving-image
 
 $(RUNTIME_STAMP): requirements/runtime.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 14))' || \
@@ -54,14 +54,19 @@ lint: setup-dev
 	$(BIN)/ruff format --check pipeline tests benchmarks
 	$(BIN)/lint-imports
 
-test: lint
+# The documentation site (mkdocs.yml, docs/): a broken link, a missing page or a page left out
+# of the navigation fails the build.
+docs: setup-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint docs
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not real_data"
 
 # Opt-in tests on real footage (../shared/data/real); they skip when it is absent.
 test-real: setup-dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m real_data
 
-test-all: lint
+test-all: lint docs
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 # The build context of the serving image for deploy/k8s/serving.yaml: a Dockerfile and the

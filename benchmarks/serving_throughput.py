@@ -7,7 +7,7 @@ For each model the pipeline logged (reports/<model>/mlflow.json after `dvc repro
 champion of each model type, frame_cnn, cnn3d and cnn_gru), or each `--model` URI, a real
 `mlflow models serve --env-manager local` on a free port of 127.0.0.1 with each `--workers`
 count, as the serving image runs it. Each client posts one test clip per request (its bytes,
-base64, as the README's curl does), cycling through the test split, and sends the next once
+base64, as docs/predict.md's curl does), cycling through the test split, and sends the next once
 answered. Per model x workers x clients: requests per second, p50 and p95 latency, failed
 requests, and the resident memory of the server's processes after the run. The first row of
 each model (1 worker, 1 client) is the reference the speed-ups are against. The CPU's model

@@ -18,7 +18,7 @@ class PipelineError(RuntimeError):
 REFUSED_ENDPOINT = re.compile(r"endpoint (/\S+) failed with error code (\d+)")
 # what a path of MLflow's REST API acts on, for naming the permission a refused user lacks
 REGISTRY_PATHS = ("/registered-models/", "/model-versions/")
-ACCESS_DOCS = 'README "Access control"'
+ACCESS_DOCS = 'docs/mlflow.md "Access control"'
 
 
 def refusal_message(exc: BaseException) -> str | None:

@@ -85,17 +85,24 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
     return proc.stdout + proc.stderr
 
 
+def documentation_text() -> str:
+    """The README and every page of the documentation site (docs/*.md), one after another:
+    where the commands a user copies are printed."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return "\n".join(page.read_text() for page in pages)
+
+
 def readme_commands(start: str) -> list[str]:
-    """The commands of the README's bash blocks that begin with `start`, as printed (trailing
-    comments dropped, continuation lines joined)."""
-    text = (ROOT / "README.md").read_text()
+    """The commands of the bash blocks of the README and docs/ that begin with `start`, as
+    printed (trailing comments dropped, continuation lines joined)."""
+    text = documentation_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for command in re.sub(r"\\\n\s*", "", block).splitlines():
             command = re.sub(r"\s+#.*$", "", command).strip()
             if command.startswith(start):
                 commands.append(command)
-    assert commands, f"no command starting with {start!r} in the README's bash blocks"
+    assert commands, f"no command starting with {start!r} in the documentation's bash blocks"
     return commands
 
 

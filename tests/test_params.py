@@ -2,7 +2,7 @@
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, documentation_text
 
 from pipeline.params import compose_params
 from pipeline.schema import InvalidConfig, validate_params
@@ -74,7 +74,8 @@ def test_the_sample_sets_how_long_models_train_and_other_datasets_do_not():
     for name in ("frame_cnn", "cnn3d", "cnn_gru"):
         model_default = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
         epochs = models[name]["train"]["epochs"]
-        assert epochs < model_default["train"]["epochs"]
+        # no more than on real footage (frame_cnn: as many, on half the frames)
+        assert epochs <= model_default["train"]["epochs"]
         # the dataset comes after the models in the defaults list, so its value wins
         assert sample["models"][name]["train"]["epochs"] == epochs
         assert folder["models"][name]["train"]["epochs"] == model_default["train"]["epochs"]
@@ -86,11 +87,11 @@ def test_the_sample_sets_how_long_models_train_and_other_datasets_do_not():
 
 
 def readme_exp_run_overrides() -> list[list[str]]:
-    """The `-S` overrides of every `dvc exp run` command in the README's bash blocks."""
+    """The `-S` overrides of every `dvc exp run` command in the documentation's bash blocks."""
     import re
     import shlex
 
-    text = (ROOT / "README.md").read_text()
+    text = documentation_text()
     script = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.S)).replace("\\\n", " ")
     script = re.sub(r"\$\([^)]*\)", "0" * 64, script).replace("$HOME", "/home/user")
     commands = []

@@ -1,0 +1,52 @@
+"""The documentation site builds with --strict, and --strict does catch what it is there for:
+a link to a page that does not exist, a page missing from the navigation. The README links
+only to pages that exist."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+MKDOCS = Path(sys.executable).parent / "mkdocs"
+
+
+def build(folder: Path, site: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(MKDOCS), "build", "--strict", "--site-dir", str(site)],
+        cwd=folder,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_the_site_builds_strictly_and_fails_on_a_broken_link_or_a_lost_page(tmp_path):
+    proc = build(ROOT, tmp_path / "site")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "site" / "mlflow" / "index.html").is_file()
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "docs", copy / "docs")
+    shutil.copy2(ROOT / "mkdocs.yml", copy)
+    page = copy / "docs" / "tests.md"
+    page.write_text(page.read_text() + "\nSee [the old page](removed.md).\n")
+    broken = build(copy, tmp_path / "broken")
+    assert broken.returncode != 0 and "removed.md" in broken.stderr
+    page.write_text((ROOT / "docs" / "tests.md").read_text())
+    (copy / "docs" / "orphan.md").write_text("# Not in the navigation\n")
+    lost = build(copy, tmp_path / "lost")
+    assert lost.returncode != 0 and "orphan.md" in lost.stderr
+
+
+def test_the_readme_is_a_landing_page_linking_to_pages_that_exist():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) < 250
+    links = re.findall(r"\]\((docs/[^)#]+)", text)
+    assert len(links) >= 10
+    missing = [link for link in links if not (ROOT / link).exists()]
+    assert not missing, missing
