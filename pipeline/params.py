@@ -24,6 +24,7 @@ from pipeline.atomic import write_text_atomic
 from pipeline.config import repo_root
 from pipeline.logs import setup_logging
 from pipeline.schema import InvalidConfig, unknown_setting, validate_params
+from pipeline.schema.problems import field_at
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,15 @@ def hydra_problem(exc: Exception, overrides: list[str]) -> str:
     if unknown and not unknown[1].startswith(("model@", "hydra")) and "=" in "".join(overrides):
         key = unknown[1]
         given = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
-        return unknown_setting(key.split("."), yaml.safe_load(given.get(key, "") or "null"))
+        value = yaml.safe_load(given.get(key, "") or "null")
+        _, field = field_at(key.split("."))
+        if field is not None:  # the schema has it; conf/ leaves it at the schema's default
+            return (
+                f"{key}={value!r}: conf/ does not set {key} (its default is "
+                f"{field.get_default(call_default_factory=True)!r}): add it with "
+                f"+{key}={given.get(key, '')}"
+            )
+        return unknown_setting(key.split("."), value)
     return " ".join(str(exc).split())
 
 

@@ -29,6 +29,11 @@ BAD = [
         "models.cnn_gru.dropuot=0.2: not a setting of models.cnn_gru",
     ),
     (["+foo=1"], "foo=1: not a setting of the config (it has: augment, baseline"),
+    (  # a setting the schema has but conf/ leaves at its default: how to add it
+        ["models.cnn_gru.train.weight_decay=0.05"],
+        "models.cnn_gru.train.weight_decay=0.05: conf/ does not set models.cnn_gru.train."
+        "weight_decay (its default is 0.004): add it with +models.cnn_gru.train.weight_decay=0.05",
+    ),
     (["compare.metric=f1"], "compare.metric='f1': must be one of 'accuracy', 'balanced_accuracy'"),
     (["models.frame_cnn.train.optimizer=sgd"], "optimizer='sgd': must be one of 'adam', 'adamw'"),
     (["dataset.classes=[]"], "dataset.classes=[]: must be a list (of a non-empty text) with at"),
