@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 
-from pipeline.errors import PipelineError, server_refusals
+from pipeline.errors import PipelineError, refusal_message, server_refusals
 from pipeline.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -67,14 +67,20 @@ def read_password(username: str) -> str:
 def resource(args: argparse.Namespace, uri: str, create: bool) -> tuple[str, str, str]:
     """(resource type, resource id, what to call it) of --experiment / --registered-model,
     created when absent and `create`."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     if args.registered_model:
         name = args.registered_model
-        if create and not client.search_registered_models(f"name = '{name}'"):
-            client.create_registered_model(name)
-            log.info("created the registered model %s", name)
+        if create:
+            try:
+                client.get_registered_model(name)
+            except MlflowException as exc:
+                if refusal_message(exc):  # not "no such model": the server said no
+                    raise
+                client.create_registered_model(name)
+                log.info("created the registered model %s", name)
         return "registered_model", name, f"registered model {name}"
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
@@ -87,6 +93,20 @@ def resource(args: argparse.Namespace, uri: str, create: bool) -> tuple[str, str
     return "experiment", experiment_id, f"experiment {args.experiment} (id {experiment_id})"
 
 
+def grant(client, username: str, kind: str, resource_id: str, permission: str) -> None:
+    """Give `username` `permission` on one resource, replacing what they held there (MLflow
+    refuses a second grant on the same resource)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.grant_user_permission(username, kind, resource_id, permission)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        client.revoke_user_permission(username, kind, resource_id)
+        client.grant_user_permission(username, kind, resource_id, permission)
+
+
 def run_command(args: argparse.Namespace) -> None:
     uri = server_uri()
     client = auth_client(uri)
@@ -96,7 +116,7 @@ def run_command(args: argparse.Namespace) -> None:
         return
     kind, resource_id, label = resource(args, uri, create=args.command == "grant")
     if args.command == "grant":
-        client.grant_user_permission(args.username, kind, resource_id, args.permission)
+        grant(client, args.username, kind, resource_id, args.permission)
         log.info("%s now holds %s on the %s", args.username, args.permission, label)
         return
     held = client.get_user_permission(args.username, kind, resource_id)

@@ -333,6 +333,16 @@ def test_the_team_server_refuses_what_an_account_may_not_do(
     assert proc.returncode == 2 and "Traceback" not in output, output[-3000:]
     assert "refused user 'carl' (HTTP 403" in output and "Epoch 1/" not in output
 
+    # the admin changes what carl holds: a second grant replaces the first
+    admin = as_user(bo, mlflow_server, ADMIN)
+    access = [sys.executable, "-m", "pipeline.server_access"]
+    for permission in ("EDIT", "READ"):
+        run(
+            [*access, "grant", "carl", permission, "--experiment", "handball-actions"], clone, admin
+        )
+    shown = run([*access, "show", "carl", "--experiment", "handball-actions"], clone, admin)
+    assert "carl: READ on the experiment handball-actions" in shown
+
     # ana trains (EDIT on the experiment) but does not promote: bo holds the registered model
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ana")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORDS["ana"])
