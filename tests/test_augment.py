@@ -85,6 +85,7 @@ def test_oversampled_epochs_are_balanced_with_untouched_originals(tiny_params):
     assert plain["x"] is x and plain["class_weight"][2] > plain["class_weight"][0]
 
 
+@pytest.mark.slow  # builds ResNet101V2 and caches features twice: ~22 s; CI runs it
 def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root, tiny_params):
     from pipeline.models.training_data import training_data
     from pipeline.stages.features import extract_features

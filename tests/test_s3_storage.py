@@ -43,6 +43,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # ~30 s; make test-all and CI run it
 def test_dvc_push_to_s3_and_pull_into_a_fresh_clone(project, s3_server, tmp_path):
     repo, state = project
     env = s3_env(state["env"], s3_server)
