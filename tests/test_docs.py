@@ -1,9 +1,11 @@
 """The documentation site builds with --strict, and --strict does catch what it is there for:
-a link to a page that does not exist, a page missing from the navigation. The README links
-only to pages that exist."""
+a link to a page that does not exist, a page missing from the navigation. The scores page
+shows the committed run's figures, rendered from `reports/comparison.csv` at build time. The
+README links only to pages that exist."""
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
@@ -30,9 +32,19 @@ def test_the_site_builds_strictly_and_fails_on_a_broken_link_or_a_lost_page(tmp_
     proc = build(ROOT, tmp_path / "site")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "site" / "mlflow" / "index.html").is_file()
+    # the committed run's table, from the data, not typed
+    scores = (tmp_path / "site" / "scores" / "index.html").read_text()
+    assert "scores: reports/comparison.csv" not in scores
+    with open(ROOT / "reports" / "comparison.csv", newline="") as table:
+        rows = list(csv.DictReader(table))
+    for row in rows:
+        assert f"{float(row['macro_f1']):.3f} [{float(row['macro_f1_low']):.2f}," in scores, row
     copy = tmp_path / "copy"
     shutil.copytree(ROOT / "docs", copy / "docs")
     shutil.copy2(ROOT / "mkdocs.yml", copy)
+    shutil.copy2(ROOT / "params.yaml", copy)  # what the scores hook reads
+    (copy / "reports").mkdir()
+    shutil.copy2(ROOT / "reports" / "comparison.csv", copy / "reports")
     page = copy / "docs" / "tests.md"
     page.write_text(page.read_text() + "\nSee [the old page](removed.md).\n")
     broken = build(copy, tmp_path / "broken")
