@@ -21,13 +21,21 @@ REGISTRY_PATHS = ("/registered-models/", "/model-versions/")
 ACCESS_DOCS = 'docs/mlflow.md "Access control"'
 
 
+def is_refusal(exc: BaseException) -> bool:
+    """Whether `exc` is an MLflow tracking server's HTTP 401 or 403 (not, say, a 404 for a
+    model that does not exist)."""
+    exceptions = sys.modules.get("mlflow.exceptions")  # none raised before MLflow is imported
+    return (
+        exceptions is not None
+        and isinstance(exc, exceptions.MlflowException)
+        and exc.get_http_status_code() in (401, 403)
+    )
+
+
 def refusal_message(exc: BaseException) -> str | None:
     """One line for an MLflow tracking server's HTTP 401 (who are you?) or 403 (not allowed),
     naming what to set or whom to ask; None for any other failure."""
-    exceptions = sys.modules.get("mlflow.exceptions")  # none raised before MLflow is imported
-    if exceptions is None or not isinstance(exc, exceptions.MlflowException):
-        return None
-    if exc.get_http_status_code() not in (401, 403):
+    if not is_refusal(exc):
         return None
     import mlflow
 

@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 
-from pipeline.errors import PipelineError, refusal_message, server_refusals
+from pipeline.errors import PipelineError, is_refusal, server_refusals
 from pipeline.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def resource(args: argparse.Namespace, uri: str, create: bool) -> tuple[str, str
             try:
                 client.get_registered_model(name)
             except MlflowException as exc:
-                if refusal_message(exc):  # not "no such model": the server said no
+                if is_refusal(exc):  # not "no such model": the server said no
                     raise
                 client.create_registered_model(name)
                 log.info("created the registered model %s", name)

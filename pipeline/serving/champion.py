@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from pipeline.config import dataset_name, load_params
-from pipeline.errors import PipelineError, refusal_message
+from pipeline.errors import PipelineError, is_refusal
 from pipeline.logs import setup_logging
 from pipeline.serving.registry import registered_name
 
@@ -45,7 +45,7 @@ def default_model(params: dict, store: str) -> tuple[str, str]:
                 f"{version.tags.get('model', '?')} from run {version.run_id}",
             )
         except MlflowException as exc:
-            if refusal_message(exc):  # not "no such champion": the server said no
+            if is_refusal(exc):  # not "no such champion": the server said no
                 raise
     experiment = client.get_experiment_by_name(params["mlflow"]["experiment"])
     runs = (

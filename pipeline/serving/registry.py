@@ -11,7 +11,7 @@ import logging
 from filelock import FileLock
 
 from pipeline.config import resolve, store_root
-from pipeline.errors import PipelineError, refusal_message
+from pipeline.errors import PipelineError, is_refusal
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def registered_dataset(client, name: str, alias: str) -> str | None:
     try:
         model = client.get_registered_model(name)
     except MlflowException as exc:
-        if refusal_message(exc):  # not "no such model": the server said no
+        if is_refusal(exc):  # not "no such model": the server said no
             raise
         return None
     if model.tags.get(DATASET_TAG):
