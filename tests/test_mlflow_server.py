@@ -142,6 +142,7 @@ def mlflow_server(postgres, s3_server, tmp_path_factory):
         "2",
     ]
     log = folder / "server.log"
+    SERVER_LOG.append(log)
     with open(log, "w") as out:
         server = subprocess.Popen(
             cmd, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -151,6 +152,13 @@ def mlflow_server(postgres, s3_server, tmp_path_factory):
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_process_group(server)
+
+
+SERVER_LOG: list[Path] = []  # the module's server's log, for failure messages
+
+
+def log_tail(lines: int = 60) -> str:
+    return "\n".join(SERVER_LOG[-1].read_text(errors="replace").splitlines()[-lines:])
 
 
 def as_user(env: dict, server: str, account: tuple[str, str] | None) -> dict:
@@ -310,18 +318,20 @@ def test_the_team_server_refuses_what_an_account_may_not_do(
     run(predict, clone, carl)
     # ... but logs, registers and moves the alias nothing
     version = client.get_model_version_by_alias("handball-action-classifier-sample", "champion")
-    for write in (
-        lambda: client.create_run(experiment.experiment_id),
-        lambda: client.create_model_version(
+    writes = {
+        "create a run": lambda: client.create_run(experiment.experiment_id),
+        "register a version": lambda: client.create_model_version(
             "handball-action-classifier-sample", version.source, version.run_id
         ),
-        lambda: client.set_registered_model_alias(
+        "move the alias": lambda: client.set_registered_model_alias(
             "handball-action-classifier-sample", "champion", version.version
         ),
-    ):
+    }
+    for what, write in writes.items():
         with pytest.raises(MlflowException) as refusal:
             write()
-        assert refusal.value.get_http_status_code() == 403
+            pytest.fail(f"carl (READ) was allowed to {what}; the server's log ends:\n{log_tail()}")
+        assert refusal.value.get_http_status_code() == 403, what
     compare = [sys.executable, "-m", "pipeline.stages.compare"]
     line = refused(compare, clone, carl)
     assert "refused user 'carl' (HTTP 403" in line and "EDIT on the experiment" in line
