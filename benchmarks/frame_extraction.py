@@ -34,8 +34,9 @@ DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "real" / "cricket_shots"
 def prepare(source: Path | None, frames: int, size: int, root: Path) -> dict:
     """download + clean into the workspace `root` through the real config; returns the params."""
     from pipeline.params import compose_params
+    from pipeline.schema import parse_params
     from pipeline.stages.clean import clean
-    from pipeline.stages.download import download
+    from pipeline.stages.download import run as download
 
     os.chdir(root)
     overrides = [f"frames.num_frames={frames}", f"frames.size={size}"]
@@ -47,8 +48,8 @@ def prepare(source: Path | None, frames: int, size: int, root: Path) -> dict:
             f"dataset.classes=[{','.join(classes)}]",
         ]
     params = compose_params(overrides, conf_dir=ROOT / "conf")
-    download(params)
-    clean(params)
+    download(parse_params(params))
+    clean(parse_params(params))
     return params
 
 
@@ -117,19 +118,19 @@ def run_variant(variant: str, root: Path) -> None:
     """Child process: time one side and print a JSON line."""
     import logging
 
-    from pipeline.config import load_params
+    from pipeline.config import load_config
 
     logging.disable(logging.WARNING)
     os.chdir(root)
-    params = load_params(root / "params.yaml")
+    config = load_config(root / "params.yaml")
     memory = TreeMemory()
     start = time.perf_counter()
     if variant == "reference":
-        reference_decode(params)
+        reference_decode(config.composed)
     else:
-        from pipeline.stages.frames import extract_frames
+        from pipeline.stages.frames import run as extract_frames
 
-        extract_frames(params)
+        extract_frames(config)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "peak_mb": memory.stop()}))
 

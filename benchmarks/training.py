@@ -119,7 +119,10 @@ def measure(params: dict, model: str, setting: str, epochs: int) -> dict:
     cfg = run_params["models"][model]
     x_train, y_train, _ = load_split(run_params, cfg, "train")
     x_val, y_val, _ = load_split(run_params, cfg, "val")
-    num_classes = len(dataset_classes(run_params))  # a folder dataset's: as the clean stage found
+    # a folder dataset's: as the clean stage found
+    num_classes = len(
+        dataset_classes(run_params["dataset"]["classes"], run_params["paths"]["clean"])
+    )
     timer = epoch_timer()
     stock_logger = fitting.epoch_logger
     fitting.epoch_logger = lambda: timer  # the per-epoch MLflow logger's slot (no run here)

@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.schema import Params
+    from pipeline.schema.sections import DatasetBase
 
 SPLITS = ("train", "val", "test")
 
@@ -33,11 +37,12 @@ def store_root() -> Path:
     return Path(root).resolve() if root else repo_root()
 
 
-def load_params(path: str | Path | None = None) -> dict[str, Any]:
-    """Read the composed configuration (`params.yaml`) that every DVC stage reads, checked
-    against `pipeline/schema.py`: a PipelineError lists every problem, one line each, before
-    a stage reads data or opens an MLflow run."""
-    from pipeline.schema import InvalidConfig, validate_params
+def load_config(path: str | Path | None = None) -> Params:
+    """The composed configuration (`params.yaml`) that every DVC stage reads, typed and checked
+    against `pipeline.schema`: a PipelineError lists every problem, one line each, before a
+    stage reads data or opens an MLflow run. A stage's `main()` hands each function its own
+    sections of it."""
+    from pipeline.schema import InvalidConfig, parse_params
 
     path = Path(path) if path else repo_root() / "params.yaml"
     if not path.is_file():
@@ -46,7 +51,7 @@ def load_params(path: str | Path | None = None) -> dict[str, Any]:
         )
     try:
         with open(path, encoding="utf-8") as fh:
-            return validate_params(yaml.safe_load(fh))
+            return parse_params(yaml.safe_load(fh))
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path} is not valid YAML: {exc}") from None
     except InvalidConfig as exc:
@@ -57,18 +62,24 @@ def load_params(path: str | Path | None = None) -> dict[str, Any]:
         ) from None
 
 
+def load_params(path: str | Path | None = None) -> dict[str, Any]:
+    """`load_config`'s mapping as written, for the code that still reads the config as a
+    dict (the train stage's modules, the sweep, the benchmarks)."""
+    return load_config(path).composed
+
+
 def resolve(path: str | Path) -> Path:
     """A config path made absolute against the repository root."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else repo_root() / path
 
 
-def dataset_name(ds: dict) -> str:
+def dataset_name(ds: DatasetBase) -> str:
     """`dataset.name`, or (when it is null) the name of the folder, archive or URL the clips
     come from (`cricket_shots` for `.../cricket_shots` or `cricket_shots.tar.gz`)."""
-    if ds.get("name"):
-        return str(ds["name"])
-    where = str(ds.get("url") or ds.get("path") or ds.get("source") or "dataset")
+    if ds.name:
+        return ds.name
+    where = ds.url or ds.path or ds.source
     name = Path(where.rstrip("/").split("?")[0]).name or "dataset"
     for suffix in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip"):
         if name.lower().endswith(suffix):
@@ -76,12 +87,13 @@ def dataset_name(ds: dict) -> str:
     return name
 
 
-def dataset_classes(params: dict) -> list[str]:
-    """The class list, in class-index order: `dataset.classes`, or when that is null the
-    classes the clean stage recorded (the class folders the download stage found)."""
-    if params["dataset"].get("classes"):
-        return list(params["dataset"]["classes"])
-    path = resolve(params["paths"]["clean"]) / "dataset.json"
+def dataset_classes(configured: list[str] | None, clean_dir: str) -> list[str]:
+    """The class list, in class-index order: `dataset.classes` (`configured`), or when that
+    is null the classes the clean stage recorded in `clean_dir` (the class folders the
+    download stage found)."""
+    if configured:
+        return list(configured)
+    path = resolve(clean_dir) / "dataset.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the clean stage first")
     return list(json.loads(path.read_text())["classes"])

@@ -28,10 +28,11 @@ from pipeline.evaluate import (
     seed_spread,
     write_prediction_reports,
 )
+from pipeline.schema.base import MODEL_NAMES
+from pipeline.schema.sections import Ensemble
 
 PROBABILITIES_FILE = "probabilities.csv"
 CLIP_KEYS = ["seed", "split", "path"]
-WEIGHTINGS = ("equal", "fitted")
 ENSEMBLE = "ensemble"  # the row's name, its reports folder and its logged model's name
 
 
@@ -44,26 +45,10 @@ class EnsembleConfig:
     weight_step: float  # the grid of fitted weights: multiples of this, summing to 1
 
 
-def ensemble_config(section: dict, models: list[str]) -> EnsembleConfig:
-    """`compare.ensemble` checked against the trained models; a PipelineError names the key."""
-    members = models if section.get("members") is None else list(section["members"])
-    unknown = sorted(set(members) - set(models))
-    if unknown:
-        raise PipelineError(
-            f"compare.ensemble.members={members}: {unknown} not among the models {models}"
-        )
-    if len(set(members)) != len(members):
-        raise PipelineError(f"compare.ensemble.members={members}: a model is listed twice")
-    weights = section.get("weights", "equal")
-    if weights not in WEIGHTINGS:
-        raise PipelineError(f"compare.ensemble.weights={weights!r}: one of {WEIGHTINGS}")
-    step = float(section.get("weight_step", 0.1))
-    if not (0 < step <= 0.5 and abs(1 / step - round(1 / step)) < 1e-9):
-        raise PipelineError(
-            f"compare.ensemble.weight_step={step}: must divide 1 into equal parts (0.05, 0.1, "
-            "0.25, 0.5, ...)"
-        )
-    return EnsembleConfig(members, weights, step)
+def ensemble_config(section: Ensemble) -> EnsembleConfig:
+    """`compare.ensemble` (the schema has checked it): its members, all models when null."""
+    members = list(MODEL_NAMES) if section.members is None else list(section.members)
+    return EnsembleConfig(members, section.weights, section.weight_step)
 
 
 def probability_rows(

@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.logs import quiet_tensorflow_startup
+from pipeline.schema.sections import Dask
 
 log = logging.getLogger(__name__)
 
@@ -87,29 +88,11 @@ def parallel_map(
         bar.close()
 
 
-def dask_settings(params: dict) -> dict:
-    """The `dask` section of the config (empty where a params file has none)."""
-    return params.get("dask") or {}
-
-
-def dask_scheduler(params: dict) -> str | None:
-    """The scheduler address the config names, or None for the local worker pool."""
-    return dask_settings(params).get("scheduler") or None
-
-
-def clips_per_task(params: dict) -> int:
-    per_task = int(dask_settings(params).get("clips_per_task") or 1)
-    if per_task < 1:
-        raise PipelineError(f"dask.clips_per_task must be at least 1 (got {per_task})")
-    return per_task
-
-
 @contextlib.contextmanager
-def dask_client(params: dict) -> Iterator[Any]:
+def dask_client(dask: Dask) -> Iterator[Any]:
     """A client of the scheduler `dask.scheduler` names, closed afterwards (the cluster keeps
     running)."""
-    address = dask_scheduler(params)
-    timeout = float(dask_settings(params).get("connect_timeout_s") or 30)
+    address, timeout = dask.scheduler, dask.connect_timeout_s
     try:
         from distributed import Client
     except ImportError as err:
@@ -179,15 +162,19 @@ def cluster_map(
 
 
 def clip_map(
-    fn: Callable[[Any], Any], items: list, params: dict, desc: str, paths: list[Path]
+    fn: Callable[[Any], Any],
+    items: list,
+    paths: list[Path],
+    desc: str,
+    workers: int | None,
+    dask: Dask,
 ) -> Iterator[Any]:
     """`fn` over `items` (the clip of each is `paths[i]`), results in input order: on the
-    Dask cluster `dask.scheduler` names, else in the local worker pool (`workers`)."""
-    address = dask_scheduler(params)
-    if address is None:
-        yield from parallel_map(fn, items, params.get("workers"), desc)
+    Dask cluster `dask.scheduler` names, else in a local pool of `workers` processes."""
+    if dask.scheduler is None:
+        yield from parallel_map(fn, items, workers, desc)
         return
     here = [str(p) if Path(p).is_file() else None for p in paths]
-    with dask_client(params) as client:
-        blocks = blocks_of(zip(items, here, strict=True), clips_per_task(params))
+    with dask_client(dask) as client:
+        blocks = blocks_of(zip(items, here, strict=True), dask.clips_per_task)
         yield from cluster_map(client, fn, blocks, desc)

@@ -201,6 +201,20 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
+def folder_params(tiny_params: dict, src, classes, **clean_cfg) -> dict:
+    """`tiny_params` with the clips of the folder `src` (`dataset=folder`, these `classes`),
+    two workers and `clean_cfg` in the `clean` section."""
+    from pipeline.params import compose_params
+
+    ds = compose_params(["dataset=folder"], conf_dir=ROOT / "conf")["dataset"]
+    return {
+        **tiny_params,
+        "workers": 2,
+        "dataset": {**ds, "path": str(src), "classes": classes},
+        "clean": {**tiny_params["clean"], **clean_cfg},
+    }
+
+
 def project_copy(repo: Path, overrides: list[str]) -> dict:
     """The project as git would clone it, committed in a new git repository at `repo`, its
     default config `experiment=tiny` plus `overrides` (so README commands run as printed, at
@@ -319,9 +333,11 @@ def s3_server(tmp_path_factory) -> dict:
 def champion_name(params: dict) -> str:
     """The registered model holding the champion of `params`' dataset (`compare.register_as`
     with the dataset's name for `{dataset}`)."""
+    from pipeline.schema import parse_params
     from pipeline.serving import champion
 
-    return champion.champion_name(params)
+    config = parse_params(params)
+    return champion.champion_name(config.compare, config.dataset)
 
 
 def assert_predict_reproduces_the_evaluation(repo: Path, env: dict, models: list[str]) -> None:

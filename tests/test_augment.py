@@ -12,6 +12,7 @@ import pytest
 from pipeline.data.arrays import save_arrays
 from pipeline.data.augment import augment_clip, jitter_indices, oversample_indices
 from pipeline.errors import PipelineError
+from pipeline.schema import parse_params
 
 AUG = {"hflip": 0.5, "rotation_deg": 5, "blur": 0.2, "noise_std": 4.0, "temporal_jitter": 1}
 
@@ -88,7 +89,7 @@ def test_oversampled_epochs_are_balanced_with_untouched_originals(tiny_params):
 @pytest.mark.slow  # builds ResNet101V2 and caches features twice: ~22 s; CI runs it
 def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root, tiny_params):
     from pipeline.models.training_data import training_data
-    from pipeline.stages.features import extract_features
+    from pipeline.stages.features import run as extract_features
 
     frames_dir = in_tmp_root / "data" / "frames"
     labels = {"train": np.array([0, 0, 0, 1]), "val": np.array([0, 1]), "test": np.array([1])}
@@ -115,7 +116,8 @@ def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root
         "train": {**params["models"]["cnn_gru"]["train"], "oversample": True},
     }
 
-    extract_features({**params, "features": {**params["features"], "augmented_copies": 0}})
+    no_copies = {**params, "features": {**params["features"], "augmented_copies": 0}}
+    extract_features(parse_params(no_copies))
     x = {
         "features": np.load(in_tmp_root / "data/features/train/features.npy"),
         "mask": np.load(in_tmp_root / "data/features/train/mask.npy"),
@@ -123,7 +125,7 @@ def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root
     with pytest.raises(PipelineError, match="features.augmented_copies"):
         training_data(params, cfg, x, labels["train"], 2)
 
-    extract_features(params)
+    extract_features(parse_params(params))
     train_dir = in_tmp_root / "data" / "features" / "train"
     aug = np.load(train_dir / "aug_features.npy")
     streams = 2 if params["features"]["motion"] else 1  # the sample's inputs=motion: 2

@@ -10,26 +10,13 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import write_numbered_video
+from conftest import folder_params, write_numbered_video
 
 from pipeline.errors import PipelineError
+from pipeline.schema import parse_params
 from pipeline.stages.clean import clean
-from pipeline.stages.download import download
-from pipeline.stages.frames import extract_frames
-
-
-def folder_params(tiny_params: dict, src, classes, **clean_cfg) -> dict:
-    from conftest import ROOT
-
-    from pipeline.params import compose_params
-
-    ds = compose_params(["dataset=folder"], conf_dir=ROOT / "conf")["dataset"]
-    return {
-        **tiny_params,
-        "workers": 2,
-        "dataset": {**ds, "path": str(src), "classes": classes},
-        "clean": {**tiny_params["clean"], **clean_cfg},
-    }
+from pipeline.stages.download import run as download
+from pipeline.stages.frames import run as extract_frames
 
 
 @pytest.fixture
@@ -54,8 +41,8 @@ def messy_folder(tmp_path):
 
 def test_bad_files_are_quarantined_with_reasons(messy_folder, in_tmp_root, tiny_params):
     params = folder_params(tiny_params, messy_folder, ["shot", "passing"])
-    download(params)
-    splits = clean(params)
+    download(parse_params(params))
+    splits = clean(parse_params(params))
     out = in_tmp_root / "data" / "clean"
     quarantine = pd.read_csv(out / "quarantine.csv").set_index("path")["reason_code"].to_dict()
     assert quarantine == {
@@ -76,7 +63,7 @@ def test_bad_files_are_quarantined_with_reasons(messy_folder, in_tmp_root, tiny_
     assert summary["quarantined"] == 7 and summary["usable"] == len(splits) == 8
     assert summary["quarantined_by_reason"]["label_conflict"] == 2
 
-    extract_frames(params)
+    extract_frames(parse_params(params))
     cached = pd.concat(
         pd.read_csv(in_tmp_root / "data" / "frames" / s / "clips.csv")
         for s in ("train", "val", "test")
@@ -91,9 +78,9 @@ def test_class_left_below_minimum_stops_with_its_name(messy_folder, in_tmp_root,
     for f in (messy_folder / "passing").glob("passing_S*"):
         f.unlink()
     params = folder_params(tiny_params, messy_folder, ["shot", "passing"], min_clips_per_class=2)
-    download(params)
+    download(parse_params(params))
     with pytest.raises(PipelineError, match=r"min_clips_per_class=2.*'passing': 1") as err:
-        clean(params)
+        clean(parse_params(params))
     assert not (in_tmp_root / "data" / "clean").exists()
     # the stage failed, so no quarantine report exists: the message lists the failing
     # class's left-out clips with their reasons, and only that class's
@@ -104,13 +91,14 @@ def test_class_left_below_minimum_stops_with_its_name(messy_folder, in_tmp_root,
 
 def test_nothing_usable_stops_the_stage(tmp_path, in_tmp_root, tiny_params):
     src = tmp_path / "footage"
-    (src / "shot").mkdir(parents=True)
-    (src / "shot" / "a.avi").write_bytes(b"")
-    (src / "shot" / "b.avi").write_text("nope")
-    params = folder_params(tiny_params, src, ["shot"])
-    download(params)
+    for label in ("shot", "passing"):
+        (src / label).mkdir(parents=True)
+        (src / label / "a.avi").write_bytes(b"")
+        (src / label / "b.avi").write_text("nope")
+    params = folder_params(tiny_params, src, ["shot", "passing"])
+    download(parse_params(params))
     with pytest.raises(PipelineError, match="'shot': 0"):
-        clean(params)
+        clean(parse_params(params))
 
 
 def test_split_file_overrides_the_drawn_split(
@@ -131,8 +119,8 @@ def test_split_file_overrides_the_drawn_split(
     pd.DataFrame(rows, columns=["clip", "label", "split"]).to_csv(split_file, index=False)
     params = folder_params(tiny_params, messy_folder, ["shot", "passing"], min_clips_per_class=2)
     params["dataset"]["split_file"] = str(split_file)
-    download(params)
-    splits = clean(params).set_index("path")["split"].to_dict()
+    download(parse_params(params))
+    splits = clean(parse_params(params)).set_index("path")["split"].to_dict()
     assert splits == {
         "shot/shot_S0_act1.avi": "train",
         "shot/shot_S2_act1.avi": "train",

@@ -2,11 +2,12 @@
 
 import pandas as pd
 import pytest
-from conftest import write_numbered_video
+from conftest import folder_params, write_numbered_video
 
 from pipeline.data.splits import group_of, split_by_group
 from pipeline.data.video import probe_clip
 from pipeline.errors import PipelineError
+from pipeline.schema import parse_params
 from pipeline.stages.clean import clean
 
 PATTERN = r"^(?P<group>.+?)_act\d+$"
@@ -77,8 +78,7 @@ def test_clean_stage_drops_with_reasons_and_keeps_the_rest(tmp_path, in_tmp_root
     write_numbered_video(raw / "b" / "b_S_9_act1.avi", 1)
     rows += [{"path": "a/a_S_9_act1.avi", "label": "a"}, {"path": "b/b_S_9_act1.avi", "label": "b"}]
     pd.DataFrame(rows).to_csv(raw / "manifest.csv", index=False)
-    params = {**tiny_params, "dataset": {**tiny_params["dataset"], "classes": ["a", "b"]}}
-    splits = clean(params)
+    splits = clean(parse_params(folder_params(tiny_params, raw, ["a", "b"])))
     assert len(splits) == 6
     probe = pd.read_csv(tmp_path / "data" / "clean" / "probe.csv")
     dropped = probe[probe["status"] == "dropped"].set_index("path")["reason"]
@@ -93,4 +93,4 @@ def test_clean_refuses_unknown_labels(tmp_path, in_tmp_root, tiny_params):
         raw / "manifest.csv", index=False
     )
     with pytest.raises(PipelineError, match="not in dataset.classes"):
-        clean(tiny_params)
+        clean(parse_params(tiny_params))

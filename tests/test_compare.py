@@ -59,7 +59,9 @@ def test_always_follows_every_run_and_unknown_policies_are_refused():
         promotion_reason(tags(0.1), tags(0.9), "sometimes")
 
 
-def test_a_champion_per_dataset_and_no_dataset_takes_anothers(tmp_path, monkeypatch, caplog):
+def test_a_champion_per_dataset_and_no_dataset_takes_anothers(
+    tmp_path, monkeypatch, caplog, tiny_params
+):
     """In a real MLflow store: `{dataset}` in `compare.register_as` gives each dataset its own
     registered model and champion; a registered model holding one dataset's models refuses a
     model of another (with `promote: always` too), also in a store from before the
@@ -68,6 +70,7 @@ def test_a_champion_per_dataset_and_no_dataset_takes_anothers(tmp_path, monkeypa
     import mlflow.tracking._tracking_service.utils as tracking_utils
     from mlflow.tracking import MlflowClient
 
+    from pipeline.schema.sections import Compare
     from pipeline.serving.registry import register_champion
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
@@ -92,15 +95,9 @@ def test_a_champion_per_dataset_and_no_dataset_takes_anothers(tmp_path, monkeypa
         data = {"name": dataset, "dataset_hash": f"hash-{dataset}", "split_hash": "s"}
         return best, ref, data
 
-    def params(register_as: str, promote: str = "better") -> dict:
-        return {
-            "compare": {
-                "register_as": register_as,
-                "alias": "champion",
-                "metric": "macro_f1",
-                "promote": promote,
-            }
-        }
+    def params(register_as: str, promote: str = "better") -> Compare:
+        changes = {"register_as": register_as, "alias": "champion", "promote": promote}
+        return Compare.model_validate({**tiny_params["compare"], **changes})
 
     per_dataset = params("actions-{dataset}", promote="always")
     real = register_champion(per_dataset, *trained("uniri_hbd", 0.6))

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.schema import parse_params
+from pipeline.schema.sections import Dask
 
 pytestmark = pytest.mark.scaleout  # README "Scaling out"; `pytest -m scaleout`
 
@@ -34,12 +36,12 @@ def digests(root: Path) -> dict[str, str]:
 
 def per_clip_stages(params: dict) -> None:
     from pipeline.stages.clean import clean
-    from pipeline.stages.features import extract_features
-    from pipeline.stages.frames import extract_frames
+    from pipeline.stages.features import run as extract_features
+    from pipeline.stages.frames import run as extract_frames
 
-    clean(params)
-    extract_frames(params)
-    extract_features(params)
+    clean(parse_params(params))
+    extract_frames(parse_params(params))
+    extract_features(parse_params(params))
 
 
 def local_cluster() -> distributed.LocalCluster:
@@ -51,9 +53,9 @@ def local_cluster() -> distributed.LocalCluster:
 
 @pytest.mark.slow  # ~40 s, which the default run cannot spare (it is at ~9 of its 10 min); CI runs it
 def test_the_per_clip_stages_on_a_cluster_write_the_local_bytes(in_tmp_root, tiny_params, caplog):
-    from pipeline.stages.download import download
+    from pipeline.stages.download import run as download
 
-    download(tiny_params)
+    download(parse_params(tiny_params))
     per_clip_stages(tiny_params)  # dask.scheduler: null, the local pool
     local = digests(in_tmp_root)
     assert any(name.endswith("aug_features.npy") for name in local)
@@ -89,9 +91,9 @@ def test_an_unreachable_scheduler_names_the_key(tmp_path):
     from pipeline.data.video import probe_and_hash
     from pipeline.parallel import clip_map
 
-    dask = {"scheduler": "tcp://127.0.0.1:9", "clips_per_task": 4, "connect_timeout_s": 2}
+    dask = Dask(scheduler="tcp://127.0.0.1:9", clips_per_task=4, connect_timeout_s=2.0)
     with pytest.raises(PipelineError, match="dask.scheduler='tcp://127.0.0.1:9'"):
-        list(clip_map(probe_and_hash, [tmp_path], {"dask": dask}, "probe clips", [tmp_path]))
+        list(clip_map(probe_and_hash, [tmp_path], [tmp_path], "probe clips", 1, dask))
 
 
 def test_the_local_pool_imports_nothing_from_dask(tmp_path):
@@ -102,9 +104,10 @@ def test_the_local_pool_imports_nothing_from_dask(tmp_path):
         "from pathlib import Path\n"
         "from pipeline.parallel import clip_map\n"
         "from pipeline.data.video import probe_and_hash\n"
+        "from pipeline.schema.sections import Dask\n"
         f"clips = [Path({str(clip)!r})]\n"
-        "params = {'workers': 1, 'dask': {'scheduler': None}}\n"
-        "list(clip_map(probe_and_hash, clips, params, 'probe clips', clips))\n"
+        "dask = Dask(scheduler=None, clips_per_task=1, connect_timeout_s=30.0)\n"
+        "list(clip_map(probe_and_hash, clips, clips, 'probe clips', 1, dask))\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

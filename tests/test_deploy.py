@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import ROOT, run
 
-from pipeline.config import load_params
+from pipeline.config import load_config
 from pipeline.serving.champion import champion_uri
 
 pytestmark = pytest.mark.scaleout  # README "Scaling out"; `pytest -m scaleout`
@@ -95,7 +95,8 @@ def test_generated_dockerfile_serves_the_registered_champion(project, tmp_path):
     assert "COPY model_dir /opt/ml/model" in dockerfile and "_serve(" in dockerfile
     assert dockerfile.rstrip().endswith("USER 1000")  # not served as root
     # the champion of the project's dataset: the generated sample's
-    name = champion_uri(load_params(repo / "params.yaml")).removeprefix("models:/")
+    config = load_config(repo / "params.yaml")
+    name = champion_uri(config.compare, config.dataset).removeprefix("models:/")
     assert name == "handball-action-classifier-sample@champion"
     champion = MlflowClient(tracking_uri=store).get_model_version_by_alias(*name.split("@"))
     mlmodel = yaml.safe_load((out / "model_dir" / "MLmodel").read_text())

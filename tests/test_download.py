@@ -19,7 +19,8 @@ from conftest import write_numbered_video
 
 from pipeline.data.archive import UnsafeArchive, safe_extract
 from pipeline.errors import PipelineError
-from pipeline.stages.download import download
+from pipeline.schema import InvalidConfig, parse_params
+from pipeline.stages.download import run as download
 
 CLASSES = ["passing", "shot", "jump-shot", "running", "dribbling"]
 
@@ -65,7 +66,7 @@ def test_folder_source_maps_aliases_merges_and_skips(tmp_path, in_tmp_root, tiny
         merge={"running": "dribbling"},
         classes=["passing", "shot", "jump-shot", "dribbling"],
     )
-    manifest = download(params)
+    manifest = download(parse_params(params))
     assert manifest["label"].value_counts().to_dict() == {
         "passing": 3,
         "shot": 2,
@@ -87,7 +88,7 @@ def test_missing_class_is_named(tmp_path, in_tmp_root, tiny_params):
     src = make_uniri_like(tmp_path / "src")
     params = uniri_params(tiny_params, path=str(src), classes=["passing", "defence"])
     with pytest.raises(PipelineError, match=r"no clips for classes \['defence'\]"):
-        download(params)
+        download(parse_params(params))
     assert not (in_tmp_root / "data" / "raw").exists()  # nothing half-written
 
 
@@ -95,7 +96,7 @@ def test_bad_merge_target_is_refused(tmp_path, in_tmp_root, tiny_params):
     src = make_uniri_like(tmp_path / "src")
     params = uniri_params(tiny_params, path=str(src), merge={"running": "sprinting"})
     with pytest.raises(PipelineError, match="dataset.merge"):
-        download(params)
+        download(parse_params(params))
 
 
 @pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
@@ -107,7 +108,7 @@ def test_archive_source_unpacks_into_raw(tmp_path, in_tmp_root, tiny_params, suf
         )
     )
     params = uniri_params(tiny_params, source="archive", path=str(archive))
-    manifest = download(params)
+    manifest = download(parse_params(params))
     assert len(manifest) == 11 and set(manifest["label"]) == set(CLASSES)
     raw = in_tmp_root / "data" / "raw"
     assert not (raw / ".unpacked").exists()
@@ -132,7 +133,7 @@ def test_archive_with_parent_traversal_is_refused_before_writing(
     )
     params = uniri_params(tiny_params, source="archive", path=str(archive))
     with pytest.raises(UnsafeArchive, match=r"\.\."):
-        download(params)
+        download(parse_params(params))
     assert not list(tmp_path.rglob("escaped.txt"))
     assert not (in_tmp_root / "data" / "raw").exists()
 
@@ -203,16 +204,22 @@ def test_url_source_checks_sha256(tmp_path, in_tmp_root, tiny_params, http_serve
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     url = f"{base}/UNIRI-HBD.zip"
 
-    with pytest.raises(PipelineError, match="dataset.sha256 is required"):
-        download(uniri_params(tiny_params, source="url", url=url, sha256=None))
+    with pytest.raises(InvalidConfig, match="source='url' needs sha256"):
+        download(parse_params(uniri_params(tiny_params, source="url", url=url, sha256=None)))
     with pytest.raises(PipelineError, match="refusing"):
-        download(uniri_params(tiny_params, source="url", url=url, sha256="0" * 64))
+        download(parse_params(uniri_params(tiny_params, source="url", url=url, sha256="0" * 64)))
     assert not (in_tmp_root / "data" / "raw").exists()
 
-    manifest = download(uniri_params(tiny_params, source="url", url=url, sha256=digest))
+    manifest = download(
+        parse_params(uniri_params(tiny_params, source="url", url=url, sha256=digest))
+    )
     assert len(manifest) == 11
     with pytest.raises(PipelineError, match="could not be downloaded"):
-        download(uniri_params(tiny_params, source="url", url=f"{base}/absent.zip", sha256=digest))
+        download(
+            parse_params(
+                uniri_params(tiny_params, source="url", url=f"{base}/absent.zip", sha256=digest)
+            )
+        )
 
 
 def test_class_folders_are_the_classes_when_none_are_given(
@@ -227,7 +234,7 @@ def test_class_folders_are_the_classes_when_none_are_given(
 
     from pipeline.params import compose_params
     from pipeline.stages.clean import clean
-    from pipeline.stages.frames import extract_frames
+    from pipeline.stages.frames import run as extract_frames
 
     season = tmp_path / "footage" / "season-1"
     for folder in ("Pass", "Shot_On_Goal", "blok"):
@@ -244,15 +251,15 @@ def test_class_folders_are_the_classes_when_none_are_given(
         "dataset": {**ds, "path": str(tmp_path / "footage"), "aliases": {"blok": "block"}},
     }
     with caplog.at_level(logging.INFO):
-        manifest = download(params)
+        manifest = download(parse_params(params))
     found = ["block", "pass", "shot-on-goal"]
     assert sorted(set(manifest["label"])) == found and len(manifest) == 18
     assert "block, pass, shot-on-goal" in caplog.text
     assert json.loads((in_tmp_root / "data" / "raw" / "classes.json").read_text()) == found
-    clean(params)
+    clean(parse_params(params))
     dataset = json.loads((in_tmp_root / "data" / "clean" / "dataset.json").read_text())
     assert dataset["classes"] == found
-    extract_frames(params)
+    extract_frames(parse_params(params))
     assert json.loads((in_tmp_root / "data" / "frames" / "classes.json").read_text()) == found
 
 
@@ -266,15 +273,18 @@ def test_a_folder_without_class_folders_names_the_keys_to_set(tmp_path, in_tmp_r
     ds = compose_params(["dataset=folder"], conf_dir=ROOT / "conf")["dataset"]
     params = {**tiny_params, "dataset": {**ds, "path": str(tmp_path / "flat")}}
     with pytest.raises(PipelineError, match="set dataset.classes, or dataset.subdir"):
-        download(params)
+        download(parse_params(params))
 
 
 def test_a_dataset_without_a_name_is_named_after_its_folder_or_archive():
     from pipeline.config import dataset_name
+    from pipeline.schema.sections import FootageDataset
 
-    assert dataset_name({"name": "uniri_hbd", "path": "data/source"}) == "uniri_hbd"
-    assert dataset_name({"name": None, "path": "../shared/data/real/cricket_shots/"}) == (
-        "cricket_shots"
-    )
-    assert dataset_name({"name": None, "path": "/dl/UNIRI-HBD.tar.gz"}) == "UNIRI-HBD"
-    assert dataset_name({"name": None, "url": "https://x.org/a/clips.zip?sig=1"}) == "clips"
+    def named(name=None, source="folder", **where) -> str:
+        fields = {"name": name, "source": source, "tracked": "data/source", "classes": None}
+        return dataset_name(FootageDataset.model_validate({**fields, **where}))
+
+    assert named("uniri_hbd", path="data/source") == "uniri_hbd"
+    assert named(path="../shared/data/real/cricket_shots/") == "cricket_shots"
+    assert named(source="archive", path="/dl/UNIRI-HBD.tar.gz") == "UNIRI-HBD"
+    assert named(source="url", url="https://x.org/a/clips.zip?sig=1", sha256="0" * 64) == "clips"

@@ -21,6 +21,8 @@ from pipeline.ensemble import (
     simplex_grid,
 )
 from pipeline.errors import PipelineError
+from pipeline.schema import InvalidConfig, parse_params
+from pipeline.schema.sections import Ensemble
 
 CLASSES = ["pass", "shot", "run"]
 MODELS = ["frame_cnn", "cnn3d", "cnn_gru"]
@@ -140,24 +142,25 @@ def test_seeds_get_their_own_weights_and_scores():
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"members": ["cnn3d", "lstm"]}, r"compare.ensemble.members=.*\['lstm'\] not among"),
-        ({"members": ["cnn3d", "cnn3d"]}, "listed twice"),
-        (
-            {"weights": "stacked"},
-            r"compare.ensemble.weights='stacked': one of \('equal', 'fitted'\)",
-        ),
-        ({"weight_step": 0.3}, "compare.ensemble.weight_step=0.3: must divide 1"),
-        ({"weight_step": 0}, "compare.ensemble.weight_step=0.0"),
+        ({"members": ["cnn3d", "lstm"]}, r"compare.ensemble.members\[1\]='lstm': must be one of"),
+        ({"members": ["cnn3d", "cnn3d"]}, "list a model twice"),
+        ({"weights": "stacked"}, "compare.ensemble.weights='stacked': must be one of 'equal'"),
+        ({"weight_step": 0.3}, "weight_step=0.3 must divide 1 into equal parts"),
+        ({"weight_step": 0}, "compare.ensemble.weight_step=0: must be a number > 0"),
     ],
 )
-def test_a_bad_ensemble_config_is_refused_naming_the_key(section, message):
-    with pytest.raises(PipelineError, match=message):
-        ensemble_config(section, MODELS)
+def test_a_bad_ensemble_config_is_refused_naming_the_key(section, message, tiny_params):
+    compare = tiny_params["compare"]
+    params = {**tiny_params, "compare": {**compare, "ensemble": {**compare["ensemble"], **section}}}
+    with pytest.raises(InvalidConfig, match=message):
+        parse_params(params)
 
 
 def test_members_default_to_every_model_and_an_empty_list_means_no_row():
-    assert ensemble_config({"members": None}, MODELS).members == MODELS
-    assert ensemble_config({"members": []}, MODELS).members == []
+    assert ensemble_config(Ensemble(members=None, weights="equal", weight_step=0.1)).members == (
+        MODELS
+    )
+    assert ensemble_config(Ensemble(members=[], weights="equal", weight_step=0.1)).members == []
 
 
 FRAMES = {"num_frames": 4, "size": 32, "pad_value": 0, "sampling": "uniform"}

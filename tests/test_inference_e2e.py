@@ -63,6 +63,7 @@ def download_model(repo: Path, uri: str, dst: Path) -> str:
 def test_default_model_is_the_champion_else_the_latest_comparisons_best(
     first_repro_state, monkeypatch
 ):
+    from pipeline.schema import parse_params
     from pipeline.serving.champion import default_model
     from pipeline.serving.predict import use_project_store
 
@@ -72,10 +73,10 @@ def test_default_model_is_the_champion_else_the_latest_comparisons_best(
     store = use_project_store()
     params = yaml.safe_load((repo / "params.yaml").read_text())
     name = champion_name(params)
-    uri, why = default_model(params, store)
+    uri, why = default_model(parse_params(params), store)
     assert uri == f"models:/{name}@champion" and f"the registered {name}@champion" in why
     params["compare"]["register_as"] = "never-registered"
-    uri, why = default_model(params, store)
+    uri, why = default_model(parse_params(params), store)
     best = pd.read_csv(repo / "reports" / "comparison.csv")["model"].iloc[0]
     assert uri == json.loads((repo / "reports" / best / "mlflow.json").read_text())["model_uri"]
     assert "no never-registered@champion is registered" in why and best in why

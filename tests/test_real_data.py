@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 from conftest import REAL_DATA, ROOT
 
+from pipeline.schema import parse_params
 from pipeline.stages.clean import clean
-from pipeline.stages.download import download
-from pipeline.stages.frames import extract_frames
+from pipeline.stages.download import run as download
+from pipeline.stages.frames import run as extract_frames
 
 CRICKET = REAL_DATA / "cricket_shots"
 CLASSES = ["cover", "cut", "leg", "pull", "scoop", "straight"]
@@ -46,9 +47,9 @@ def cricket_run(tmp_path_factory):
     mp.chdir(root)
     mp.setenv("DVC_ROOT", str(root))
     try:
-        manifest = download(params)
-        splits = clean(params)
-        extract_frames(params)
+        manifest = download(parse_params(params))
+        splits = clean(parse_params(params))
+        extract_frames(parse_params(params))
     finally:
         mp.undo()
     return root, params, manifest, splits

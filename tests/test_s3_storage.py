@@ -21,7 +21,8 @@ from test_download import make_uniri_like, uniri_params
 
 from pipeline.errors import PipelineError
 from pipeline.params import compose_params, dump_params
-from pipeline.stages.download import download
+from pipeline.schema import parse_params
+from pipeline.stages.download import run as download
 
 pytestmark = pytest.mark.scaleout  # README "Scaling out"; `pytest -m scaleout`
 
@@ -120,11 +121,13 @@ def test_url_source_reads_an_s3_archive(s3_server, tmp_path, in_tmp_root, tiny_p
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["key"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key")
     with pytest.raises(PipelineError, match=r"could not be downloaded.*Forbidden"):
-        download(uniri_params(tiny_params, source="url", url=url, sha256=digest))
+        download(parse_params(uniri_params(tiny_params, source="url", url=url, sha256=digest)))
     assert not (in_tmp_root / "data" / "raw").exists()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret"])
     # s3fs keeps one filesystem per set of arguments in a process, keys from the environment
     # included; a stage is a new process, this test is not
     s3fs.S3FileSystem.clear_instance_cache()
-    manifest = download(uniri_params(tiny_params, source="url", url=url, sha256=digest))
+    manifest = download(
+        parse_params(uniri_params(tiny_params, source="url", url=url, sha256=digest))
+    )
     assert len(manifest) == 11

@@ -22,6 +22,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.schema.sections import SampleSpec
+
 log = logging.getLogger(__name__)
 
 
@@ -288,21 +290,13 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
         writer.release()
 
 
-def generate_sample(out_dir: Path, cfg: dict, classes: list[str]) -> list[dict]:
-    """Write the sample clips under `out_dir/<class>/` and return one manifest row per clip."""
-    counts = cfg["counts"]
-    unknown = sorted(set(counts) - set(classes))
-    if unknown:
-        raise ValueError(f"dataset.sample.counts names classes not in dataset.classes: {unknown}")
-    per_scene = int(cfg["clips_per_scene"])
-    if per_scene < 1:
-        raise ValueError("dataset.sample.clips_per_scene must be at least 1")
-    width, height, fps = int(cfg["width"]), int(cfg["height"]), float(cfg["fps"])
+def generate_sample(out_dir: Path, spec: SampleSpec, classes: list[str]) -> list[dict]:
+    """Write the sample clips under `out_dir/<class>/` and return one manifest row per clip
+    (`spec`: the schema has checked one count per class, each at least 1)."""
+    per_scene = spec.clips_per_scene
     jobs = []
     for action in classes:
-        n = int(counts.get(action, 0))
-        if n < 1:
-            raise ValueError(f"dataset.sample.counts.{action} must be at least 1 (got {n})")
+        n = spec.counts[action]
         for scene_idx in range((n + per_scene - 1) // per_scene):
             for act in range(1, min(per_scene, n - scene_idx * per_scene) + 1):
                 jobs.append((action, scene_idx, act))
@@ -310,16 +304,19 @@ def generate_sample(out_dir: Path, cfg: dict, classes: list[str]) -> list[dict]:
     scenes: dict[tuple[str, int], tuple[Scene, str]] = {}
     for action, scene_idx, act in tqdm(jobs, desc="sample clips", unit="clip"):
         if (action, scene_idx) not in scenes:
-            srng = _rng(cfg["seed"], action, scene_idx, "scene")
+            srng = _rng(spec.seed, action, scene_idx, "scene")
             session = SESSIONS[int(srng.integers(len(SESSIONS)))]
-            court = _rng(cfg["seed"], session, "court")
-            scenes[(action, scene_idx)] = (make_scene(court, srng, width, height), session)
+            court = _rng(spec.seed, session, "court")
+            scenes[(action, scene_idx)] = (
+                make_scene(court, srng, spec.width, spec.height),
+                session,
+            )
         scene, session = scenes[(action, scene_idx)]
-        crng = _rng(cfg["seed"], action, scene_idx, act, "clip")
-        length = int(crng.integers(cfg["min_length"], cfg["max_length"] + 1))
-        frames = render_clip(action, scene, crng, length, width, height, float(cfg["noise"]))
+        crng = _rng(spec.seed, action, scene_idx, act, "clip")
+        length = int(crng.integers(spec.min_length, spec.max_length + 1))
+        frames = render_clip(action, scene, crng, length, spec.width, spec.height, spec.noise)
         rel = Path(action) / f"{action}_{session}_{scene_idx + 1}_act{act}.avi"
         (out_dir / action).mkdir(parents=True, exist_ok=True)
-        write_video(out_dir / rel, frames, fps)
+        write_video(out_dir / rel, frames, spec.fps)
         rows.append({"path": rel.as_posix(), "label": action})
     return rows

@@ -19,6 +19,7 @@ from pipeline.config import resolve
 from pipeline.data.archive import copy_stream, is_archive, safe_extract
 from pipeline.data.sample import generate_sample
 from pipeline.errors import PipelineError
+from pipeline.schema.sections import DatasetBase, FootageDataset, SampleDataset
 
 log = logging.getLogger(__name__)
 
@@ -31,31 +32,33 @@ def normalise_name(name: str) -> str:
     return re.sub(r"[\s_]+", "-", name.strip().lower())
 
 
-def folder_class_name(folder: str, ds: dict) -> str:
+def folder_class_name(folder: str, ds: DatasetBase) -> str:
     """A class folder's name as a class: normalised, then `dataset.aliases` and `merge`."""
     name = normalise_name(folder)
-    aliases = {normalise_name(k): v for k, v in (ds.get("aliases") or {}).items()}
+    aliases = {normalise_name(k): v for k, v in ds.aliases.items()}
     name = aliases.get(name, name)
-    return (ds.get("merge") or {}).get(name, name)
+    return ds.merge.get(name, name)
 
 
-def class_of_folder(folder: str, ds: dict) -> str | None:
+def class_of_folder(folder: str, ds: DatasetBase) -> str | None:
     """The class a folder's clips belong to, or None when the dataset does not keep it."""
     name = folder_class_name(folder, ds)
-    return name if name in ds["classes"] else None
+    return name if name in ds.classes else None
 
 
-def video_extensions(ds: dict) -> set[str]:
-    return {e.lower() if e.startswith(".") else f".{e.lower()}" for e in ds["extensions"]}
+def video_extensions(ds: DatasetBase) -> set[str]:
+    if not ds.extensions:
+        raise PipelineError("dataset.extensions is empty: list the video file endings to read")
+    return {e.lower() for e in ds.extensions}
 
 
-def class_root_candidates(root: Path, ds: dict) -> Iterator[Path]:
+def class_root_candidates(root: Path, ds: DatasetBase) -> Iterator[Path]:
     """Where the class folders may sit: `dataset.subdir` (which must exist), else `root` and
     the folders under it, shallowest first, down to 5 levels."""
-    if ds.get("subdir"):
-        chosen = root / ds["subdir"]
+    if ds.subdir:
+        chosen = root / ds.subdir
         if not chosen.is_dir():
-            raise PipelineError(f"dataset.subdir={ds['subdir']!r} is not a folder in {root}")
+            raise PipelineError(f"dataset.subdir={ds.subdir!r} is not a folder in {root}")
         yield chosen
         return
     level = [root]
@@ -66,7 +69,7 @@ def class_root_candidates(root: Path, ds: dict) -> Iterator[Path]:
         )
 
 
-def discover_classes(root: Path, ds: dict) -> list[str]:
+def discover_classes(root: Path, ds: DatasetBase) -> list[str]:
     """The classes of a collection whose `dataset.classes` is null: the names (as
     `folder_class_name` makes them, sorted) of the sub-folders holding videos in
     `dataset.subdir`, else in the shallowest folder under `root` with two or more such."""
@@ -84,7 +87,7 @@ def discover_classes(root: Path, ds: dict) -> list[str]:
 
     for folder in class_root_candidates(root, ds):
         found = [d for d in class_folders(folder) if holds_videos(d)]
-        if len(found) >= 2 or (ds.get("subdir") and found):
+        if len(found) >= 2 or (ds.subdir and found):
             classes = sorted({folder_class_name(d.name, ds) for d in found})
             log.info(
                 "download: dataset.classes is null, so the class folders of %s are the classes: %s",
@@ -99,39 +102,39 @@ def discover_classes(root: Path, ds: dict) -> list[str]:
     )
 
 
-def check_class_config(ds: dict) -> None:
-    classes = list(ds["classes"])
+def check_class_config(ds: DatasetBase) -> None:
+    classes = list(ds.classes or [])
     if len(set(classes)) != len(classes) or not classes:
         raise PipelineError(f"dataset.classes={classes} must be a non-empty list without repeats")
-    bad = {k: v for k, v in (ds.get("merge") or {}).items() if v not in classes}
+    bad = {k: v for k, v in ds.merge.items() if v not in classes}
     if bad:
         raise PipelineError(
             f"dataset.merge maps into classes that are not in dataset.classes: {bad}"
         )
 
 
-def find_class_root(root: Path, ds: dict) -> Path:
+def find_class_root(root: Path, ds: DatasetBase) -> Path:
     """The folder whose sub-folders are the classes: `dataset.subdir`, else the shallowest
     folder under `root` that has a sub-folder for most of the kept classes."""
-    need = max(1, (len(ds["classes"]) + 1) // 2)
+    need = max(1, (len(ds.classes) + 1) // 2)
     for folder in class_root_candidates(root, ds):
-        if ds.get("subdir"):
+        if ds.subdir:
             return folder
         subdirs = [d for d in folder.iterdir() if d.is_dir()]
         if len({class_of_folder(d.name, ds) for d in subdirs} - {None}) >= need:
             return folder
     raise PipelineError(
-        f"no folder under {root} has sub-folders named after the classes {list(ds['classes'])} "
-        f"(aliases {dict(ds.get('aliases') or {})}); set dataset.subdir to the folder that does"
+        f"no folder under {root} has sub-folders named after the classes {ds.classes} "
+        f"(aliases {ds.aliases}); set dataset.subdir to the folder that does"
     )
 
 
-def collect_clips(root: Path, ds: dict) -> list[tuple[Path, str]]:
+def collect_clips(root: Path, ds: DatasetBase) -> list[tuple[Path, str]]:
     """(file, label) for every video of a kept class under `root`, in a stable order."""
     if not root.is_dir():
         raise FileNotFoundError(f"dataset.path={root} is not a directory of <class>/<clip> folders")
-    if ds.get("classes") is None:  # found from the class folders
-        ds = {**ds, "classes": discover_classes(root, ds)}
+    if ds.classes is None:  # found from the class folders
+        ds = ds.model_copy(update={"classes": discover_classes(root, ds)})
     check_class_config(ds)
     class_root = find_class_root(root, ds)
     exts = video_extensions(ds)
@@ -161,7 +164,7 @@ def collect_clips(root: Path, ds: dict) -> list[tuple[Path, str]]:
             ", ".join(f"{k} x{v}" for k, v in skipped_files.most_common(5)),
         )
     found = {label for _, label in clips}
-    missing = [c for c in ds["classes"] if c not in found]
+    missing = [c for c in ds.classes if c not in found]
     if missing:
         folders = sorted(d.name for d in class_root.iterdir() if d.is_dir())
         raise PipelineError(
@@ -225,40 +228,33 @@ def fetch_url(url: str, sha256: str | None, dest_dir: Path) -> Path:
     return dest
 
 
-def unpack_and_collect(archive: Path, ds: dict, tmp: Path) -> list[dict]:
+def unpack_and_collect(archive: Path, ds: FootageDataset, tmp: Path) -> list[dict]:
     if not is_archive(archive):
         raise PipelineError(
-            f"{archive} is not a .zip/.tar/.tar.gz archive (dataset.source={ds['source']})"
+            f"{archive} is not a .zip/.tar/.tar.gz archive (dataset.source={ds.source})"
         )
     unpacked = tmp / ".unpacked"
     unpacked.mkdir()
-    safe_extract(archive, unpacked, int(float(ds["max_unpacked_gb"]) * 1e9))
+    safe_extract(archive, unpacked, int(ds.max_unpacked_gb * 1e9))
     rows = place_clips(collect_clips(unpacked, ds), unpacked, tmp, move=True)
     shutil.rmtree(unpacked)
     return rows
 
 
-def dataset_rows(ds: dict, tmp: Path) -> list[dict]:
-    source = ds["source"]
-    if source == "sample":
-        if not ds.get("classes"):
-            raise PipelineError("dataset.source=sample needs dataset.classes (the generator's)")
-        return [
-            {**r, "source": r["path"]}
-            for r in generate_sample(tmp, ds["sample"], list(ds["classes"]))
-        ]
-    if source == "folder":
-        root = resolve(ds["path"])
+def dataset_rows(ds: SampleDataset | FootageDataset, tmp: Path) -> list[dict]:
+    """The clips of `ds` placed in `tmp` (generated, copied, unpacked or fetched), a row each."""
+    if isinstance(ds, SampleDataset):
+        return [{**r, "source": r["path"]} for r in generate_sample(tmp, ds.sample, ds.classes)]
+    if ds.source == "folder":
+        root = resolve(ds.path)
         return place_clips(collect_clips(root, ds), root, tmp, move=False)
-    if source == "archive":
-        archive = resolve(ds["path"])
+    if ds.source == "archive":
+        archive = resolve(ds.path)
         if not archive.is_file():
             raise FileNotFoundError(f"dataset.path={archive}: archive not found")
         return unpack_and_collect(archive, ds, tmp)
-    if source == "url":
-        fetched = tmp / ".fetched"
-        fetched.mkdir()
-        rows = unpack_and_collect(fetch_url(ds["url"], ds.get("sha256"), fetched), ds, tmp)
-        shutil.rmtree(fetched)
-        return rows
-    raise PipelineError(f"dataset.source={source!r} is not one of: sample, folder, archive, url")
+    fetched = tmp / ".fetched"
+    fetched.mkdir()
+    rows = unpack_and_collect(fetch_url(ds.url, ds.sha256, fetched), ds, tmp)
+    shutil.rmtree(fetched)
+    return rows

@@ -13,27 +13,27 @@ import pandas as pd
 
 from pipeline.config import SPLITS
 from pipeline.errors import PipelineError
+from pipeline.schema.sections import Clean
 
 log = logging.getLogger(__name__)
 
 MAX_LISTED_CLIPS = 20  # clips listed in an error message
 
 
-def drop_reason(info: dict, cfg: dict) -> tuple[str, str]:
+def drop_reason(info: dict, cfg: Clean) -> tuple[str, str]:
     """(reason code, human-readable reason) for an unusable clip; ("", "") when usable."""
     if info["error"]:
         return ("empty" if info["error"].startswith("empty") else "unreadable"), info["error"]
-    if info["frames"] < cfg["min_frames"]:
-        return "too_few_frames", f"{info['frames']} frames < clean.min_frames={cfg['min_frames']}"
-    min_duration = float(cfg.get("min_duration_s") or 0)
-    if info["fps"] > 0 and info["duration_s"] < min_duration:
+    if info["frames"] < cfg.min_frames:
+        return "too_few_frames", f"{info['frames']} frames < clean.min_frames={cfg.min_frames}"
+    if info["fps"] > 0 and info["duration_s"] < cfg.min_duration_s:
         return "too_short", (
-            f"{info['duration_s']} s < clean.min_duration_s={cfg['min_duration_s']}"
+            f"{info['duration_s']} s < clean.min_duration_s={cfg.min_duration_s:g}"
         )
-    if info["width"] < cfg["min_width"] or info["height"] < cfg["min_height"]:
+    if info["width"] < cfg.min_width or info["height"] < cfg.min_height:
         return "too_small", (
             f"{info['width']}x{info['height']} smaller than "
-            f"clean.min_width x min_height={cfg['min_width']}x{cfg['min_height']}"
+            f"clean.min_width x min_height={cfg.min_width}x{cfg.min_height}"
         )
     return "", ""
 

@@ -1,6 +1,7 @@
 """The composed configuration's contract: every section of `params.yaml` as a typed model.
 
-`validate_params(params)` checks a composed config (a plain dict, as Hydra and DVC write it)
+`parse_params(params)` turns a composed config into the typed `Params` each stage hands its
+sections from; `validate_params(params)` checks a composed config (a plain dict, as Hydra and DVC write it)
 against these models and raises `InvalidConfig` listing every problem, one line each, naming
 the full key, the value given and what is allowed:
 
@@ -16,7 +17,7 @@ imports this package, so a ConfigStore schema would not be consulted there; chec
 written `params.yaml` at every entry point covers DVC, Hydra and hand edits alike.
 """
 
-from pipeline.schema.problems import InvalidConfig, unknown_setting, validate_params
+from pipeline.schema.problems import InvalidConfig, parse_params, unknown_setting, validate_params
 from pipeline.schema.sections import Params
 
-__all__ = ["InvalidConfig", "Params", "unknown_setting", "validate_params"]
+__all__ = ["InvalidConfig", "Params", "parse_params", "unknown_setting", "validate_params"]

@@ -22,10 +22,17 @@ class InvalidConfig(ValueError):
 
 def validate_params(params: Any) -> dict:
     """`params` as it is, once it matches the schema; else InvalidConfig with every problem."""
+    parse_params(params)
+    return params
+
+
+def parse_params(params: Any) -> Params:
+    """The typed config of `params` (a composed config, as Hydra and DVC write it); else
+    InvalidConfig with every problem."""
     if not isinstance(params, dict):
         raise InvalidConfig([f"the config is a {type(params).__name__}, not a mapping of keys"])
     try:
-        Params.model_validate(params)
+        config = Params.model_validate(params)
     except ValidationError as exc:
         errors = [(config_key(e["loc"], params), e) for e in exc.errors()]
         # a union reports every member it tried: keep the deepest, most specific lines
@@ -37,7 +44,8 @@ def validate_params(params: Any) -> dict:
         ]
         problems = [problem(key, e, params) for key, e in kept]
         raise InvalidConfig(list(dict.fromkeys(problems))) from None
-    return params
+    config._composed = params
+    return config
 
 
 def dotted(loc: list) -> str:

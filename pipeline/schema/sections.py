@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, PrivateAttr, Tag, model_validator
 
 from pipeline.schema.base import (
     BACKBONES,
@@ -42,6 +42,7 @@ class SampleSpec(Section):
 
 class DatasetBase(Section):
     name: Text | None
+    source: Text  # each kind's own choices below
     tracked: Text
     split_file: Text | None = None
     classes: Annotated[list[Text], Field(min_length=2)] | None
@@ -249,7 +250,14 @@ class Distribute(Section):
 
 
 class Params(Section):
-    """The whole of `params.yaml`."""
+    """The whole of `params.yaml`; `composed` is the mapping it was read from, as written (what
+    a run logs as its `config.yaml`)."""
+
+    _composed: dict = PrivateAttr(default_factory=dict)
+
+    @property
+    def composed(self) -> dict:
+        return self._composed
 
     models: Models
     features: Features

@@ -8,33 +8,35 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.config import dataset_name, load_params
+from pipeline.config import dataset_name, load_config
 from pipeline.errors import PipelineError, is_refusal
 from pipeline.logs import setup_logging
+from pipeline.schema import Params
+from pipeline.schema.sections import Compare, DatasetBase
 from pipeline.serving.registry import registered_name
 
 log = logging.getLogger(__name__)
 
 
-def champion_name(params: dict) -> str:
-    """The registered model holding the champion of this config's dataset."""
-    return registered_name(params["compare"]["register_as"], dataset_name(params["dataset"]))
+def champion_name(compare: Compare, dataset: DatasetBase) -> str:
+    """The registered model holding the champion of `dataset` (`compare.register_as`)."""
+    return registered_name(compare.register_as, dataset_name(dataset))
 
 
-def champion_uri(params: dict) -> str:
-    """`models:/<registered model>@<alias>` of the champion of this config's dataset."""
-    return f"models:/{champion_name(params)}@{params['compare']['alias']}"
+def champion_uri(compare: Compare, dataset: DatasetBase) -> str:
+    """`models:/<registered model>@<alias>` of the champion of `dataset`."""
+    return f"models:/{champion_name(compare, dataset)}@{compare.alias}"
 
 
-def default_model(params: dict, store: str) -> tuple[str, str]:
-    """(model URI, what it is): the registered champion, else the best model of the latest
-    comparison run in the project's MLflow store."""
+def default_model(config: Params, store: str) -> tuple[str, str]:
+    """(model URI, what it is): the registered champion of the config's dataset, else the best
+    model of the latest comparison run in the project's MLflow store."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    registers = bool(params["compare"].get("register_as"))
-    name, alias = champion_name(params) if registers else None, params["compare"]["alias"]
+    registers, alias = config.compare.register_as is not None, config.compare.alias
+    name = champion_name(config.compare, config.dataset) if registers else None
     champion = f"{name}@{alias}" if registers else "champion"
     if registers:
         try:
@@ -47,7 +49,7 @@ def default_model(params: dict, store: str) -> tuple[str, str]:
         except MlflowException as exc:
             if is_refusal(exc):  # not "no such champion": the server said no
                 raise
-    experiment = client.get_experiment_by_name(params["mlflow"]["experiment"])
+    experiment = client.get_experiment_by_name(config.mlflow.experiment)
     runs = (
         client.search_runs(
             [experiment.experiment_id],
@@ -81,14 +83,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        params = load_params(args.params)
+        config = load_config(args.params)
     except (PipelineError, FileNotFoundError) as exc:
         log.error("%s", exc)
         sys.exit(2)
-    if not params["compare"].get("register_as"):
+    if config.compare.register_as is None:
         log.error("compare.register_as is null: this project registers no champion")
         sys.exit(2)
-    sys.stdout.write(champion_uri(params) + "\n")
+    sys.stdout.write(champion_uri(config.compare, config.dataset) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.atomic import write_bytes_atomic
-from pipeline.config import load_params
+from pipeline.config import load_config
 from pipeline.errors import PipelineError, server_refusals
 from pipeline.logs import quiet_tensorflow_startup, setup_logging
 from pipeline.serving.champion import default_model
@@ -180,14 +180,14 @@ def predict(
         description = model_uri
     else:
         try:
-            params = load_params(params_path)
+            config = load_config(params_path)
         except FileNotFoundError as exc:
             raise PipelineError(
                 f"no --model given, and the champion's name comes from the "
                 f"project's params.yaml: {exc}. Run from the project folder "
                 f"or pass --model URI"
             ) from exc
-        model_uri, description = default_model(params, store)
+        model_uri, description = default_model(config, store)
     log.info("model: %s (%s)", model_uri, description)
     classifier, _ = load_video_classifier(model_uri)
     if hflip and not classifier.use_mirror_averaging():

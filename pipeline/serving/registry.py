@@ -12,6 +12,7 @@ from filelock import FileLock
 
 from pipeline.config import resolve, store_root
 from pipeline.errors import PipelineError, is_refusal
+from pipeline.schema.sections import Compare
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +127,14 @@ def mark_champion_run(client, version, previous, label: str) -> None:
     client.set_tag(version.run_id, "champion", label)
 
 
-def model_ref(params: dict, model: str) -> dict:
-    """Where model's latest training run lives in MLflow (`reports/<model>/mlflow.json`:
+def model_ref(reports: str, model: str) -> dict:
+    """Where model's latest training run lives in MLflow (`<reports>/<model>/mlflow.json`:
     run_id, model_uri), or {} when the file is absent."""
-    ref_file = resolve(params["paths"]["reports"]) / model / "mlflow.json"
+    ref_file = resolve(reports) / model / "mlflow.json"
     return json.loads(ref_file.read_text()) if ref_file.is_file() else {}
 
 
-def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
+def register_champion(cfg: Compare, best: dict, ref: dict, dataset: dict):
     """Register the best model's logged MLflow model (`ref`: its `model_ref`) as a version of
     its dataset's registered model (`compare.register_as`) and move `compare.alias` to it as
     `compare.promote` decides: find its training run -> describe it in tags -> (one process
@@ -145,15 +146,14 @@ def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
     """
     from mlflow.tracking import MlflowClient
 
-    cfg = params["compare"]
-    if not cfg.get("register_as"):
+    if cfg.register_as is None:
         return None
-    name, alias = registered_name(cfg["register_as"], dataset["name"]), cfg["alias"]
+    name, alias = registered_name(cfg.register_as, dataset["name"]), cfg.alias
     client = MlflowClient()
     run = training_run(client, best["model"], ref)
     if run is None:
         return None
-    tags = version_tags(best, run, dataset, cfg["metric"])
+    tags = version_tags(best, run, dataset, cfg.metric)
     # Queued experiments finish concurrently: read, decide and move the alias one at a time.
     with FileLock(store_root() / "mlflow.db.lock"):
         holds = registered_dataset(client, name, alias)
@@ -171,9 +171,9 @@ def register_champion(params: dict, best: dict, ref: dict, dataset: dict):
             )
             return None
         version = registered_version(
-            client, name, ref, tags, version_description(best, tags, cfg["metric"])
+            client, name, ref, tags, version_description(best, tags, cfg.metric)
         )
-        return move_alias(client, name, alias, version, tags, cfg.get("promote", "better"))
+        return move_alias(client, name, alias, version, tags, cfg.promote)
 
 
 def training_run(client, model: str, ref: dict):

@@ -23,6 +23,8 @@ from pipeline.atomic import atomic_dir, write_json_atomic
 from pipeline.config import SPLITS, resolve
 from pipeline.data.arrays import load_arrays
 from pipeline.evaluate import SCORES, classification_metrics
+from pipeline.schema import Params
+from pipeline.schema.sections import Baseline, Paths
 from pipeline.stages.cli import stage_cli
 
 log = logging.getLogger(__name__)
@@ -77,23 +79,22 @@ def majority_predictions(y_train: np.ndarray, n: int) -> np.ndarray:
     return np.full(n, values[counts.argmax()], dtype=np.int64)
 
 
-def baseline_scores(params: dict) -> dict:
+def baseline_scores(cfg: Baseline, paths: Paths) -> dict:
     """Fit both baselines and write their outputs; returns what goes to metrics/baseline.json."""
-    cfg = params["baseline"]
-    frames_dir = resolve(params["paths"]["frames"])
+    frames_dir = resolve(paths.frames)
     classes = json.loads((frames_dir / "classes.json").read_text())
     x, y, clips = {}, {}, {}
     for split in SPLITS:
         frames, labels = load_arrays(frames_dir / split, "frames", "labels", mmap_mode="r")
-        x[split], y[split] = motion_statistics(frames, int(cfg["size"])), np.asarray(labels)
+        x[split], y[split] = motion_statistics(frames, cfg.size), np.asarray(labels)
         clips[split] = pd.read_csv(frames_dir / split / "clips.csv")
-    logreg, c, tried = fit_motion_logreg(x, y, list(cfg["C"]), classes)
+    logreg, c, tried = fit_motion_logreg(x, y, cfg.C, classes)
     predict = {
         "majority": lambda split: majority_predictions(y["train"], len(y[split])),
         "motion_logreg": lambda split: logreg.predict(x[split]),
     }
     summary = {}
-    with atomic_dir(resolve(params["paths"]["reports"]) / "baseline") as tmp:
+    with atomic_dir(resolve(paths.reports) / "baseline") as tmp:
         for name in BASELINES:
             val = classification_metrics(y["val"], predict[name]("val"), classes)
             y_pred = predict[name]("test")
@@ -113,7 +114,7 @@ def baseline_scores(params: dict) -> dict:
             )
     summary["motion_logreg"]["C"] = c
     summary["motion_logreg"]["val_macro_f1_by_C"] = {str(k): round(v, 4) for k, v in tried.items()}
-    write_json_atomic(resolve(params["paths"]["metrics"]) / "baseline.json", summary)
+    write_json_atomic(resolve(paths.metrics) / "baseline.json", summary)
     log.info(
         "baseline: majority class test macro-F1 %.3f; motion logistic regression (C=%g, "
         "chosen on validation) val %.3f, test %.3f",
@@ -125,8 +126,15 @@ def baseline_scores(params: dict) -> dict:
     return summary
 
 
+def run(config: Params) -> dict:
+    """The stage: `baseline_scores` with the config's sections."""
+    return baseline_scores(config.baseline, config.paths)
+
+
 def main(argv: list[str] | None = None) -> None:
-    stage_cli("baseline", __doc__.splitlines()[0], lambda p, a: baseline_scores(p), argv)
+    stage_cli(
+        "baseline", __doc__.splitlines()[0], lambda p, a: baseline_scores(p.baseline, p.paths), argv
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ CHECKED = "params.yaml follows the config schema (pipeline/schema/)\n"
 def main(argv: list[str] | None = None) -> None:
     stage_cli(
         "check_params",
-        __doc__.splitlines()[0],  # stage_cli's load_params refuses a config that breaks it
-        lambda params, _: write_text_atomic(resolve(params["paths"]["checked_params"]), CHECKED),
+        __doc__.splitlines()[0],  # stage_cli's load_config refuses a config that breaks it
+        lambda params, _: write_text_atomic(resolve(params.paths.checked_params), CHECKED),
         argv,
     )
 

@@ -39,26 +39,30 @@ from pipeline.data.splits import (
 from pipeline.data.video import probe_and_hash
 from pipeline.errors import PipelineError
 from pipeline.parallel import clip_map
+from pipeline.schema import Params
+from pipeline.schema.sections import Clean, DatasetBase
 from pipeline.stages.cli import stage_cli
 
 log = logging.getLogger(__name__)
 
 
-def clean(params: dict) -> pd.DataFrame:
+def clean(params: Params) -> pd.DataFrame:
     """Probe every downloaded clip, quarantine the unusable ones, split the rest by recording
     group (or as `dataset.split_file` says) and write `paths.clean`: read the manifest ->
     probe -> split -> describe the dataset -> write. Returns the split table."""
-    cfg, ds = params["clean"], params["dataset"]
-    raw = resolve(params["paths"]["raw"])
-    manifest, classes = read_manifest(raw, ds)
-    probe = probe_clips(manifest, raw, params)
-    with atomic_dir(resolve(params["paths"]["clean"])) as tmp:
-        if ds.get("split_file"):
-            probe = apply_split_file(probe, resolve(ds["split_file"]), classes, tmp)
+    cfg, ds = params.clean, params.dataset
+    raw = resolve(params.paths.raw)
+    manifest, classes = read_manifest(raw, ds.classes)
+    clips = [raw / p for p in manifest["path"]]
+    infos = list(clip_map(probe_and_hash, clips, clips, "probe clips", params.workers, params.dask))
+    probe = probe_table(manifest, infos, cfg)
+    with atomic_dir(resolve(params.paths.clean)) as tmp:
+        if ds.split_file:
+            probe = apply_split_file(probe, resolve(ds.split_file), classes, tmp)
         usable = probe[probe["status"] == "ok"].copy()
         quarantine = probe[probe["status"] == "dropped"]
-        check_class_minimum(usable, classes, int(cfg["min_clips_per_class"]), quarantine)
-        usable["split"] = assigned_splits(usable, cfg, ds, params["seed"])
+        check_class_minimum(usable, classes, cfg.min_clips_per_class, quarantine)
+        usable["split"] = assigned_splits(usable, cfg, ds.split_file is not None, params.seed)
         for rec in quarantine.itertuples():
             log.warning("quarantined %s: %s", rec.path, rec.reason)
         splits = usable[["path", "label", "group", "split", "frames", "fps", "width", "height"]]
@@ -83,14 +87,15 @@ def clean(params: dict) -> pd.DataFrame:
     return splits
 
 
-def read_manifest(raw: Path, ds: dict) -> tuple[pd.DataFrame, list[str]]:
+def read_manifest(raw: Path, configured: list[str] | None) -> tuple[pd.DataFrame, list[str]]:
     """The download stage's manifest (path, label, source per clip) and the class list:
-    `dataset.classes`, or (when it is null) the class folders the download stage found."""
+    `dataset.classes` (`configured`), or (when it is null) the class folders the download
+    stage found."""
     manifest_path = raw / "manifest.csv"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} not found: run the download stage first")
-    if ds.get("classes"):
-        classes = list(ds["classes"])
+    if configured:
+        classes = list(configured)
     elif (raw / "classes.json").is_file():
         classes = json.loads((raw / "classes.json").read_text())
     else:
@@ -104,27 +109,24 @@ def read_manifest(raw: Path, ds: dict) -> tuple[pd.DataFrame, list[str]]:
     return manifest, classes
 
 
-def probe_clips(manifest: pd.DataFrame, raw: Path, params: dict) -> pd.DataFrame:
+def probe_table(manifest: pd.DataFrame, infos: list[dict], cfg: Clean) -> pd.DataFrame:
     """The manifest with each clip's probe (frames, fps, size, hash), why it is unusable if
     it is (`status` dropped, `reason`), duplicates marked, and its recording group."""
-    cfg = params["clean"]
-    clips = [raw / p for p in manifest["path"]]
-    infos = list(clip_map(probe_and_hash, clips, params, "probe clips", clips))
     probe = pd.concat([manifest.reset_index(drop=True), pd.DataFrame(infos)], axis=1)
     reasons = [drop_reason(info, cfg) for info in infos]
     probe["reason_code"] = [code for code, _ in reasons]
     probe["reason"] = [text for _, text in reasons]
     probe["status"] = np.where(probe["reason_code"] == "", "ok", "dropped")
     probe = mark_duplicates(probe)
-    probe["group"] = [group_of(p, cfg["group_pattern"]) for p in probe["path"]]
+    probe["group"] = [group_of(p, cfg.group_pattern) for p in probe["path"]]
     return probe
 
 
-def assigned_splits(usable: pd.DataFrame, cfg: dict, ds: dict, seed) -> pd.Series:
-    """Each usable clip's split: the split file's (warning when it puts one recording group
-    in more than one split), else a random split of the recording groups."""
-    if not ds.get("split_file"):
-        return split_by_group(usable, cfg["val_fraction"], cfg["test_fraction"], seed)
+def assigned_splits(usable: pd.DataFrame, cfg: Clean, from_file: bool, seed: int) -> pd.Series:
+    """Each usable clip's split: the split file's (`from_file`; warning when it puts one
+    recording group in more than one split), else a random split of the recording groups."""
+    if not from_file:
+        return split_by_group(usable, cfg.val_fraction, cfg.test_fraction, seed)
     leaks = usable.groupby("group")["split"].nunique()
     if (leaks > 1).any():
         log.warning(
@@ -136,7 +138,7 @@ def assigned_splits(usable: pd.DataFrame, cfg: dict, ds: dict, seed) -> pd.Serie
     return usable["split"]
 
 
-def dataset_record(ds, classes, probe, usable, quarantine, splits) -> dict:
+def dataset_record(ds: DatasetBase, classes, probe, usable, quarantine, splits) -> dict:
     """`dataset.json`: the dataset's name, classes, content and split hashes (scores and
     champions compare only on the same data and split), counts and where the split came from."""
     dataset_hash = hashlib.sha256(
@@ -159,7 +161,7 @@ def dataset_record(ds, classes, probe, usable, quarantine, splits) -> dict:
         "quarantined_by_reason": {
             k: int(v) for k, v in quarantine["reason_code"].value_counts().items()
         },
-        "split_source": "split_file" if ds.get("split_file") else "grouped_random",
+        "split_source": "split_file" if ds.split_file else "grouped_random",
         "counts": {
             s: {c: int(((splits["split"] == s) & (splits["label"] == c)).sum()) for c in classes}
             for s in SPLITS

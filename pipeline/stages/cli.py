@@ -9,9 +9,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.config import load_params
+from pipeline.config import load_config
 from pipeline.errors import PipelineError, server_refusals
 from pipeline.logs import quiet_tensorflow_startup, setup_logging
+from pipeline.schema import Params
 
 log = logging.getLogger("pipeline")
 
@@ -19,11 +20,12 @@ log = logging.getLogger("pipeline")
 def stage_cli(
     name: str,
     description: str,
-    run: Callable[[dict, argparse.Namespace], Any],
+    run: Callable[[Params, argparse.Namespace], Any],
     argv: list[str] | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> None:
-    """The thin command line around a stage function: `--params`, logging, timing, exit codes.
+    """The thin command line around a stage function: `--params` (read once, typed: `run`
+    hands each function its own sections), logging, timing, exit codes.
 
     Expected failures (PipelineError, a missing input file, a tracking server's refusal) end
     with one clear log line and exit status 2 instead of a traceback.
@@ -40,7 +42,7 @@ def stage_cli(
     start = time.perf_counter()
     try:
         with server_refusals():
-            run(load_params(args.params), args)
+            run(load_config(args.params), args)
     except (PipelineError, FileNotFoundError) as exc:
         log.error("%s failed: %s", name, exc)
         sys.exit(2)

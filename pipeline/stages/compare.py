@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,10 @@ from pipeline.ensemble import (
 )
 from pipeline.errors import PipelineError
 from pipeline.evaluate import SCORES, bootstrap_intervals
-from pipeline.serving.registry import (
-    check_promote_policy,
-    model_ref,
-    register_champion,
-)
+from pipeline.schema import Params
+from pipeline.schema.base import MODEL_NAMES
+from pipeline.schema.sections import Compare, Paths
+from pipeline.serving.registry import model_ref, register_champion
 from pipeline.stages.cli import stage_cli
 
 log = logging.getLogger(__name__)
@@ -60,19 +60,28 @@ COSTS = ["params", "train_time_s", "inference_ms_per_clip", "epochs", "test_clip
 BASELINE_STAGE_ROWS = {"majority": "baseline_majority", "motion_logreg": "baseline_motion_logreg"}
 
 
-def score_row(params: dict, name: str, metrics: dict, reports: Path, classes: list[str]) -> dict:
+@dataclass(frozen=True)
+class Scoring:
+    """How every row is scored: the classes, `compare`'s intervals, the bootstrap's seed."""
+
+    classes: list[str]
+    compare: Compare
+    seed: int
+
+
+def score_row(scoring: Scoring, name: str, metrics: dict, reports: Path) -> dict:
     """One row: test scores with bootstrap intervals (from the aligned test predictions in
     `reports`), validation scores, per-class F1, costs, and how many classes it predicts."""
+    classes = scoring.classes
     predictions = pd.read_csv(reports / "predictions.csv")
     index = {c: i for i, c in enumerate(classes)}
-    cfg = params["compare"]
     intervals = bootstrap_intervals(
         predictions["actual"].map(index).to_numpy(),
         predictions["predicted"].map(index).to_numpy(),
         len(classes),
-        int(cfg["bootstrap_samples"]),
-        float(cfg["confidence"]),
-        int(params["seed"]),
+        scoring.compare.bootstrap_samples,
+        scoring.compare.confidence,
+        scoring.seed,
     )
     per_class = pd.read_csv(reports / "per_class.csv").set_index("class")["f1"]
     row = {"model": name}
@@ -93,49 +102,50 @@ def score_row(params: dict, name: str, metrics: dict, reports: Path, classes: li
     return row
 
 
-def model_row(params: dict, name: str, classes: list[str]) -> dict:
+def model_row(scoring: Scoring, paths: Paths, name: str) -> dict:
     """A trained model's row, from `metrics/<name>.json` and `reports/<name>/`."""
-    metrics_path = resolve(params["paths"]["metrics"]) / f"{name}.json"
-    reports = resolve(params["paths"]["reports"]) / name
+    metrics_path = resolve(paths.metrics) / f"{name}.json"
+    reports = resolve(paths.reports) / name
     for path in (metrics_path, reports / "predictions.csv", reports / "per_class.csv"):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run `dvc repro train@{name}` first")
     return {
-        **score_row(params, name, json.loads(metrics_path.read_text()), reports, classes),
+        **score_row(scoring, name, json.loads(metrics_path.read_text()), reports),
         "kind": "model",
     }
 
 
-def ensemble_rows(params: dict, classes: list[str], model_rows: list[dict]) -> list[dict]:
+def ensemble_rows(scoring: Scoring, reports_dir: str, model_rows: list[dict]) -> list[dict]:
     """The ensemble's row (none with fewer than two members): its members' validation and
     test probabilities averaged per seed (`compare.ensemble`), scored like a model's, its
     costs the sum of its members' (`model_rows`); its reports in `reports/ensemble/`."""
-    config = ensemble_config(params["compare"].get("ensemble") or {}, list(params["models"]))
+    classes = scoring.classes
+    config = ensemble_config(scoring.compare.ensemble)
     if len(config.members) < 2:
         return []
-    reports = resolve(params["paths"]["reports"])
+    reports = resolve(reports_dir)
     clips, probs = aligned_probabilities(
         {m: read_probabilities(reports, m) for m in config.members}, classes
     )
     ensembles = seed_ensembles(clips, probs, classes, config)
     # the seed the saved models were trained with: what the logged ensemble model serves
-    main = next((e for e in ensembles if e.seed == int(params["seed"])), ensembles[0])
+    main = next((e for e in ensembles if e.seed == scoring.seed), ensembles[0])
     write_ensemble_reports(reports / ENSEMBLE, ensembles, main, classes)
     members = {r["model"]: r for r in model_rows if r["model"] in config.members}
     summary = ensemble_summary(ensembles, main, members)
-    row = score_row(params, ENSEMBLE, summary, reports / ENSEMBLE, classes)
+    row = score_row(scoring, ENSEMBLE, summary, reports / ENSEMBLE)
     return [{**row, "kind": "ensemble", "weights": json.dumps(main.weights)}]
 
 
-def baseline_rows(params: dict, classes: list[str]) -> list[dict]:
+def baseline_rows(scoring: Scoring, paths: Paths) -> list[dict]:
     """The rows of the `baseline` stage (majority class, motion logistic regression)."""
-    path = resolve(params["paths"]["metrics"]) / "baseline.json"
+    path = resolve(paths.metrics) / "baseline.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `dvc repro baseline` first")
     metrics = json.loads(path.read_text())
-    reports = resolve(params["paths"]["reports"]) / "baseline"
+    reports = resolve(paths.reports) / "baseline"
     return [
-        {**score_row(params, label, metrics[key], reports / key, classes), "kind": "baseline"}
+        {**score_row(scoring, label, metrics[key], reports / key), "kind": "baseline"}
         for key, label in BASELINE_STAGE_ROWS.items()
     ]
 
@@ -147,17 +157,16 @@ def selection_order(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table.sort_values(keys, ascending=False, kind="stable", na_position="last")
 
 
-def comparison_table(params: dict) -> pd.DataFrame:
+def comparison_table(scoring: Scoring, paths: Paths) -> pd.DataFrame:
     """Models and their ensemble ranked by validation score (a tie goes to the single
     model), then the baseline rows; `flags` says which does not beat the logistic regression
     baseline on test or predicts a single class."""
-    classes = dataset_classes(params)
-    metric = params["compare"]["metric"]
-    if metric not in SCORES:
-        raise PipelineError(f"compare.metric={metric!r}: one of {SCORES}")
-    rows = [model_row(params, name, classes) for name in params["models"]]
-    models = selection_order(pd.DataFrame(rows + ensemble_rows(params, classes, rows)), metric)
-    baselines = pd.DataFrame(baseline_rows(params, classes))
+    metric = scoring.compare.metric
+    rows = [model_row(scoring, paths, name) for name in MODEL_NAMES]
+    models = selection_order(
+        pd.DataFrame(rows + ensemble_rows(scoring, paths.reports, rows)), metric
+    )
+    baselines = pd.DataFrame(baseline_rows(scoring, paths))
     bar = float(
         baselines.loc[baselines["model"] == BASELINE_STAGE_ROWS["motion_logreg"], metric].iloc[0]
     )
@@ -199,11 +208,11 @@ def comparison_metrics(table: pd.DataFrame, metric: str) -> dict[str, float]:
     }
 
 
-def write_comparison_files(params: dict, table: pd.DataFrame, classes: list[str]):
+def write_comparison_files(scoring: Scoring, paths: Paths, table: pd.DataFrame):
     """reports/comparison.{png,md,csv} and metrics/comparison.json; returns (markdown, figure)."""
-    reports = resolve(params["paths"]["reports"])
-    confidence = float(params["compare"]["confidence"])
-    markdown = markdown_table(table, classes, confidence, params["compare"]["metric"])
+    reports = resolve(paths.reports)
+    classes, confidence = scoring.classes, scoring.compare.confidence
+    markdown = markdown_table(table, classes, confidence, scoring.compare.metric)
     fig = comparison_figure(table, classes, confidence)
     png = io.BytesIO()
     fig.savefig(png, dpi=100, format="png")
@@ -211,7 +220,7 @@ def write_comparison_files(params: dict, table: pd.DataFrame, classes: list[str]
     write_text_atomic(reports / "comparison.md", markdown + "\n")
     write_text_atomic(reports / "comparison.csv", table.to_csv(index=False))
     write_json_atomic(
-        resolve(params["paths"]["metrics"]) / "comparison.json",
+        resolve(paths.metrics) / "comparison.json",
         {
             r["model"]: {k: json_safe(v) for k, v in r.items() if k != "model"}
             for r in table.round(4).to_dict("records")
@@ -220,7 +229,7 @@ def write_comparison_files(params: dict, table: pd.DataFrame, classes: list[str]
     return markdown, fig
 
 
-def log_ensemble_model(params: dict, table: pd.DataFrame, classes: list[str], run_id: str) -> dict:
+def log_ensemble_model(reports: str, table: pd.DataFrame, classes: list[str], run_id: str) -> dict:
     """Log the ensemble row's model (its members' logged models and weights) in the comparison
     run `run_id`: a reference like `model_ref`'s, or {} when there is no ensemble row or a
     member's logged model is not in this MLflow store (logged)."""
@@ -233,7 +242,7 @@ def log_ensemble_model(params: dict, table: pd.DataFrame, classes: list[str], ru
     if rows.empty:
         return {}
     weights = json.loads(rows.iloc[0]["weights"])
-    uris = {m: model_ref(params, m).get("model_uri") for m in weights}
+    uris = {m: model_ref(reports, m).get("model_uri") for m in weights}
     try:
         if not all(uris.values()):
             raise PipelineError(f"no logged model of {[m for m, u in uris.items() if not u]}")
@@ -249,47 +258,49 @@ def log_ensemble_model(params: dict, table: pd.DataFrame, classes: list[str], ru
     return {"run_id": run_id, "model_uri": info.model_uri}
 
 
-def compare(params: dict) -> pd.DataFrame:
+def compare(config: Params) -> pd.DataFrame:
+    """Rank the models and their ensemble by validation score next to the baseline rows,
+    write the comparison files, log the `comparison` run and register the champion."""
     import mlflow
 
     from pipeline.tracking import DESCRIPTION_TAG, run_name, run_tags, use_experiment
 
-    classes = dataset_classes(params)
-    check_promote_policy(params["compare"].get("promote", "better"))  # before any work
-    table = comparison_table(params)
-    markdown, fig = write_comparison_files(params, table, classes)
+    cfg, paths = config.compare, config.paths
+    classes = dataset_classes(config.dataset.classes, paths.clean)
+    scoring = Scoring(classes, cfg, config.seed)
+    table = comparison_table(scoring, paths)
+    markdown, fig = write_comparison_files(scoring, paths, table)
     best = table.iloc[0].to_dict()  # the first model row: best by validation score
-    metric = params["compare"]["metric"]
 
-    use_experiment(params["mlflow"]["experiment"])
-    dataset = json.loads((resolve(params["paths"]["clean"]) / "dataset.json").read_text())
+    use_experiment(config.mlflow.experiment)
+    dataset = json.loads((resolve(paths.clean) / "dataset.json").read_text())
     tags = {**run_tags("comparison", dataset), "best_model": best["model"]}
     with mlflow.start_run(run_name=run_name("comparison", dataset), tags=tags) as run:
-        mlflow.log_dict(params, "config.yaml")  # a registered ensemble's version points here
+        # the composed config: a registered ensemble's version points here
+        mlflow.log_dict(config.composed, "config.yaml")
         mlflow.log_table(table, "comparison.json")
         mlflow.log_text(markdown, "comparison.md")
         mlflow.log_figure(fig, "comparison.png")
-        mlflow.log_metrics(comparison_metrics(table, metric))
+        mlflow.log_metrics(comparison_metrics(table, cfg.metric))
         mlflow.set_tag(DESCRIPTION_TAG, markdown)
-        ensemble_ref = log_ensemble_model(params, table, classes, run.info.run_id)
+        ensemble_ref = log_ensemble_model(paths.reports, table, classes, run.info.run_id)
         if ensemble_ref:  # beside its reports, as a trained model's (`model_ref`)
-            reports = resolve(params["paths"]["reports"]) / ENSEMBLE
-            write_json_atomic(reports / "mlflow.json", ensemble_ref)
-        best_ref = model_ref(params, best["model"])
+            write_json_atomic(resolve(paths.reports) / ENSEMBLE / "mlflow.json", ensemble_ref)
+        best_ref = model_ref(paths.reports, best["model"])
         # what `pipeline.predict` uses when no champion is registered
         mlflow.set_tag("best_model_uri", best_ref.get("model_uri", ""))
-        version = register_champion(params, best, best_ref, dataset)
+        version = register_champion(cfg, best, best_ref, dataset)
         if version is not None:
             mlflow.set_tags({"champion": f"{version.name}/{version.version}"})
     log.info(
         "compare: best by validation %s is %s (val %.3f; test %.3f, %.0f%% CI %.3f-%.3f)\n%s",
-        metric,
+        cfg.metric,
         best["model"],
-        best[f"val_{metric}"],
-        best[metric],
-        float(params["compare"]["confidence"]) * 100,
-        best[f"{metric}_low"],
-        best[f"{metric}_high"],
+        best[f"val_{cfg.metric}"],
+        best[cfg.metric],
+        cfg.confidence * 100,
+        best[f"{cfg.metric}_low"],
+        best[f"{cfg.metric}_high"],
         markdown,
     )
     return table

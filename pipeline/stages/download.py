@@ -25,15 +25,16 @@ from pipeline.atomic import atomic_dir, write_json_atomic
 from pipeline.config import dataset_name, resolve
 from pipeline.data.sources import dataset_rows
 from pipeline.errors import PipelineError
+from pipeline.schema import Params
+from pipeline.schema.sections import FootageDataset, SampleDataset
 from pipeline.stages.cli import stage_cli
 
 log = logging.getLogger(__name__)
 
 
-def download(params: dict, target: Path | None = None) -> pd.DataFrame:
-    """Write the raw dataset and `manifest.csv` atomically to `target` (default `paths.raw`)."""
-    ds = params["dataset"]
-    target = resolve(target or params["paths"]["raw"])
+def download(ds: SampleDataset | FootageDataset, target: Path) -> pd.DataFrame:
+    """Write the raw dataset and `manifest.csv` atomically to `target`."""
+    target = resolve(target)
     with atomic_dir(target) as tmp:
         rows = dataset_rows(ds, tmp)
         if not rows:
@@ -41,7 +42,7 @@ def download(params: dict, target: Path | None = None) -> pd.DataFrame:
         manifest = pd.DataFrame(rows, columns=["path", "label", "source"])
         manifest.to_csv(tmp / "manifest.csv", index=False)
         # the class list in its index order: dataset.classes, or the class folders found
-        classes = list(ds["classes"]) if ds.get("classes") else sorted(set(manifest["label"]))
+        classes = list(ds.classes) if ds.classes else sorted(set(manifest["label"]))
         write_json_atomic(tmp / "classes.json", classes)
     counts = manifest["label"].value_counts().to_dict()
     log.info(
@@ -54,6 +55,11 @@ def download(params: dict, target: Path | None = None) -> pd.DataFrame:
     return manifest
 
 
+def run(config: Params, target: Path | None = None) -> pd.DataFrame:
+    """The stage: `config.dataset` to `target` (default `paths.raw`)."""
+    return download(config.dataset, target or config.paths.raw)
+
+
 def main(argv: list[str] | None = None) -> None:
     def out_option(parser):
         parser.add_argument(
@@ -63,9 +69,7 @@ def main(argv: list[str] | None = None) -> None:
             help="write here instead of paths.raw (e.g. data/source for data.dvc)",
         )
 
-    stage_cli(
-        "download", __doc__.splitlines()[0], lambda p, a: download(p, a.out), argv, out_option
-    )
+    stage_cli("download", __doc__.splitlines()[0], lambda p, a: run(p, a.out), argv, out_option)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import shutil
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm import tqdm
@@ -31,50 +32,65 @@ from pipeline.models.backbones import (
     weights_digest,
 )
 from pipeline.models.seeding import seed_everything
-from pipeline.parallel import clips_per_task, cluster_map, dask_client, dask_scheduler
+from pipeline.parallel import cluster_map, dask_client
+from pipeline.schema import Params
+from pipeline.schema.sections import Augment, Dask, Features, Paths
 from pipeline.stages.cli import stage_cli
 
 log = logging.getLogger(__name__)
 
 
-def stage_features(backbone, preprocess, frames, params: dict, desc: str = "", out=None):
+@dataclass(frozen=True)
+class FeatureJob:
+    """What computing a clip's features takes, here and on every Dask worker: the `features`
+    section, the cached frames' size and padding value, the seed and the `augment` section
+    (for the augmented copies of training clips)."""
+
+    features: Features
+    frame_size: int
+    pad_value: int
+    seed: int
+    augment: Augment
+
+
+def stage_features(backbone, preprocess, frames, cfg: Features, desc: str = "", out=None):
     """`frame_features` with the stage's batch size and motion stream (`features.*`)."""
-    cfg = params["features"]
-    batch_size, motion = int(cfg["batch_size"]), bool(cfg.get("motion"))
-    return frame_features(backbone, preprocess, frames, batch_size, desc, out, motion)
+    return frame_features(backbone, preprocess, frames, cfg.batch_size, desc, out, cfg.motion)
 
 
 def augmented_clip_features(
-    backbone, preprocess, frames: np.ndarray, mask: np.ndarray, index: int, params: dict
+    backbone, preprocess, frames: np.ndarray, mask: np.ndarray, index: int, job: FeatureJob
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features of `features.augmented_copies` augmented versions of training clip `index`
     (frames: N x H x W x 3): (copies x N x D float32, copies x N masks). The augmentation is
     seeded by `seed` and the clip's index, so it does not matter which process computes it."""
     from pipeline.data.augment import augment_clip
 
-    copies = int(params["features"]["augmented_copies"])
-    rng = np.random.default_rng([int(params["seed"]), index])
-    pad = int(params["frames"]["pad_value"])
-    versions = [augment_clip(frames, mask, params["augment"], rng, pad) for _ in range(copies)]
-    features = stage_features(backbone, preprocess, np.stack([f for f, _ in versions]), params)
+    rng = np.random.default_rng([job.seed, index])
+    augment = job.augment.model_dump()
+    versions = [
+        augment_clip(frames, mask, augment, rng, job.pad_value)
+        for _ in range(job.features.augmented_copies)
+    ]
+    features = stage_features(
+        backbone, preprocess, np.stack([f for f, _ in versions]), job.features
+    )
     return features, np.stack([m for _, m in versions])
 
 
-def seeded_backbone(params: dict, initial=None):
+def seeded_backbone(job: FeatureJob, initial=None):
     """(backbone, preprocess, (runtime, precision)) as the stage builds it: `weights: null`
     means a random init seeded by `seed`; `initial` replaces the weights (see `built_weights`)."""
-    seed_everything(int(params["seed"]))
-    return build_feature_backbone(
-        params["features"], int(params["frames"]["size"]), initial=initial
-    )
+    seed_everything(job.seed)
+    return build_feature_backbone(job.features.model_dump(), job.frame_size, initial=initial)
 
 
-def built_weights(params: dict) -> tuple[str, list[np.ndarray]]:
+def built_weights(job: FeatureJob) -> tuple[str, list[np.ndarray]]:
     """(sha256, weights) of the backbone as this process builds it for a local run, for the
     Dask workers. They do not rebuild it from the seed: Keras draws the seeds of a random init
     from Python's global `random`, which the threads of a Dask worker use too."""
-    keras_float32 = {**params["features"], "runtime": "keras", "precision": "float32"}
-    backbone, _, _ = seeded_backbone({**params, "features": keras_float32})
+    keras_float32 = job.features.model_copy(update={"runtime": "keras", "precision": "float32"})
+    backbone, _, _ = seeded_backbone(replace(job, features=keras_float32))
     weights = backbone.get_weights()
     return weights_digest(weights), weights
 
@@ -82,50 +98,51 @@ def built_weights(params: dict) -> tuple[str, list[np.ndarray]]:
 _WORKER_BACKBONES: dict[str, tuple] = {}
 
 
-def worker_backbone(params: dict, weights: tuple[str, list[np.ndarray]]):
+def worker_backbone(job: FeatureJob, weights: tuple[str, list[np.ndarray]]):
     """The stage's backbone with the (digest, weights) `built_weights` sent, built once per Dask
     worker process for all the blocks it computes with those weights."""
     digest, arrays = weights
-    key = json.dumps([params["features"], params["frames"]["size"], digest])
+    key = json.dumps([job.features.model_dump(), job.frame_size, digest])
     if key not in _WORKER_BACKBONES:
-        _WORKER_BACKBONES[key] = seeded_backbone(params, initial=arrays)
+        _WORKER_BACKBONES[key] = seeded_backbone(job, initial=arrays)
     return _WORKER_BACKBONES[key]
 
 
 def backbone_facts(
-    params: dict, weights: tuple[str, list[np.ndarray]]
+    job: FeatureJob, weights: tuple[str, list[np.ndarray]]
 ) -> tuple[int, tuple[str, str]]:
     """Dask task: the feature width and (runtime, precision) the workers compute with."""
-    backbone, _, runtime = worker_backbone(params, weights)
-    return feature_width(backbone, bool(params["features"].get("motion"))), runtime
+    backbone, _, runtime = worker_backbone(job, weights)
+    return feature_width(backbone, job.features.motion), runtime
 
 
-def features_block(params: dict, weights: tuple[str, list[np.ndarray]], block: tuple) -> tuple:
+def features_block(job: FeatureJob, weights: tuple[str, list[np.ndarray]], block: tuple) -> tuple:
     """Dask task: features of a block of clips (first index, frames, masks, augment?) and, for
     training clips, of their augmented copies; with the (runtime, precision) that made them."""
     first, frames, mask, augment = block
-    backbone, preprocess, runtime = worker_backbone(params, weights)
-    features = stage_features(backbone, preprocess, frames, params)
+    backbone, preprocess, runtime = worker_backbone(job, weights)
+    features = stage_features(backbone, preprocess, frames, job.features)
     augmented = [
-        augmented_clip_features(backbone, preprocess, frames[i], mask[i], first + i, params)
+        augmented_clip_features(backbone, preprocess, frames[i], mask[i], first + i, job)
         for i in range(len(frames) if augment else 0)
     ]
     return features, augmented, runtime
 
 
-def features_here(backbone, preprocess, params, split, frames, mask, out, aug) -> None:
+def features_here(backbone, preprocess, job: FeatureJob, split, frames, mask, out, aug) -> None:
     """One split's features in this process, into `out` (and `aug`: features, masks)."""
-    stage_features(backbone, preprocess, frames, params, desc=f"features {split}", out=out)
+    stage_features(backbone, preprocess, frames, job.features, desc=f"features {split}", out=out)
     for i in tqdm(range(len(frames) if aug else 0), desc="augmented train features", unit="clip"):
         aug[0][i], aug[1][i] = augmented_clip_features(
-            backbone, preprocess, frames[i], mask[i], i, params
+            backbone, preprocess, frames[i], mask[i], i, job
         )
 
 
-def features_on_cluster(client, params, weights, runtime, split, frames, mask, out, aug) -> None:
-    """One split's features on the Dask cluster, a block of clips per task, written into `out`
+def features_on_cluster(
+    client, job: FeatureJob, per_task: int, weights, runtime, split, frames, mask, out, aug
+) -> None:
+    """One split's features on the Dask cluster, `per_task` clips per task, written into `out`
     (and `aug`) in order; every block must come from the same runtime and precision."""
-    per_task = clips_per_task(params)
     starts = range(0, len(frames), per_task)
 
     def block(start: int) -> list:  # the arrays travel with the task: no file to share
@@ -134,7 +151,7 @@ def features_on_cluster(client, params, weights, runtime, split, frames, mask, o
 
     blocks = (block(start) for start in starts)
     results = cluster_map(
-        client, features_block, blocks, f"features {split}", unit="block", shared=(params, weights)
+        client, features_block, blocks, f"features {split}", unit="block", shared=(job, weights)
     )
     for start, (features, augmented, block_runtime) in zip(starts, results, strict=True):
         if tuple(block_runtime) != tuple(runtime):
@@ -147,25 +164,29 @@ def features_on_cluster(client, params, weights, runtime, split, frames, mask, o
             aug[0][start + i], aug[1][start + i] = copies, masks
 
 
-def extract_features(params: dict) -> None:
-    cfg = params["features"]
-    copies = int(cfg.get("augmented_copies") or 0)
-    frames_dir = resolve(params["paths"]["frames"])
-    motion = bool(cfg.get("motion"))
-    address = dask_scheduler(params)
+def extract_features(job: FeatureJob, paths: Paths, dask: Dask) -> None:
+    """Features of every cached frame of every split (and of the augmented copies of the
+    training clips), here or on the Dask cluster `dask.scheduler` names, into `paths.features`."""
+    cfg = job.features
+    copies = cfg.augmented_copies
+    frames_dir = resolve(paths.frames)
+    address = dask.scheduler
     total = 0
     # built before a Dask client starts its threads (see `built_weights`)
-    weights = built_weights(params) if address else None
-    with dask_client(params) if address else contextlib.nullcontext() as client:
+    weights = built_weights(job) if address else None
+    with dask_client(dask) if address else contextlib.nullcontext() as client:
         if client is None:
-            backbone, preprocess, runtime = seeded_backbone(params)
-            dim = feature_width(backbone, motion)
-            compute = functools.partial(features_here, backbone, preprocess, params)
+            backbone, preprocess, runtime = seeded_backbone(job)
+            dim = feature_width(backbone, cfg.motion)
+            compute = functools.partial(features_here, backbone, preprocess, job)
         else:  # each worker gets the weights once and builds the runtime's model from them
             weights = client.scatter([weights], broadcast=True)[0]  # one future, not one per array
-            dim, runtime = client.submit(backbone_facts, params, weights, pure=False).result()
-            compute = functools.partial(features_on_cluster, client, params, weights, runtime)
-        with atomic_dir(resolve(params["paths"]["features"])) as tmp:
+            dim, runtime = client.submit(backbone_facts, job, weights, pure=False).result()
+            compute = functools.partial(
+                features_on_cluster, client, job, dask.clips_per_task, weights, runtime
+            )
+
+        with atomic_dir(resolve(paths.features)) as tmp:
             for split in SPLITS:
                 frames, labels, mask = load_arrays(
                     frames_dir / split, "frames", "labels", "mask", mmap_mode="r"
@@ -204,18 +225,25 @@ def extract_features(params: dict) -> None:
         "features: %d frames -> %d-d %s features (%s, %s)%s in %s%s%s",
         total,
         dim,
-        cfg["backbone"],
+        cfg.backbone,
         runtime,
         precision,
-        " (appearance + motion streams)" if motion else "",
-        params["paths"]["features"],
+        " (appearance + motion streams)" if cfg.motion else "",
+        paths.features,
         f" (+ {copies} augmented copies of each training clip)" if copies else "",
         f" on the Dask cluster at {address}" if address else "",
     )
 
 
+def run(config: Params) -> None:
+    """The stage: `extract_features` with the config's sections."""
+    frames = config.frames
+    job = FeatureJob(config.features, frames.size, frames.pad_value, config.seed, config.augment)
+    extract_features(job, config.paths, config.dask)
+
+
 def main(argv: list[str] | None = None) -> None:
-    stage_cli("features", __doc__.splitlines()[0], lambda p, a: extract_features(p), argv)
+    stage_cli("features", __doc__.splitlines()[0], lambda p, a: run(p), argv)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from pipeline.atomic import atomic_dir, write_json_atomic
 from pipeline.config import SPLITS, dataset_classes, resolve
 from pipeline.data.arrays import NpyRowWriter, save_arrays
 from pipeline.data.flow import RGB_CHANNELS, FlowSettings
-from pipeline.data.video import sample_frames, sample_indices
+from pipeline.data.video import sample_frames
 from pipeline.parallel import clip_map
+from pipeline.schema.sections import Dask, Frames, Params, Paths
 from pipeline.stages.cli import stage_cli
 
 log = logging.getLogger(__name__)
@@ -37,30 +38,28 @@ def sample_frames_task(task: tuple) -> tuple[np.ndarray, np.ndarray]:
     return sample_frames(*sampling, threads=1, flow=flow, fps=fps)
 
 
-def extract_frames(params: dict) -> None:
+def extract_frames(
+    cfg: Frames, classes: list[str], paths: Paths, workers: int | None, dask: Dask
+) -> None:
     """Decode every usable clip once, in parallel, into per-split uint8 arrays on disk.
 
     All clips go through one worker pool (train, then val, then test, so no split waits for
     another's stragglers); results arrive in order and are streamed to each split's
     `frames.npy`, so memory holds a few clips' frames, not the dataset.
     """
-    cfg = params["frames"]
-    classes = dataset_classes(params)
-    raw = resolve(params["paths"]["raw"])
-    splits = pd.read_csv(resolve(params["paths"]["clean"]) / "splits.csv")
-    n, size = int(cfg["num_frames"]), int(cfg["size"])
-    sampling = cfg.get("sampling", "uniform")
-    flow = FlowSettings.from_config(cfg.get("flow"))
-    sample_indices(n, n, sampling)  # fail on a bad frames.sampling before decoding anything
+    raw = resolve(paths.raw)
+    splits = pd.read_csv(resolve(paths.clean) / "splits.csv")
+    n, size = cfg.num_frames, cfg.size
+    flow = FlowSettings.from_config(cfg.flow.model_dump())  # None when flow is off
     parts = {s: splits[splits["split"] == s].reset_index(drop=True) for s in SPLITS}
     tasks = [
-        (raw / rec.path, int(rec.frames), n, size, int(cfg["pad_value"]), sampling)
+        (raw / rec.path, int(rec.frames), n, size, cfg.pad_value, cfg.sampling)
         + (flow, float(rec.fps))
         for s in SPLITS
         for rec in parts[s].itertuples()
     ]
-    results = clip_map(sample_frames_task, tasks, params, "frames", [t[0] for t in tasks])
-    with atomic_dir(resolve(params["paths"]["frames"])) as tmp:
+    results = clip_map(sample_frames_task, tasks, [t[0] for t in tasks], "frames", workers, dask)
+    with atomic_dir(resolve(paths.frames)) as tmp:
         for split in SPLITS:
             rows = parts[split]
             (tmp / split).mkdir()
@@ -86,14 +85,20 @@ def extract_frames(params: dict) -> None:
         n,
         size,
         size,
-        sampling,
+        cfg.sampling,
         ", with optical flow" if flow else "",
-        params["paths"]["frames"],
+        paths.frames,
     )
 
 
+def run(config: Params) -> None:
+    """The stage: the class list, then `extract_frames` with the config's sections."""
+    classes = dataset_classes(config.dataset.classes, config.paths.clean)
+    extract_frames(config.frames, classes, config.paths, config.workers, config.dask)
+
+
 def main(argv: list[str] | None = None) -> None:
-    stage_cli("frames", __doc__.splitlines()[0], lambda p, a: extract_frames(p), argv)
+    stage_cli("frames", __doc__.splitlines()[0], lambda p, a: run(p), argv)
 
 
 if __name__ == "__main__":

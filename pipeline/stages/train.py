@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     stage_cli(
         "train",
         __doc__.splitlines()[0],
-        lambda p, a: train_and_evaluate(p, a.model),
+        lambda p, a: train_and_evaluate(p.composed, a.model),
         argv,
         model_option,
     )
