@@ -64,7 +64,7 @@ def test_the_per_clip_stages_on_a_cluster_write_the_local_bytes(in_tmp_root, tin
 
     with local_cluster() as cluster, distributed.Client(cluster) as watcher:
         # three clips per task: splits and tasks do not line up, and the last block is short
-        dask = {"scheduler": cluster.scheduler_address, "clips_per_task": 3}
+        dask = {**tiny_params["dask"], "scheduler": cluster.scheduler_address, "clips_per_task": 3}
         with distributed.get_task_stream(watcher) as tasks, caplog.at_level(logging.INFO):
             per_clip_stages({**tiny_params, "dask": dask})
     assert f"on the Dask cluster at {cluster.scheduler_address}" in caplog.text
