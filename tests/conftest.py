@@ -40,6 +40,28 @@ def openvino_cache(tmp_path_factory):
         os.environ["HANDBALL_OPENVINO_CACHE"] = previous
 
 
+@pytest.fixture(autouse=True)
+def mlflow_uris_restored():
+    """MLflow's process-wide tracking and registry URIs, and the MLFLOW_TRACKING_URI /
+    MLFLOW_REGISTRY_URI they export to every later subprocess, as they were before the test:
+    code run in-process (`predict.use_project_store`, `mlflow.set_registry_uri`) sets them, and
+    a later test's `MlflowClient(tracking_uri=…)` would otherwise register models in the store
+    an earlier test pointed the registry at."""
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    environment = {name: os.environ.get(name) for name in names}
+    yield
+    tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+    for name, value in environment.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def tiny_params() -> dict:
     """The real conf/ tree composed with `experiment=tiny` (what the end-to-end test runs)."""

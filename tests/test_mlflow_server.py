@@ -163,7 +163,8 @@ def log_tail(lines: int = 60) -> str:
 
 def as_user(env: dict, server: str, account: tuple[str, str] | None) -> dict:
     """`env` pointed at the server as `account` (None: anonymous), without storage keys."""
-    out = {k: v for k, v in env.items() if not k.startswith(("AWS_", "MLFLOW_TRACKING_"))}
+    prefixes = ("AWS_", "MLFLOW_TRACKING_", "MLFLOW_REGISTRY_")
+    out = {k: v for k, v in env.items() if not k.startswith(prefixes)}
     out["MLFLOW_TRACKING_URI"] = server
     if account:
         out["MLFLOW_TRACKING_USERNAME"], out["MLFLOW_TRACKING_PASSWORD"] = account
@@ -211,7 +212,7 @@ def test_the_pipeline_a_queued_grid_and_predict_use_the_team_server(
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORDS["bo"])
     assert not (clone / "mlflow.db").exists() and not (clone / "mlruns").exists()
 
-    client = MlflowClient(tracking_uri=mlflow_server)
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     experiment = client.get_experiment_by_name("handball-actions")
     assert experiment.artifact_location.startswith("mlflow-artifacts:")
     runs = client.search_runs([experiment.experiment_id])
@@ -311,7 +312,7 @@ def test_the_team_server_refuses_what_an_account_may_not_do(
     # carl holds the default, READ: he looks, and loads the champion ...
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", READER[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", READER[1])
-    client = MlflowClient(tracking_uri=mlflow_server)
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     experiment = client.get_experiment_by_name("handball-actions")
     assert client.search_runs([experiment.experiment_id])
     carl = as_user(bo, mlflow_server, READER)
