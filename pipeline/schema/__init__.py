@@ -1,9 +1,9 @@
 """The composed configuration's contract: every section of `params.yaml` as a typed model.
 
-`parse_params(params)` turns a composed config into the typed `Params` each stage hands its
-sections from; `validate_params(params)` checks a composed config (a plain dict, as Hydra and DVC write it)
-against these models and raises `InvalidConfig` listing every problem, one line each, naming
-the full key, the value given and what is allowed:
+`parse_params(params)` turns a composed config (a plain dict, as Hydra and DVC write it) into
+the typed `Params` whose sections each stage hands down; `validate_params(params)` only checks
+it. Both raise `InvalidConfig` listing every problem, one line each, naming the full key, the
+value given and what is allowed:
 
     models.cnn3d.train.epochs=-5: must be a whole number >= 1
     models.cnn_gru.dropuot=0.2: not a setting of models.cnn_gru (it has: dense_units, dropout, ...)
