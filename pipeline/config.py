@@ -63,8 +63,8 @@ def load_config(path: str | Path | None = None) -> Params:
 
 
 def load_params(path: str | Path | None = None) -> dict[str, Any]:
-    """`load_config`'s mapping as written, for the code that still reads the config as a
-    dict (the train stage's modules, the sweep, the benchmarks)."""
+    """`load_config`'s mapping as written, for the scripts that change settings before they
+    parse it (the benchmarks)."""
     return load_config(path).composed
 
 

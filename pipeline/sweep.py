@@ -21,7 +21,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -33,6 +33,10 @@ from pipeline.data.arrays import load_arrays
 from pipeline.errors import PipelineError, refusal_message, server_refusals
 from pipeline.logs import quiet_tensorflow_startup, setup_logging
 
+if TYPE_CHECKING:
+    from pipeline.schema import ModelSection
+    from pipeline.schema.sections import Paths
+
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "HANDBALL_SWEEP_PARENT_RUN_ID"
@@ -40,10 +44,10 @@ PARENT_ENV = "HANDBALL_SWEEP_PARENT_RUN_ID"
 INVALID_ENV = "HANDBALL_SWEEP_INVALID"
 
 
-def objective_name(params: dict) -> str:
-    """The validation score a sweep maximises: `val_<compare.metric>` in the metrics summary,
-    `eval_val_<compare.metric>` in MLflow."""
-    return f"val_{params['compare']['metric']}"
+def objective_name(metric: str) -> str:
+    """The validation score a sweep maximises (`metric` is `compare.metric`):
+    `val_<metric>` in the metrics summary, `eval_val_<metric>` in MLflow."""
+    return f"val_{metric}"
 
 
 def child_runs(client, parent: str) -> list:
@@ -96,7 +100,7 @@ class MlflowParentRun(Callback):
         if not parent:
             return
         client = MlflowClient()
-        key = "eval_" + objective_name(OmegaConf.to_container(config, resolve=False))
+        key = "eval_" + objective_name(OmegaConf.select(config, "compare.metric"))
         children = child_runs(client, parent)
         finished = [c for c in children if c.info.status == "FINISHED" and key in c.data.metrics]
         client.log_metric(parent, "jobs", len(children))
@@ -118,25 +122,25 @@ class MlflowParentRun(Callback):
         client.set_terminated(parent, "FINISHED" if finished else "FAILED")
 
 
-def apply_model_overrides(params: dict, name: str, cfg: DictConfig, overrides: list[str]) -> None:
-    """`model.<key>=value` on the command line sets `models.<name>.<key>`: the `model` node
-    only names the model; its settings come from `models.<name>` (experiment scaling
-    included), with the user's `model.*` overrides on top."""
-    target = OmegaConf.create(params["models"][name])
+def apply_model_overrides(composed: dict, name: str, cfg: DictConfig, overrides: list[str]) -> None:
+    """`model.<key>=value` on the command line sets `models.<name>.<key>` of the `composed`
+    config: the `model` node only names the model; its settings come from `models.<name>`
+    (experiment scaling included), with the user's `model.*` overrides on top."""
+    target = OmegaConf.create(composed["models"][name])
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key.startswith("model."):
             OmegaConf.update(target, key[len("model.") :], OmegaConf.select(cfg, key), merge=False)
-    params["models"][name] = OmegaConf.to_container(target, resolve=True)
+    composed["models"][name] = OmegaConf.to_container(target, resolve=True)
 
 
 def job_params(cfg: dict, overrides: list[str]) -> tuple[str, dict]:
-    """(model name, the params a job trains with): the composed sweep config without its
+    """(model name, the config a job trains with, as composed): the sweep config without its
     `model` node, whose name picks the model and whose overrides go to `models.<name>`."""
-    params = {k: v for k, v in cfg.items() if k != "hydra"}
-    name = params.pop("model")["name"]
-    apply_model_overrides(params, name, OmegaConf.create(cfg), overrides)
-    return name, params
+    composed = {k: v for k, v in cfg.items() if k != "hydra"}
+    name = composed.pop("model")["name"]
+    apply_model_overrides(composed, name, OmegaConf.create(cfg), overrides)
+    return name, composed
 
 
 def check_sweep_points(config: DictConfig) -> None:
@@ -184,12 +188,12 @@ def check_sweep_points(config: DictConfig) -> None:
         )
 
 
-def check_cached_inputs(params: dict, name: str) -> None:
+def check_cached_inputs(paths: Paths, model: ModelSection) -> None:
+    """Every split of the cache `model` reads is there, else the error names it and `dvc
+    repro`."""
     from pipeline.data.arrays import input_dir
 
-    if name not in params["models"]:
-        raise PipelineError(f"model={name!r} is not one of {sorted(params['models'])}")
-    directory = input_dir(params, params["models"][name])
+    directory = input_dir(paths, model)
     for split in ("train", "val", "test"):
         load_arrays(directory / split, "labels")  # names the missing cache and `dvc repro`
 
@@ -199,7 +203,7 @@ def sweep_job(cfg: DictConfig) -> float:
     (NaN when the job failed, after recording it as a FAILED child run)."""
     import mlflow
 
-    from pipeline.schema import validate_params
+    from pipeline.schema import parse_params
     from pipeline.stages.train import train_and_evaluate
     from pipeline.tracking import run_tags, use_experiment
 
@@ -207,12 +211,12 @@ def sweep_job(cfg: DictConfig) -> float:
     if os.environ.get(INVALID_ENV):
         log.warning("sweep job skipped (%s): the sweep did not start (above)", task_overrides)
         return math.nan
-    name, params = job_params(OmegaConf.to_container(cfg, resolve=True), task_overrides)
+    name, composed = job_params(OmegaConf.to_container(cfg, resolve=True), task_overrides)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = " ".join(task_overrides)
     parent = os.environ.get(PARENT_ENV)
-    params["paths"] = {
-        **params["paths"],
+    composed["paths"] = {
+        **composed["paths"],
         **{k: str(job_dir / k) for k in ("models", "metrics", "reports")},
     }
     try:
@@ -221,19 +225,20 @@ def sweep_job(cfg: DictConfig) -> float:
                 "no MLflow parent run: the sweep callback did not start "
                 "(see Hydra's warnings above)"
             )
-        validate_params(params)  # an Optuna trial's value; the grid was checked at the start
-        check_cached_inputs(params, name)
+        # checks an Optuna trial's value too; the grid was checked at the start
+        config = parse_params(composed)
+        check_cached_inputs(config.paths, config.models.named(name))
         summary = train_and_evaluate(
-            params, name, parent_run_id=parent, extra_tags={"sweep_job_overrides": overrides}
+            config, name, parent_run_id=parent, extra_tags={"sweep_job_overrides": overrides}
         )
-        return float(summary[objective_name(params)])
+        return float(summary[objective_name(config.compare.metric)])
     except Exception as exc:  # one failed job must not stop the sweep
         refusal = refusal_message(exc)
         log.error("sweep job %s (%s) failed: %s", job_dir.name, overrides, refusal or exc)
         if refusal:  # the tracking server would refuse recording the failure too
             return math.nan
         if parent and mlflow.active_run() is None and not failed_run_recorded(parent, overrides):
-            use_experiment(params["mlflow"]["experiment"])
+            use_experiment(composed["mlflow"]["experiment"])
             with mlflow.start_run(
                 run_name=f"{name} (failed)",
                 parent_run_id=parent,

@@ -7,11 +7,15 @@ import logging
 import os
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import SPLITS, repo_root, resolve, store_root
+
+if TYPE_CHECKING:
+    from pipeline.schema.sections import DatasetBase
 
 log = logging.getLogger(__name__)
 
@@ -141,19 +145,20 @@ def run_tags(model: str, dataset: dict | None = None) -> dict[str, str]:
     }
 
 
-def dataset_source(ds: dict) -> str:
+def dataset_source(ds: DatasetBase) -> str:
     """Where the clips came from, for MLflow's dataset source: the URL, the folder or archive,
     or the sample generator."""
-    if ds.get("url"):
-        return str(ds["url"])
-    return resolve(ds.get("path") or ds["tracked"]).as_uri()
+    if ds.url:
+        return ds.url
+    return resolve(ds.path or ds.tracked).as_uri()
 
 
-def log_dataset(params: dict, dataset: dict, train_clips: int, clean_dir: Path) -> None:
+def log_dataset(ds: DatasetBase, dataset: dict, train_clips: int, clean_dir: Path) -> None:
     """What the model was trained on, in the active MLflow run: the split table as an MLflow
     dataset (name, digest of the clips' content and split, source; the UI's Datasets column),
     clip counts and what the clean stage quarantined and why (metrics `data_*`), and the
-    quarantine report itself."""
+    quarantine report itself. `ds` is the `dataset` section, `dataset` what the clean stage
+    recorded (`dataset.json`)."""
     import warnings
 
     import pandas as pd
@@ -163,7 +168,7 @@ def log_dataset(params: dict, dataset: dict, train_clips: int, clean_dir: Path) 
         warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
         data = mlflow.data.from_pandas(
             splits,
-            source=dataset_source(params["dataset"]),
+            source=dataset_source(ds),
             targets="label",
             name=dataset["name"],
             digest=dataset_digest(dataset),
@@ -200,11 +205,11 @@ def dataset_digest(dataset: dict) -> str:
     return f"{dataset['dataset_hash'][:8]}-{dataset.get('split_hash', '')[:8]}"
 
 
-def run_description(name: str, dataset: dict, params: dict, summary: dict) -> str:
+def run_description(name: str, dataset: dict, seed: int, summary: dict) -> str:
     """The run's description in the MLflow UI: data, split, seeds, headline scores."""
     counts = split_counts(dataset)
     split = "given split file" if dataset.get("split_source") == "split_file" else "grouped split"
-    seeds = f"seed {params['seed']}"
+    seeds = f"seed {seed}"
     if summary.get("seeds"):
         seeds += (
             f"; over {summary['seeds']} seeds test macro-F1 "

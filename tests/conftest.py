@@ -223,6 +223,23 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
+def model_section(name: str, cfg: dict):
+    """`cfg` (a `models.<name>` mapping) as the schema's typed section of that model: what the
+    builders, fitting and the cache loaders take. A setting the schema refuses raises its
+    ValidationError (a ValueError naming the key)."""
+    from pipeline.schema.model_sections import Models
+
+    return Models.model_fields[name].annotation.model_validate(cfg)
+
+
+def augment_section(**settings):
+    """The typed `augment` section: every augmentation off except `settings`."""
+    from pipeline.schema.sections import Augment
+
+    off = {"hflip": 0.0, "rotation_deg": 0.0, "blur": 0.0, "noise_std": 0.0, "temporal_jitter": 0}
+    return Augment.model_validate({**off, **settings})
+
+
 def folder_params(tiny_params: dict, src, classes, **clean_cfg) -> dict:
     """`tiny_params` with the clips of the folder `src` (`dataset=folder`, these `classes`),
     two workers and `clean_cfg` in the `clean` section."""

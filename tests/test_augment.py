@@ -8,13 +8,22 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import augment_section
 
 from pipeline.data.arrays import save_arrays
 from pipeline.data.augment import augment_clip, jitter_indices, oversample_indices
 from pipeline.errors import PipelineError
 from pipeline.schema import parse_params
+from pipeline.stages.train import fit_job
 
 AUG = {"hflip": 0.5, "rotation_deg": 5, "blur": 0.2, "noise_std": 4.0, "temporal_jitter": 1}
+
+
+def job_with(params: dict, name: str, **train):
+    """The train stage's FitJob for model `name` of `params`, with `train` settings changed."""
+    model = params["models"][name]
+    model = {**model, "train": {**model["train"], **train}}
+    return fit_job(parse_params({**params, "models": {**params["models"], name: model}}), name)
 
 
 def clips(n: int, t: int = 6, size: int = 24, seed: int = 0) -> np.ndarray:
@@ -33,8 +42,8 @@ def test_oversampling_brings_every_class_to_the_largest():
 def test_augmented_copy_differs_keeps_shape_and_is_reproducible():
     frames = clips(1)[0]
     mask = np.ones(6, bool)
-    a, ma = augment_clip(frames, mask, AUG, np.random.default_rng(3))
-    b, mb = augment_clip(frames, mask, AUG, np.random.default_rng(3))
+    a, ma = augment_clip(frames, mask, augment_section(**AUG), np.random.default_rng(3))
+    b, mb = augment_clip(frames, mask, augment_section(**AUG), np.random.default_rng(3))
     assert a.shape == frames.shape and a.dtype == np.uint8
     assert np.array_equal(a, b) and np.array_equal(ma, mb)
     assert np.abs(a.astype(int) - frames.astype(int)).mean() > 1
@@ -42,7 +51,8 @@ def test_augmented_copy_differs_keeps_shape_and_is_reproducible():
 
 def test_flip_only_is_an_exact_mirror_of_every_frame():
     frames = clips(1)[0]
-    out, _ = augment_clip(frames, np.ones(6, bool), {"hflip": 1.0}, np.random.default_rng(0))
+    flip = augment_section(hflip=1.0)
+    out, _ = augment_clip(frames, np.ones(6, bool), flip, np.random.default_rng(0))
     assert np.array_equal(out, frames[:, :, ::-1])
 
 
@@ -53,7 +63,7 @@ def test_temporal_jitter_stays_in_order_and_marks_repeats():
         assert np.all(np.diff(idx) >= 0) and idx.min() >= 0 and idx.max() <= 7
     frames = np.stack([np.full((4, 4, 3), 10 * i, np.uint8) for i in range(8)])
     out, mask = augment_clip(
-        frames, np.ones(8, bool), {"temporal_jitter": 3}, np.random.default_rng(5)
+        frames, np.ones(8, bool), augment_section(temporal_jitter=3), np.random.default_rng(5)
     )
     levels = out[:, 0, 0, 0].astype(int)
     assert np.array_equal(mask[1:], levels[1:] != levels[:-1])
@@ -64,12 +74,9 @@ def test_oversampled_epochs_are_balanced_with_untouched_originals(tiny_params):
 
     x = clips(12)
     y = np.array([0] * 8 + [1] * 3 + [2] * 1)
-    cfg = {
-        "name": "cnn3d",
-        "input": "frames",
-        "train": {"batch_size": 5, "class_weights": True, "oversample": True},
-    }
-    fit = training_data({**tiny_params, "augment": AUG}, cfg, x, y, 3)
+    params, seed = {**tiny_params, "augment": AUG}, tiny_params["seed"]
+    job = job_with(params, "cnn3d", batch_size=5, class_weights=True, oversample=True)
+    fit = training_data(job, seed, x, y, 3)
     assert fit["class_weight"] is None and "y" not in fit
     data = fit["x"]
     for _epoch in range(2):
@@ -80,9 +87,8 @@ def test_oversampled_epochs_are_balanced_with_untouched_originals(tiny_params):
         assert originals == 12  # each original exactly once; every copy is altered
         data.on_epoch_end()
 
-    plain = training_data(
-        tiny_params, {**cfg, "train": {**cfg["train"], "oversample": False}}, x, y, 3
-    )
+    job = job_with(params, "cnn3d", batch_size=5, class_weights=True, oversample=False)
+    plain = training_data(job, seed, x, y, 3)
     assert plain["x"] is x and plain["class_weight"][2] > plain["class_weight"][0]
 
 
@@ -111,10 +117,7 @@ def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root
         "features": {**tiny_params["features"], "augmented_copies": 2, "batch_size": 4},
         "augment": AUG,
     }
-    cfg = {
-        **params["models"]["cnn_gru"],
-        "train": {**params["models"]["cnn_gru"]["train"], "oversample": True},
-    }
+    job, seed = job_with(params, "cnn_gru", oversample=True), params["seed"]
 
     no_copies = {**params, "features": {**params["features"], "augmented_copies": 0}}
     extract_features(parse_params(no_copies))
@@ -123,7 +126,7 @@ def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root
         "mask": np.load(in_tmp_root / "data/features/train/mask.npy"),
     }
     with pytest.raises(PipelineError, match="features.augmented_copies"):
-        training_data(params, cfg, x, labels["train"], 2)
+        training_data(job, seed, x, labels["train"], 2)
 
     extract_features(parse_params(params))
     train_dir = in_tmp_root / "data" / "features" / "train"
@@ -132,7 +135,7 @@ def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root
     assert aug.shape == (4, 2, 4, 2048 * streams)
     assert not (in_tmp_root / "data/features/val/aug_features.npy").exists()
     assert not np.allclose(aug[:, 0], x["features"])  # copies are features of altered frames
-    fit = training_data(params, cfg, x, labels["train"], 2)
+    fit = training_data(job, seed, x, labels["train"], 2)
     assert np.bincount(fit["y"]).tolist() == [3, 3]
     assert np.array_equal(fit["x"]["features"][:4], x["features"])
     assert fit["class_weight"] is None

@@ -137,7 +137,7 @@ def test_multi_worker_without_tf_config_says_what_is_missing(tmp_path, monkeypat
     monkeypatch.delenv("TF_CONFIG", raising=False)
     params = compose_params(TINY + ["distribute=multi_worker"], conf_dir=ROOT / "conf")
     with pytest.raises(PipelineError, match="needs TF_CONFIG"):
-        training_strategy(params)
+        training_strategy(params["distribute"]["strategy"])
 
 
 def test_every_worker_draws_the_same_global_batches_with_class_weights():

@@ -149,13 +149,16 @@ def test_a_logged_model_records_what_computed_its_features(tiny_params, tmp_path
     import copy
     import json
 
-    from pipeline.serving.classifier import preprocessing_config
+    from pipeline.schema import parse_params
+    from pipeline.stages.train import preprocessing_record
 
     params = copy.deepcopy(tiny_params)
     params["features"].update(runtime="openvino", precision="bfloat16")
     params["paths"]["features"] = str(tmp_path)
-    assert preprocessing_config(params, "cnn_gru", ["a", "b"])["features"]["runtime"] == "openvino"
+    config = parse_params(params)
+    pre = preprocessing_record(config, config.models.cnn_gru, ["a", "b"])["features"]
+    assert (pre["runtime"], pre["precision"]) == ("openvino", "bfloat16")
     (tmp_path / "runtime.json").write_text(json.dumps({"runtime": "keras", "precision": "float32"}))
-    pre = preprocessing_config(params, "cnn_gru", ["a", "b"])["features"]
+    pre = preprocessing_record(config, config.models.cnn_gru, ["a", "b"])["features"]
     assert (pre["runtime"], pre["precision"]) == ("keras", "float32")
-    assert "features" not in preprocessing_config(params, "cnn3d", ["a", "b"])
+    assert "features" not in preprocessing_record(config, config.models.cnn3d, ["a", "b"])

@@ -9,17 +9,22 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT
+from conftest import ROOT, augment_section, model_section
 
 from pipeline.data.arrays import load_split, mirrored, save_arrays
 from pipeline.data.augment import augment_clip, rotated_flow
 from pipeline.data.flow import RGB_CHANNELS, FlowSettings, decode_speed, encode_speed
 from pipeline.data.video import sample_frames
 from pipeline.params import compose_params
+from pipeline.schema import InvalidConfig, parse_params
 from pipeline.serving.clips import clip_frames, window_frames
 
 SIZE = 64  # frames.size of these tests: a 64 x 48 video letterboxed into 64 x 64, 8 rows of pad
-FLOW_PARAMS = compose_params(["experiment=tiny", "inputs=flow"], conf_dir=ROOT / "conf")
+FLOW_PARAMS = compose_params(
+    # cnn_gru takes class weights: the augmented copies of its cached features have no flow
+    ["experiment=tiny", "inputs=flow", "models.cnn_gru.train.oversample=false"],
+    conf_dir=ROOT / "conf",
+)
 SETTINGS = FlowSettings.from_config(FLOW_PARAMS["frames"]["flow"])
 PRE = {
     "frames": {"num_frames": 4, "size": SIZE, "pad_value": 0, "sampling": "uniform"},
@@ -99,16 +104,19 @@ def test_mirroring_and_augmentation_turn_the_flow_with_the_frames(tmp_path):
     original, mirror = mirrored(clip[None])
     np.testing.assert_array_equal(mirror[..., :RGB_CHANNELS], original[:, :, ::-1, :RGB_CHANNELS])
     assert square_speed(mirror)[0] == pytest.approx(-square_speed(original)[0], abs=1e-6)
-    flipped, _ = augment_clip(clip, mask, {"hflip": 1.0}, np.random.default_rng(0))
+    flipped, _ = augment_clip(clip, mask, augment_section(hflip=1.0), np.random.default_rng(0))
     np.testing.assert_array_equal(flipped, mirror)
-    noisy, _ = augment_clip(clip, mask, {"blur": 1.0, "noise_std": 10.0}, np.random.default_rng(0))
+    blurred = augment_section(blur=1.0, noise_std=10.0)
+    noisy, _ = augment_clip(clip, mask, blurred, np.random.default_rng(0))
     np.testing.assert_array_equal(noisy[..., RGB_CHANNELS:], clip[..., RGB_CHANNELS:])
     assert not np.array_equal(noisy[..., :RGB_CHANNELS], clip[..., :RGB_CHANNELS])
     # a quarter turn: motion to the right becomes vertical, as fast
     quarter = cv2.getRotationMatrix2D((SIZE / 2, SIZE / 2), 90, 1.0)[:, :2]
     turned = decode_speed(rotated_flow(encode_speed(np.array([[0.5, 0.0]])), quarter))
     assert abs(turned[0, 0]) < 0.01 and abs(turned[0, 1]) == pytest.approx(0.5, abs=0.01)
-    rotated, _ = augment_clip(clip, mask, {"rotation_deg": 30}, np.random.default_rng(1))
+    rotated, _ = augment_clip(
+        clip, mask, augment_section(rotation_deg=30.0), np.random.default_rng(1)
+    )
     assert rotated.shape == clip.shape
 
 
@@ -132,12 +140,13 @@ def test_models_on_flow_load_it_from_the_frames_cache(tmp_path, monkeypatch):
     )
     features = np.random.default_rng(0).normal(size=(1, 4, 16)).astype(np.float32)
     save_arrays(features_dir, features=features, labels=np.zeros(1), mask=mask[None])
-    cnn3d = FLOW_PARAMS["models"]["cnn3d"]
-    inputs, _, _ = load_split(FLOW_PARAMS, cnn3d, "test")
+    config = parse_params(FLOW_PARAMS)
+    inputs, _, _ = load_split(config.paths, config.models.cnn3d, "test")
     np.testing.assert_array_equal(inputs, clip[None])
-    plain, _, _ = load_split(FLOW_PARAMS, {**cnn3d, "motion": "rgb_diff"}, "test")
+    rgb_diff = config.models.cnn3d.model_copy(update={"motion": "rgb_diff"})
+    plain, _, _ = load_split(config.paths, rgb_diff, "test")
     np.testing.assert_array_equal(plain, clip[None, ..., :3])
-    sequence, _, _ = load_split(FLOW_PARAMS, FLOW_PARAMS["models"]["cnn_gru"], "test")
+    sequence, _, _ = load_split(config.paths, config.models.cnn_gru, "test")
     assert sequence["features"].shape == (1, 4, 16 + 4 * 4 * 2)
     np.testing.assert_array_equal(sequence["features"][..., :16], features)
     assert np.abs(sequence["features"][..., 16:]).max() > 0.05  # the square's motion
@@ -153,9 +162,9 @@ def test_frame_models_on_frames_and_flow_build_save_and_load(tmp_path):
 
     clips = np.random.default_rng(0).integers(1, 256, (2, 6, 80, 80, 5)).astype(np.float32)
     models = FLOW_PARAMS["models"]
-    cnn3d = build_cnn3d(models["cnn3d"], num_frames=6, size=80, num_classes=3)
+    cnn3d = build_cnn3d(model_section("cnn3d", models["cnn3d"]), 6, 80, 3)
     frame_cnn = build_frame_cnn(
-        {**models["frame_cnn"], "motion": "flow"}, num_frames=6, size=80, num_classes=3
+        model_section("frame_cnn", {**models["frame_cnn"], "motion": "flow"}), 6, 80, 3
     )
     for model in (cnn3d, frame_cnn):
         assert model.input_shape == (None, 6, 80, 80, 5)
@@ -167,8 +176,9 @@ def test_frame_models_on_frames_and_flow_build_save_and_load(tmp_path):
             rtol=1e-5,
             atol=1e-6,
         )
-    with pytest.raises(ValueError, match=r"models.cnn3d.clip_augment: .*optical flow"):
-        build_cnn3d({**models["cnn3d"], "clip_augment": {"flip": True}}, 6, 80, 3)
+    flipped = {**models["cnn3d"], "clip_augment": {"flip": True}}
+    with pytest.raises(InvalidConfig, match=r"models\.cnn3d.*clip_augment.*optical flow"):
+        parse_params({**FLOW_PARAMS, "models": {**models, "cnn3d": flipped}})
 
 
 def test_cnn_gru_reads_the_pooled_flow_as_it_is_next_to_the_change_of_features():
@@ -182,7 +192,7 @@ def test_cnn_gru_reads_the_pooled_flow_as_it_is_next_to_the_change_of_features()
         "feature_motion": "diff",
         "normalize_features": False,
     }
-    model = build_cnn_gru(cfg, num_frames=4, feature_dim=16 + 32, num_classes=3)
+    model = build_cnn_gru(model_section("cnn_gru", cfg), 4, 16 + 32, 3)
     looks = np.ones((2, 4, 16), np.float32)
     steady_flow = np.stack([np.full((4, 32), 0.0), np.full((4, 32), 0.8)]).astype(np.float32)
     features = np.concatenate([looks, steady_flow], axis=-1)

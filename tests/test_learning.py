@@ -28,7 +28,6 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.data.flow import reads_flow
 from pipeline.evaluate import classification_metrics
 
 MOTIONS = ["grows", "shrinks", "slides"]
@@ -109,7 +108,8 @@ def footage_params() -> dict:
 
     from pipeline.params import compose_params
 
-    return compose_params(["dataset=folder"], conf_dir=ROOT / "conf")
+    # a folder the tests never read: the schema wants a folder dataset to name one
+    return compose_params(["dataset=folder", "dataset.path=clips"], conf_dir=ROOT / "conf")
 
 
 def at_test_size(params: dict, name: str) -> dict:
@@ -169,15 +169,18 @@ def test_each_model_learns_a_trivially_separable_task(name, by, threshold, foota
     import keras
 
     from pipeline.models.fitting import fit_model
+    from pipeline.schema import parse_params
+    from pipeline.stages.train import fit_job
 
     params = at_test_size(footage_params, name)
+    job = fit_job(parse_params(params), name)
     data = split_clips(by)
-    if params["models"][name]["input"] == "features":
+    if job.model.input == "features":
         data = {s: (features_of(x, params), y) for s, (x, y) in data.items()}
-    elif reads_flow(params["models"][name]):
+    elif job.model.reads_flow:
         data = {s: (with_flow_of_each_clip(x, params), y) for s, (x, y) in data.items()}
     keras.backend.clear_session()
-    model, _, _ = fit_model(params, name, {k: data[k] for k in ("train", "val")}, 3, 0)
+    model, _, _ = fit_model(job, {k: data[k] for k in ("train", "val")}, 3, 0)
     x_test, y_test = data["test"]
     y_pred = model.predict(x_test, verbose=0).argmax(axis=1)
     classes = MOTIONS if by == "motion" else list(COLOURS)
@@ -195,6 +198,8 @@ def test_weight_averaging_validates_and_keeps_the_averaged_weights(footage_param
     import keras
 
     from pipeline.models.fitting import fit_model
+    from pipeline.schema import parse_params
+    from pipeline.stages.train import fit_job
 
     params = at_test_size(footage_params, "cnn3d")
     data = {
@@ -205,7 +210,8 @@ def test_weight_averaging_validates_and_keeps_the_averaged_weights(footage_param
         params = at_test_size(footage_params, "cnn3d")
         params["models"]["cnn3d"]["train"].update(epochs=4, ema_momentum=ema)
         keras.backend.clear_session()
-        model, history, _ = fit_model(params, "cnn3d", {k: data[k] for k in ("train", "val")}, 3, 0)
+        job = fit_job(parse_params(params), "cnn3d")
+        model, history, _ = fit_model(job, {k: data[k] for k in ("train", "val")}, 3, 0)
         x_val, y_val = data["val"]
         kept = model.evaluate(x_val, y_val, batch_size=8, verbose=0, return_dict=True)["loss"]
         assert kept == pytest.approx(min(history.history["val_loss"]), rel=1e-4)

@@ -2,9 +2,23 @@
 
 import numpy as np
 import pytest
+from conftest import model_section
 
+from pipeline.models import builders
 from pipeline.models.backbones import WeightsUnavailable, build_backbone
-from pipeline.models.builders import build_cnn3d, build_cnn_gru, build_frame_cnn
+
+
+# The builders take the schema's typed sections; these tests write them as mappings, as in conf/.
+def build_frame_cnn(cfg: dict, *args, **kwargs):
+    return builders.build_frame_cnn(model_section("frame_cnn", cfg), *args, **kwargs)
+
+
+def build_cnn3d(cfg: dict, *args, **kwargs):
+    return builders.build_cnn3d(model_section("cnn3d", cfg), *args, **kwargs)
+
+
+def build_cnn_gru(cfg: dict, *args, **kwargs):
+    return builders.build_cnn_gru(model_section("cnn_gru", cfg), *args, **kwargs)
 
 
 def test_frame_cnn_shapes_and_frozen_backbone(tiny_params):
@@ -159,7 +173,7 @@ def test_input_and_pooling_options_build_save_and_load(tiny_params, tmp_path):
         "backbone": {**tiny_params["models"]["frame_cnn"]["backbone"], "weights": None},
     }
     assert build_frame_cnn(fc, num_frames=3, size=32, num_classes=4).output_shape == (None, 4)
-    with pytest.raises(ValueError, match="6 input channels"):
+    with pytest.raises(ValueError, match="more or fewer than 3 channels"):
         build_frame_cnn(
             {**fc, "backbone": {**fc["backbone"], "weights": "imagenet"}},
             num_frames=3,

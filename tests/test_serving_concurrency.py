@@ -39,23 +39,23 @@ def model_folder(tmp_path_factory, tiny_params) -> Path:
 
     from pipeline.models.builders import build_cnn3d
     from pipeline.models.seeding import seed_everything
-    from pipeline.serving.classifier import preprocessing_config
+    from pipeline.schema import parse_params
     from pipeline.serving.pyfunc import log_video_classifier
+    from pipeline.stages.train import preprocessing_record
 
     folder = tmp_path_factory.mktemp("logged-cnn3d")
-    params = tiny_params
-    classes = list(params["dataset"]["classes"])
+    config = parse_params(tiny_params)
+    classes = list(config.dataset.classes)
     seed_everything(0)
     model = build_cnn3d(
-        params["models"]["cnn3d"],
-        int(params["frames"]["num_frames"]),
-        int(params["frames"]["size"]),
-        len(classes),
+        config.models.cnn3d, config.frames.num_frames, config.frames.size, len(classes)
     )
     model.save(folder / "cnn3d.keras")
     with isolated_mlflow_store(folder / "mlflow.db"), mlflow.start_run():
         info = log_video_classifier(
-            folder / "cnn3d.keras", preprocessing_config(params, "cnn3d", classes), "cnn3d"
+            folder / "cnn3d.keras",
+            preprocessing_record(config, config.models.cnn3d, classes),
+            "cnn3d",
         )
         local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(folder / "m"))
     return Path(local)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import augment_section
 
 from pipeline.data.arrays import evaluation_views, select_frames
 from pipeline.data.temporal import jittered_indices, view_count, view_indices
@@ -71,7 +72,7 @@ def test_training_clips_draw_each_clips_frames_afresh_every_epoch():
     )
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, replay))
     oversampled = training_clips(
-        fixed, labels, 4, seed=3, augment_cfg={}, cache=cache, num_frames=READ
+        fixed, labels, 4, seed=3, augment=augment_section(), cache=cache, num_frames=READ
     )
     batches = epoch(oversampled)
     assert sum(len(y) for _, y in batches) == 8  # class 1 topped up to 4 clips
@@ -87,9 +88,7 @@ def test_sequence_features_are_jittered_and_viewed_with_their_masks():
     feats = np.arange(2 * CACHED, dtype=np.float32).reshape(2, CACHED, 1)
     mask = np.ones((2, CACHED), bool)
     mask[1, 4:] = False  # the second clip had 4 distinct frames, repeated
-    views = evaluation_views(
-        {"features": feats, "mask": mask}, {"num_frames": READ, "tta_views": True}
-    )
+    views = evaluation_views({"features": feats, "mask": mask}, READ, views=True)
     assert len(views) == 2
     np.testing.assert_array_equal(views[1]["features"][0, :, 0], np.arange(1, 16, 2))
     # frames 0, 2 and 4 (a repeat of 3, which this view skips) are distinct; the rest repeat
@@ -127,7 +126,7 @@ def test_a_model_fits_on_jittered_clips_and_is_evaluated_on_every_view():
         ]
     )
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    views = evaluation_views(cache, {"num_frames": READ, "tta_views": True})
+    views = evaluation_views(cache, READ, views=True)
     data = training_clips(
         views[0], labels, 4, seed=0, class_weight={0: 1.0, 1: 1.0}, cache=cache, num_frames=READ
     )

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -15,11 +16,14 @@ from pipeline.data.flow import (
     RGB_CHANNELS,
     mirror_flow_channels,
     pooled_flow,
-    reads_flow,
     with_flow,
 )
 from pipeline.data.temporal import view_indices
 from pipeline.data.video import repeat_mask
+
+if TYPE_CHECKING:
+    from pipeline.schema import ModelSection
+    from pipeline.schema.sections import Paths
 
 
 def save_arrays(directory: Path, **arrays: np.ndarray) -> None:
@@ -138,43 +142,40 @@ def select_frames(cache, idx: np.ndarray):
     return cache[:, idx] if idx.ndim == 1 else cache[np.arange(len(cache))[:, None], idx]
 
 
-def fixed_inputs(cache, model_cfg: dict):
-    """The model's `num_frames` evenly spaced frames of every clip of a split's cache."""
-    return select_frames(cache, frame_subset(cached_frames(cache), model_cfg.get("num_frames")))
+def fixed_inputs(cache, num_frames: int | None):
+    """A model's `num_frames` evenly spaced frames (all when None) of every clip of a split's
+    cache."""
+    return select_frames(cache, frame_subset(cached_frames(cache), num_frames))
 
 
-def evaluation_views(cache, model_cfg: dict) -> list:
-    """The inputs a model is evaluated on: with `tta_views`, one per interleaved view of the
-    cached frames (their probabilities averaged); otherwise the fixed evenly spaced frames."""
-    if not model_cfg.get("tta_views"):
-        return [fixed_inputs(cache, model_cfg)]
-    table = view_indices(cached_frames(cache), model_cfg.get("num_frames"))
-    return [select_frames(cache, idx) for idx in table]
+def evaluation_views(cache, num_frames: int | None, views: bool) -> list:
+    """The inputs a model is evaluated on: with `views` (the model's `tta_views`), one per
+    interleaved view of the cached frames (their probabilities averaged); otherwise the fixed
+    evenly spaced frames."""
+    if not views:
+        return [fixed_inputs(cache, num_frames)]
+    return [select_frames(cache, idx) for idx in view_indices(cached_frames(cache), num_frames)]
 
 
-def input_dir(params: dict, model_cfg: dict) -> Path:
-    """The cache a model reads: `paths.frames` or `paths.features`."""
-    kind = model_cfg["input"]
-    if kind not in ("frames", "features"):
-        raise ValueError(f"models.{model_cfg['name']}.input={kind!r}: one of frames, features")
-    return resolve(params["paths"][kind])
+def input_dir(paths: Paths, model: ModelSection) -> Path:
+    """The cache a model reads: `paths.frames` or `paths.features` (its `input`)."""
+    return resolve(getattr(paths, model.input))
 
 
-def load_cache(params: dict, model_cfg: dict, split: str):
+def load_cache(paths: Paths, model: ModelSection, split: str):
     """(cache, labels, clips) of one split, in the order the cache stores them: every cached
     frame of each clip (B x T x S x S x 3, or x 5 with the optical flow the model reads) or,
     for a model on features, {"features": B x T x D (with its pooled flow), "mask": B x T}."""
-    kind = model_cfg["input"]
-    directory = input_dir(params, model_cfg) / split
-    if kind == "frames":
+    directory = input_dir(paths, model) / split
+    if model.input == "frames":
         cache, labels = load_arrays(directory, "frames", "labels")
-        if reads_flow(model_cfg):
+        if model.reads_flow:
             cache = with_flow(cache, *load_arrays(directory, "flow"))  # B,T,S,S,5
     else:
         feats, labels, mask = load_arrays(directory, "features", "labels", "mask")
-        if model_cfg.get("flow_grid"):  # each frame's pooled optical flow after its features
-            flow_dir = resolve(params["paths"]["frames"]) / split
-            motion = pooled_flow(*load_arrays(flow_dir, "flow"), int(model_cfg["flow_grid"]))
+        if model.reads_flow:  # each frame's optical flow pooled on a grid, after its features
+            flow_dir = resolve(paths.frames) / split
+            motion = pooled_flow(*load_arrays(flow_dir, "flow"), model.flow_grid)
             feats = np.concatenate([feats, motion.astype(feats.dtype)], axis=-1)
         cache = {"features": feats, "mask": mask}
     clips = pd.read_csv(directory / "clips.csv")
@@ -183,10 +184,10 @@ def load_cache(params: dict, model_cfg: dict, split: str):
     return cache, labels, clips
 
 
-def load_split(params: dict, model_cfg: dict, split: str):
+def load_split(paths: Paths, model: ModelSection, split: str):
     """(inputs, labels, clips) of one split: the model's fixed evenly spaced frames."""
-    cache, labels, clips = load_cache(params, model_cfg, split)
-    return fixed_inputs(cache, model_cfg), labels, clips
+    cache, labels, clips = load_cache(paths, model, split)
+    return fixed_inputs(cache, model.num_frames), labels, clips
 
 
 def mirrored(clips: np.ndarray) -> np.ndarray:

@@ -9,6 +9,8 @@ preserved) and temporal jitter over the cached frames. All randomness comes from
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
 
@@ -19,6 +21,9 @@ from pipeline.data.flow import (
     encode_speed,
     mirror_flow_channels,
 )
+
+if TYPE_CHECKING:
+    from pipeline.schema.sections import Augment
 
 
 def oversample_indices(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -43,34 +48,38 @@ def jitter_indices(n: int, max_shift: int, rng: np.random.Generator) -> np.ndarr
 
 
 def augment_clip(
-    frames: np.ndarray, mask: np.ndarray, cfg: dict, rng: np.random.Generator, pad_value: int = 0
+    frames: np.ndarray,
+    mask: np.ndarray,
+    augment: Augment,
+    rng: np.random.Generator,
+    pad_value: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """An augmented copy of one clip (N x H x W x 3 uint8, or x 5 with optical flow after the
     RGB channels) and its frame mask.
 
-    cfg keys: `hflip` (probability), `rotation_deg` (max absolute angle), `blur` (probability
+    `augment` (the config's section): `hflip` (probability), `rotation_deg` (max absolute angle), `blur` (probability
     of a 3x3 Gaussian blur), `noise_std` (Gaussian pixel noise), `temporal_jitter` (max frames
     a sampled position moves). The flow follows the geometry (a flip reverses its horizontal
     part, a rotation turns its vectors); blur and noise change only the RGB channels.
     """
     n, h, w = frames.shape[:3]
-    idx = jitter_indices(n, int(cfg.get("temporal_jitter", 0)), rng)
+    idx = jitter_indices(n, augment.temporal_jitter, rng)
     rgb, flow = frames[idx, ..., :RGB_CHANNELS].copy(), frames[idx, ..., RGB_CHANNELS:].copy()
     new_mask = mask[idx].copy()
     new_mask[1:] &= idx[1:] != idx[:-1]  # a position repeated by the jitter is a repeat
-    if rng.random() < float(cfg.get("hflip", 0)):
+    if rng.random() < augment.hflip:
         rgb, flow = rgb[:, :, ::-1], flow[:, :, ::-1].copy()
         if flow.size:
             mirror_flow_channels(flow, channel=0)
-    angle = float(cfg.get("rotation_deg", 0))
+    angle = augment.rotation_deg
     if angle > 0:
         matrix = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-angle, angle), 1.0)
         rgb = warp_frames(rgb, matrix, pad_value)
         if flow.size:
             flow = rotated_flow(warp_frames(flow, matrix, FLOW_ZERO), matrix[:, :2])
-    if rng.random() < float(cfg.get("blur", 0)):
+    if rng.random() < augment.blur:
         rgb = np.stack([cv2.GaussianBlur(f, (3, 3), 0) for f in rgb])
-    std = float(cfg.get("noise_std", 0))
+    std = augment.noise_std
     if std > 0:
         noisy = rgb.astype(np.float32) + rng.normal(0, std, rgb.shape).astype(np.float32)
         rgb = np.clip(noisy, 0, 255).astype(np.uint8)

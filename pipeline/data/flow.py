@@ -21,18 +21,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.schema.model_sections import FLOW_MOTIONS  # a frame model's `motion` on flow
-
 FLOW_ZERO = 128  # the uint8 value of no motion; 1 and 255 are -max_speed and +max_speed
 FLOW_HALF_RANGE = 127
 FLOW_CHANNELS = 2  # x (to the right), y (downwards)
 RGB_CHANNELS = 3
-
-
-def reads_flow(model_cfg: dict) -> bool:
-    """Whether a model reads the cached flow: a frame model whose `motion` is flow or
-    rgb_flow, or a sequence model with a `flow_grid`."""
-    return model_cfg.get("motion") in FLOW_MOTIONS or bool(model_cfg.get("flow_grid"))
 
 
 @dataclass(frozen=True)

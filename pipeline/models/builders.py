@@ -7,27 +7,32 @@ network sees (`MOTION_CHANNELS`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import keras
 from keras import layers, ops
 
-from pipeline.data.flow import FLOW_CHANNELS, FLOW_MOTIONS, RGB_CHANNELS
+from pipeline.data.flow import FLOW_CHANNELS, RGB_CHANNELS
 from pipeline.models.backbones import build_backbone, zero_init_residual_branches
+from pipeline.schema.model_sections import FLOW_MOTIONS
+
+if TYPE_CHECKING:
+    from pipeline.schema.model_sections import (
+        ClipAugment,
+        Cnn3d,
+        CnnGru,
+        Conv3d,
+        FrameCnn,
+        FrameModel,
+        Head,
+    )
 
 # what a frame model sees of each frame -> its channels
 MOTION_CHANNELS = {"rgb": 3, "diff": 3, "rgb_diff": 6, "flow": 2, "rgb_flow": 5}
-MOTIONS = tuple(MOTION_CHANNELS)
 
 
-POOLINGS = ("mean", "mean_max", "temporal_conv")
-
-
-FEATURE_MOTIONS = ("none", "diff", "concat")
-
-
-def dense_head(x, units: list[int], dropout: list[float]):
-    if len(units) != len(dropout):
-        raise ValueError(f"head units {units} and dropout {dropout} differ in length")
-    for n, rate in zip(units, dropout):
+def dense_head(x, head: Head):
+    for n, rate in zip(head.units, head.dropout):
         x = layers.Dense(n, activation="relu")(x)
         x = layers.Dropout(rate)(x)
     return x
@@ -45,13 +50,11 @@ def input_channels(motion: str) -> int:
     return RGB_CHANNELS + (FLOW_CHANNELS if motion in FLOW_MOTIONS else 0)
 
 
-def motion_input(frames, motion: str, key: str):
+def motion_input(frames, motion: str):
     """What the network sees of a clip (B,T,S,S,I in 0..255): the frames (`rgb`, the
     reference), the change from the previous frame (`diff`, centred on mid-grey, 0 for the
     first frame and for repeated frames), both stacked as channels (`rgb_diff`), the optical
     flow towards the next video frame (`flow`, 128 = still) or frames and flow (`rgb_flow`)."""
-    if motion not in MOTIONS:
-        raise ValueError(f"{key}={motion!r}: one of {MOTIONS}")
     if motion in ("rgb", "rgb_flow"):
         return frames  # B,T,S,S,3 | B,T,S,S,5
     if motion == "flow":
@@ -60,42 +63,35 @@ def motion_input(frames, motion: str, key: str):
     return diff if motion == "diff" else ops.concatenate([frames, diff], axis=-1)  # B,T,S,S,6
 
 
-def clip_augment(frames, cfg: dict | None, size: int, num_frames: int, key: str):
+def clip_augment(frames, augment: ClipAugment | None, size: int, num_frames: int):
     """Random changes of each training clip, the same for all its frames, so that motion is
     kept: a horizontal flip and colour jitter (hue, saturation, brightness, contrast).
     Active in training only (Keras preprocessing layers pass inputs through at inference).
     Colours a small training set ties to one class (jerseys, courts) stop being a shortcut.
     B,T,S,S,3 (0..255) -> B,T,S,S,3; clips with optical flow (B,T,S,S,5) are refused: a
-    flip would have to reverse the flow too."""
-    if not cfg:
+    flip would have to reverse the flow too (the schema refuses it)."""
+    if augment is None:
         return frames
-    if frames.shape[-1] != RGB_CHANNELS:
-        raise ValueError(
-            f"{key}: random flips and colour jitter inside the model need RGB frames; with "
-            f"optical flow (motion {' or '.join(FLOW_MOTIONS)}) set it to null"
-        )
     x = ops.reshape(frames, (-1, num_frames * size, size, 3))  # B,T*S,S,3: one image
-    if cfg.get("flip"):
+    if augment.flip:
         x = layers.RandomFlip("horizontal")(x)
-    jitter = {k: cfg.get(k) for k in ("hue", "saturation", "brightness", "contrast")}
-    if any(jitter.values()):
+    jitter = (augment.hue, augment.saturation, augment.brightness, augment.contrast)
+    if any(jitter):
         x = layers.RandomColorJitter(
             value_range=(0, 255),
-            hue_factor=jitter["hue"],
-            saturation_factor=jitter["saturation"],
-            brightness_factor=jitter["brightness"],
-            contrast_factor=jitter["contrast"],
+            hue_factor=augment.hue,
+            saturation_factor=augment.saturation,
+            brightness_factor=augment.brightness,
+            contrast_factor=augment.contrast,
         )(x)
     return ops.reshape(x, (-1, num_frames, size, size, 3))
 
 
-def temporal_pool(x, pooling: str, key: str):
+def temporal_pool(x, pooling: str):
     """B,T,h,w,D -> one vector per clip: `mean` (GlobalAveragePooling3D, the reference; B,D),
     `mean_max` (each frame's spatial mean, then its mean and max over time; B,2D) or
     `temporal_conv` (each frame's spatial mean, a ReLU 1-D convolution over 3 neighbouring
     frames, then mean and max over time; B,512): the last sees the order of frames."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"{key}={pooling!r}: one of {POOLINGS}")
     if pooling == "mean":
         return layers.GlobalAveragePooling3D()(x)
     per_frame = ops.mean(x, axis=(2, 3))  # B,T,D
@@ -104,10 +100,10 @@ def temporal_pool(x, pooling: str, key: str):
     return layers.Concatenate()([ops.mean(per_frame, axis=1), ops.max(per_frame, axis=1)])
 
 
-def pooled_classifier(x, cfg: dict, model: str, num_classes: int):
+def pooled_classifier(x, cfg: FrameModel, num_classes: int):
     """B,T,h,w,D -> B,C: `temporal_pool` (B,D; mean_max B,2D), the dense head, softmax."""
-    x = temporal_pool(x, cfg.get("temporal_pooling", "mean"), f"models.{model}.temporal_pooling")
-    x = dense_head(x, cfg["head"]["units"], cfg["head"]["dropout"])
+    x = temporal_pool(x, cfg.temporal_pooling)
+    x = dense_head(x, cfg.head)
     return layers.Dense(num_classes, activation="softmax")(x)
 
 
@@ -121,86 +117,66 @@ def set_batchnorm_momentum(model: keras.Model, momentum: float | None) -> None:
             layer.momentum = float(momentum)
 
 
-def build_frame_cnn(cfg: dict, num_frames: int, size: int, num_classes: int) -> keras.Model:
-    """EfficientNetB0 on every frame (shared weights), pooled over time and space, dense head."""
-    bb = cfg["backbone"]
-    motion = cfg.get("motion", "rgb")
-    channels = MOTION_CHANNELS.get(motion, 3)
-    if channels != 3 and bb["weights"] is not None:
-        raise ValueError(
-            f"models.frame_cnn.motion={motion} needs {channels} input channels, which "
-            "pretrained weights do not have: use motion rgb or diff, or "
-            "models.frame_cnn.backbone.weights=null"
-        )
-    if bb.get("zero_init_residual") and bb["weights"] is not None:
-        raise ValueError(
-            "models.frame_cnn.backbone.zero_init_residual=true would erase pretrained weights: "
-            "it is for random init (models.frame_cnn.backbone.weights=null)"
-        )
+def build_frame_cnn(cfg: FrameCnn, num_frames: int, size: int, num_classes: int) -> keras.Model:
+    """EfficientNetB0 on every frame (shared weights), pooled over time and space, dense head.
+    (The schema refuses pretrained weights for other than 3 channels, or zero-initialised.)"""
+    bb = cfg.backbone
+    channels = MOTION_CHANNELS[cfg.motion]
     backbone = build_backbone(
-        bb["name"],
-        bb["weights"],
-        (size, size, channels),
-        config_key="models.frame_cnn.backbone.weights",
+        bb.name, bb.weights, (size, size, channels), config_key="models.frame_cnn.backbone.weights"
     )
-    if bb.get("zero_init_residual"):
+    if bb.zero_init_residual:
         zero_init_residual_branches(backbone)  # every residual block starts as the identity
-    trainable = bb["trainable_layers"]
-    trainable = len(backbone.layers) if trainable == "all" else int(trainable)
+    trainable = len(backbone.layers) if bb.trainable_layers == "all" else bb.trainable_layers
     for i, layer in enumerate(backbone.layers):
         layer.trainable = i >= len(backbone.layers) - trainable
-    set_batchnorm_momentum(backbone, bb.get("batchnorm_momentum"))
-    inputs = keras.Input((num_frames, size, size, input_channels(motion)), name="frames")
+    set_batchnorm_momentum(backbone, bb.batchnorm_momentum)
+    inputs = keras.Input((num_frames, size, size, input_channels(cfg.motion)), name="frames")
     # B,T,S,S,I (0..255)
-    x = clip_augment(
-        inputs, cfg.get("clip_augment"), size, num_frames, "models.frame_cnn.clip_augment"
-    )
-    x = motion_input(x, motion, "models.frame_cnn.motion")  # B,T,S,S,K
+    x = clip_augment(inputs, cfg.clip_augment, size, num_frames)
+    x = motion_input(x, cfg.motion)  # B,T,S,S,K
     # The frames are folded into the batch rather than wrapped in TimeDistributed: Keras 3's
     # TimeDistributed unrolls one backbone copy per frame (minutes of graph tracing on CPU).
     x = ops.reshape(x, (-1, size, size, channels))  # B*T,S,S,K
     x = backbone(x)  # B*T,s,s,1280
     x = ops.reshape(x, (-1, num_frames) + tuple(x.shape[1:]))  # B,T,s,s,1280
-    outputs = pooled_classifier(x, cfg, "frame_cnn", num_classes)  # B,1280 -> B,64 -> B,C
+    outputs = pooled_classifier(x, cfg, num_classes)  # B,1280 -> B,64 -> B,C
     return keras.Model(inputs, outputs, name="frame_cnn")
 
 
-def normalization(conv: dict):
+def normalization(conv: Conv3d):
     """cnn3d's layer after each pooled convolution: BatchNormalization (the reference) or,
     with `norm: group`, GroupNormalization, whose statistics come from each clip alone."""
-    if conv.get("norm", "batch") == "group":
-        return layers.GroupNormalization(groups=int(conv["groups"]))
-    return layers.BatchNormalization(momentum=float(conv.get("batchnorm_momentum") or 0.99))
+    if conv.norm == "group":
+        return layers.GroupNormalization(groups=conv.groups)
+    return layers.BatchNormalization(momentum=conv.batchnorm_momentum or 0.99)
 
 
-def build_cnn3d(cfg: dict, num_frames: int, size: int, num_classes: int) -> keras.Model:
+def build_cnn3d(cfg: Cnn3d, num_frames: int, size: int, num_classes: int) -> keras.Model:
     """Conv3D blocks (conv -> MaxPool3D -> BatchNorm) from scratch, GAP3D, dense head."""
-    conv = cfg["conv"]
-    if len(conv["filters"]) != len(conv["padding"]):
-        raise ValueError("models.cnn3d.conv.filters and conv.padding differ in length")
-    motion = cfg.get("motion", "rgb")
-    inputs = keras.Input((num_frames, size, size, input_channels(motion)), name="frames")
+    conv = cfg.conv
+    inputs = keras.Input((num_frames, size, size, input_channels(cfg.motion)), name="frames")
     # B,T,S,S,I (0..255)
-    x = clip_augment(inputs, cfg.get("clip_augment"), size, num_frames, "models.cnn3d.clip_augment")
-    x = motion_input(x, motion, "models.cnn3d.motion")  # B,T,S,S,K
+    x = clip_augment(inputs, cfg.clip_augment, size, num_frames)
+    x = motion_input(x, cfg.motion)  # B,T,S,S,K
     x = layers.Rescaling(1.0 / 255)(x)
-    for filters, padding in zip(conv["filters"], conv["padding"]):
-        x = layers.Conv3D(filters, conv["kernel_size"], padding=padding, activation="relu")(x)
-        if min(x.shape[1:4]) < 1 or any(s < p for s, p in zip(x.shape[1:4], conv["pool_size"])):
+    for filters, padding in zip(conv.filters, conv.padding):
+        x = layers.Conv3D(filters, conv.kernel_size, padding=padding, activation="relu")(x)
+        if min(x.shape[1:4]) < 1 or any(s < p for s, p in zip(x.shape[1:4], conv.pool_size)):
             raise ValueError(
                 f"cnn3d: a {num_frames}x{size}x{size} input shrinks to "
                 f"{tuple(x.shape[1:4])} before pooling; raise frames.size or the "
                 f"model's num_frames (reference: 10x224x224; smallest: 5x80x80)"
             )
-        x = layers.MaxPool3D(tuple(conv["pool_size"]))(x)  # time kept, space halved
+        x = layers.MaxPool3D(tuple(conv.pool_size))(x)  # time kept, space halved
         x = normalization(conv)(x)
     # reference 10x224x224: 3 x (same conv, pool) -> B,10,28,28,128; valid conv -> B,8,26,26,256;
     # pool -> B,8,13,13,256; valid conv -> B,6,11,11,512; pool -> B,6,5,5,512
-    outputs = pooled_classifier(x, cfg, "cnn3d", num_classes)  # B,512 -> B,32 -> B,C
+    outputs = pooled_classifier(x, cfg, num_classes)  # B,512 -> B,32 -> B,C
     return keras.Model(inputs, outputs, name="cnn3d")
 
 
-def build_cnn_gru(cfg: dict, num_frames: int, feature_dim: int, num_classes: int) -> keras.Model:
+def build_cnn_gru(cfg: CnnGru, num_frames: int, feature_dim: int, num_classes: int) -> keras.Model:
     """Stacked GRUs over per-frame backbone features; padding frames are masked out.
 
     The mask must be right-padded (valid frames first, see `pipeline.data.arrays.right_align`):
@@ -209,32 +185,31 @@ def build_cnn_gru(cfg: dict, num_frames: int, feature_dim: int, num_classes: int
     # B,T,D: 2048 per frame (x2 with the features' motion stream), + 2*g*g with `flow_grid`
     features = keras.Input((num_frames, feature_dim), name="features")
     mask = keras.Input((num_frames,), dtype="bool", name="mask")  # B,T
-    units = list(cfg["gru_units"])
     x = features
-    if cfg.get("normalize_features", True):
+    if cfg.normalize_features:
         # Per-dimension standardisation, adapted on the training features before fitting:
         # features of a randomly initialised backbone are tiny and near-constant without it.
         x = layers.Normalization(axis=-1, name="feature_norm")(x)  # B,T,2048
-    motion = cfg.get("feature_motion", "none")
-    if motion not in FEATURE_MOTIONS:
-        raise ValueError(f"models.cnn_gru.feature_motion={motion!r}: one of {FEATURE_MOTIONS}")
-    if motion != "none":
+    if cfg.feature_motion != "none":
         # each frame's change of features since the previous frame: what moved, without
         # the scene's constant look; the pooled flow (the last F = 2*g*g values) is motion
         # already and passes as it is
-        flow_dims = FLOW_CHANNELS * int(cfg.get("flow_grid") or 0) ** 2
+        flow_dims = FLOW_CHANNELS * cfg.flow_grid**2
         looks, flow = x[..., : feature_dim - flow_dims], x[..., feature_dim - flow_dims :]
         change = change_since_previous(looks)  # B,T,2048
-        x = change if motion == "diff" else layers.Concatenate()([looks, change])  # 2048|4096
+        x = (
+            change if cfg.feature_motion == "diff" else layers.Concatenate()([looks, change])
+        )  # 2048|4096
         if flow_dims:
             x = layers.Concatenate()([x, flow])  # B,T,...+F
-    if cfg.get("input_dropout"):
-        x = layers.Dropout(float(cfg["input_dropout"]))(x)
+    if cfg.input_dropout:
+        x = layers.Dropout(cfg.input_dropout)(x)
+    units = cfg.gru_units
     for i, n in enumerate(units):
         x = layers.GRU(n, return_sequences=i < len(units) - 1)(x, mask=mask)
     # B,T,16 -> B,10
-    x = layers.Dropout(cfg["dropout"])(x)
-    for n in cfg["dense_units"]:
+    x = layers.Dropout(cfg.dropout)(x)
+    for n in cfg.dense_units:
         x = layers.Dense(n, activation="relu")(x)  # B,7 -> B,6
     outputs = layers.Dense(num_classes, activation="softmax")(x)  # B,C
     return keras.Model([features, mask], outputs, name="cnn_gru")

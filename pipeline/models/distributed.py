@@ -22,21 +22,13 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("none", "mirrored", "multi_worker")
 _STRATEGIES: dict[str, object] = {}  # one per process: TensorFlow allows one collective setup
 
 
-def strategy_name(params: dict) -> str:
-    name = (params.get("distribute") or {}).get("strategy") or "none"
-    if name not in STRATEGIES:
-        raise PipelineError(f"distribute.strategy={name!r} is not one of {STRATEGIES}")
-    return name
-
-
-def training_strategy(params: dict):
-    """The tf.distribute strategy `distribute.strategy` names (None for `none`), made once per
-    process. Call it before TensorFlow runs anything: collective ops are configured at start."""
-    name = strategy_name(params)
+def training_strategy(name: str):
+    """The tf.distribute strategy `name` (`distribute.strategy`: none | mirrored |
+    multi_worker; None for `none`), made once per process. Call it before TensorFlow runs
+    anything: collective ops are configured at start."""
     if name == "none":
         return None
     if name not in _STRATEGIES:
@@ -66,10 +58,10 @@ def worker_index() -> int:
     return int(task.get("index", 0)) if task.get("type", "worker") == "worker" else 0
 
 
-def is_chief(params: dict) -> bool:
-    """Whether this process writes outputs and logs: always, except for the workers other than
-    worker 0 of a `multi_worker` cluster."""
-    return strategy_name(params) != "multi_worker" or worker_index() == 0
+def is_chief(strategy: str) -> bool:
+    """Whether this process writes outputs and logs under `distribute.strategy` `strategy`:
+    always, except for the workers other than worker 0 of a `multi_worker` cluster."""
+    return strategy != "multi_worker" or worker_index() == 0
 
 
 def synchronize_batchnorm(model) -> None:

@@ -7,92 +7,88 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.models.seeding import seed_everything
 from pipeline.models.training_data import training_data
 
+if TYPE_CHECKING:
+    from pipeline.models.fit_job import FitJob
+    from pipeline.schema import ModelSection
+    from pipeline.schema.model_sections import Training
+
 log = logging.getLogger(__name__)
 
 
-def build_model(name: str, cfg: dict, inputs, num_classes: int):
+def build_model(cfg: ModelSection, inputs, num_classes: int):
+    """The model `cfg` describes, for inputs shaped like `inputs` (frames B,T,S,S,I or
+    {"features": B,T,D, "mask": B,T})."""
     from pipeline.models.builders import BUILDERS
 
-    if name not in BUILDERS:
-        raise ValueError(f"unknown model {name!r}; one of {sorted(BUILDERS)}")
     if isinstance(inputs, dict):  # features: (clips, T, D)
         _, t, dim = inputs["features"].shape
-        return BUILDERS[name](cfg, t, dim, num_classes)
+        return BUILDERS[cfg.name](cfg, t, dim, num_classes)
     _, t, size = inputs.shape[:3]
-    return BUILDERS[name](cfg, t, size, num_classes)
+    return BUILDERS[cfg.name](cfg, t, size, num_classes)
 
 
-OPTIMIZERS = ("adam", "adamw")
-
-
-def learning_rate(train_cfg: dict, steps_per_epoch: int):
+def learning_rate(train: Training, steps_per_epoch: int):
     """The configured learning rate: constant, exponential decay (`lr_decay: {decay_steps,
     decay_rate}`, the reference) or `lr_decay: cosine` to 0 over `epochs`, after a linear
-    warm-up of `warmup_epochs` (0: none) from a tenth of the rate."""
+    warm-up of `warmup_epochs` (0: none) from a tenth of the rate (the schema allows warm-up
+    with cosine decay only)."""
     import keras
 
-    lr = float(train_cfg["learning_rate"])
-    decay = train_cfg.get("lr_decay")
-    warmup = int(float(train_cfg.get("warmup_epochs") or 0) * steps_per_epoch)
+    lr, decay = train.learning_rate, train.lr_decay
+    warmup = int(train.warmup_epochs * steps_per_epoch)
     if decay == "cosine":
-        total = max(1, int(train_cfg["epochs"]) * steps_per_epoch - warmup)
+        total = max(1, train.epochs * steps_per_epoch - warmup)
         return keras.optimizers.schedules.CosineDecay(
             lr / 10 if warmup else lr,
             decay_steps=total,
             warmup_target=lr if warmup else None,
             warmup_steps=warmup,
         )
-    if warmup:
-        raise ValueError("train.warmup_epochs needs train.lr_decay: cosine")
-    if isinstance(decay, dict):
-        return keras.optimizers.schedules.ExponentialDecay(
-            lr, decay_steps=int(decay["decay_steps"]), decay_rate=float(decay["decay_rate"])
-        )
     if decay is not None:
-        raise ValueError(f"train.lr_decay={decay!r}: null, cosine or {{decay_steps, decay_rate}}")
+        return keras.optimizers.schedules.ExponentialDecay(
+            lr, decay_steps=decay.decay_steps, decay_rate=decay.decay_rate
+        )
     return lr
 
 
-def make_optimizer(train_cfg: dict, steps_per_epoch: int = 1):
+def make_optimizer(train: Training, steps_per_epoch: int = 1):
     """Adam (the reference) or AdamW with `weight_decay`, at `learning_rate(...)`; with
     `ema_momentum`, it also keeps an exponential moving average of the weights (Polyak
     averaging), which `training_callbacks` validates and keeps."""
     import keras
 
-    lr = learning_rate(train_cfg, steps_per_epoch)
-    name = train_cfg["optimizer"]
-    ema = train_cfg.get("ema_momentum")
-    averaging = {"use_ema": True, "ema_momentum": float(ema)} if ema is not None else {}
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate=lr, **averaging)
-    if name == "adamw":
+    lr = learning_rate(train, steps_per_epoch)
+    ema = train.ema_momentum
+    averaging = {"use_ema": True, "ema_momentum": ema} if ema is not None else {}
+    if train.optimizer == "adamw":
         return keras.optimizers.AdamW(
-            learning_rate=lr, weight_decay=float(train_cfg.get("weight_decay", 0.004)), **averaging
+            learning_rate=lr, weight_decay=train.weight_decay, **averaging
         )
-    raise ValueError(f"train.optimizer={name!r} is not supported; one of {OPTIMIZERS}")
+    return keras.optimizers.Adam(learning_rate=lr, **averaging)
 
 
-def training_callbacks(train_cfg: dict) -> list:
+def training_callbacks(train: Training) -> list:
     """Early stopping on `early_stopping.monitor`, restoring the best epoch's weights, and the
     per-epoch MLflow logger. With weight averaging (`ema_momentum`) the averaged weights are
     the ones validated each epoch and kept (`SwapEMAWeights` first, so early stopping sees
     and restores them)."""
     import keras
 
-    stop = train_cfg["early_stopping"]
+    stop = train.early_stopping
     callbacks = [
         keras.callbacks.EarlyStopping(
-            monitor=stop["monitor"], patience=int(stop["patience"]), restore_best_weights=True
+            monitor=stop.monitor, patience=stop.patience, restore_best_weights=True
         ),
         epoch_logger(),
     ]
-    if train_cfg.get("ema_momentum") is not None:
+    if train.ema_momentum is not None:
         callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     return callbacks
 
@@ -114,7 +110,7 @@ def epoch_logger():
     return MlflowEpochLogger()
 
 
-def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
+def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
     """Build, compile and fit one model from `seed`: (model, Keras history, seconds).
 
     `data` holds the train/val arrays. Everything random (init, shuffling, oversampling)
@@ -127,51 +123,47 @@ def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
     from pipeline.models.distributed import (
         fit_multi_worker,
         plain_copy,
-        strategy_name,
         synchronize_batchnorm,
         take,
         training_strategy,
     )
 
-    cfg = params["models"][name]
-    train_cfg = cfg["train"]
-    strategy = training_strategy(params)
+    cfg, train = job.model, job.model.train
+    strategy = training_strategy(job.strategy)
     seed_everything(seed)
     x_train, y_train = data["train"]
     with strategy.scope() if strategy else contextlib.nullcontext():
-        model = build_model(name, cfg, x_train, num_classes)
+        model = build_model(cfg, x_train, num_classes)
         if strategy:
             synchronize_batchnorm(model)
         if any(layer.name == "feature_norm" for layer in model.layers):
             feats, mask = x_train["features"], x_train["mask"]
             model.get_layer("feature_norm").adapt(feats[mask][None])  # unrepeated frames, 1 x M x D
-        fit_data = training_data(
-            {**params, "seed": seed}, cfg, x_train, y_train, num_classes, data.get("train_cache")
-        )
+        fit_data = training_data(job, seed, x_train, y_train, num_classes, data.get("train_cache"))
         steps = (
             len(fit_data["x"])
             if "y" not in fit_data
             else int(np.ceil(len(fit_data["y"]) / fit_data["batch_size"]))
         )
-        optimizer = make_optimizer(train_cfg, steps)
+        optimizer = make_optimizer(train, steps)
         if strategy:
             optimizer.build(model.trainable_variables)  # its variables mirrored, made here
         model.compile(
             optimizer=optimizer,
             metrics=["accuracy"],
             loss="sparse_categorical_crossentropy",
-            jit_compile=bool(train_cfg.get("jit_compile", False)),
+            jit_compile=train.jit_compile,
         )
-    callbacks = training_callbacks(train_cfg)
+    callbacks = training_callbacks(train)
     start = time.perf_counter()
-    if strategy_name(params) == "multi_worker":  # Keras' fit fails under it (see distributed.py)
+    if job.strategy == "multi_worker":  # Keras' fit fails under it (see distributed.py)
         history = fit_multi_worker(
             strategy,
             model,
             optimizer,
             fit_data,
             data["val"],
-            int(train_cfg["epochs"]),
+            train.epochs,
             callbacks,
             seed,
         )
@@ -179,18 +171,18 @@ def fit_model(params: dict, name: str, data: dict, num_classes: int, seed: int):
         history = model.fit(
             **fit_data,
             validation_data=data["val"],
-            epochs=int(train_cfg["epochs"]),
+            epochs=train.epochs,
             callbacks=callbacks,
             verbose=2,
         )
     seconds = time.perf_counter() - start
     if strategy:
         model = plain_copy(
-            model, lambda: build_model(name, cfg, x_train, num_classes), take(x_train, slice(4))
+            model, lambda: build_model(cfg, x_train, num_classes), take(x_train, slice(4))
         )
         log.info(
             "%s (seed %d): trained weights sha256 %s",
-            name,
+            cfg.name,
             seed,
             weights_digest(model.get_weights()),
         )

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.data.arrays import input_dir, load_arrays, sequence_inputs
+from pipeline.data.arrays import load_arrays, sequence_inputs
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.models.fit_job import FitJob
+    from pipeline.schema.sections import Augment
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +39,14 @@ def training_clips(
     batch_size: int,
     seed: int,
     class_weight: dict[int, float] | None = None,
-    augment_cfg: dict | None = None,
+    augment: Augment | None = None,
     pad_value: int = 0,
     cache=None,
     num_frames: int | None = None,
 ):
     """A Keras PyDataset over the training clips, for what fixed arrays cannot give:
 
-    - `augment_cfg` (`train.oversample`): augmented copies of the smaller classes' clips,
+    - `augment` (`train.oversample`): augmented copies of the smaller classes' clips,
       new copies with new augmentations every epoch; the originals pass untouched;
     - `cache` (`train.temporal_jitter`): each clip's `num_frames` frames drawn afresh every
       epoch from all of its cached frames (one per segment), instead of the fixed ones.
@@ -70,7 +75,7 @@ def training_clips(
 
         def plan(self):
             rng = np.random.default_rng([seed, self.epoch])
-            extra = oversample_indices(labels, rng) if augment_cfg is not None else []
+            extra = oversample_indices(labels, rng) if augment is not None else []
             order = np.concatenate([np.arange(len(labels)), extra]).astype(int)
             is_copy = np.arange(len(order)) >= len(labels)
             perm = rng.permutation(len(order))
@@ -92,7 +97,7 @@ def training_clips(
                 ones = np.ones(x.shape[1], dtype=bool)
                 x = np.stack(
                     [
-                        augment_clip(clip, ones, augment_cfg, rng, pad_value)[0] if copy else clip
+                        augment_clip(clip, ones, augment, rng, pad_value)[0] if copy else clip
                         for clip, copy in zip(x, copies)
                     ]
                 )
@@ -132,26 +137,24 @@ def oversampled_features(
     )
 
 
-def training_data(params: dict, cfg: dict, x_train, y_train, num_classes: int, cache=None) -> dict:
+def training_data(job: FitJob, seed: int, x_train, y_train, num_classes: int, cache=None) -> dict:
     """The `model.fit` arguments for the training split: class weights by default, or
     (`train.oversample: true`) augmented copies of the smaller classes and no weights; with
     `train.temporal_jitter`, frames drawn afresh each epoch from `cache` (every cached frame
     of the training clips). Validation and test data never pass through here."""
-    train_cfg = cfg["train"]
-    batch_size = int(train_cfg["batch_size"])
-    seed = int(params["seed"])
-    oversample, jitter = train_cfg.get("oversample"), train_cfg.get("temporal_jitter")
+    train = job.model.train
+    batch_size, oversample, jitter = train.batch_size, train.oversample, train.temporal_jitter
     weights = (
         balanced_class_weights(y_train, num_classes)
-        if train_cfg["class_weights"] and not oversample
+        if train.class_weights and not oversample
         else None
     )
     if jitter and cache is None:
-        raise ValueError(f"models.{cfg['name']}.train.temporal_jitter needs the cached frames")
-    if oversample and train_cfg["class_weights"]:
+        raise ValueError(f"models.{job.model.name}.train.temporal_jitter needs the cached frames")
+    if oversample and train.class_weights:
         log.info("train.oversample is on: class weights are not used (classes are balanced)")
     if oversample and isinstance(x_train, dict):
-        x, y = oversampled_features(x_train, y_train, input_dir(params, cfg), seed)
+        x, y = oversampled_features(x_train, y_train, job.cache_dir, seed)
         log.info(
             "oversampling: %d training clips -> %d with augmented copies", len(y_train), len(y)
         )
@@ -170,10 +173,10 @@ def training_data(params: dict, cfg: dict, x_train, y_train, num_classes: int, c
         batch_size,
         seed,
         class_weight=weights,
-        augment_cfg=params["augment"] if oversample else None,
-        pad_value=int(params["frames"]["pad_value"]),
+        augment=job.augment if oversample else None,
+        pad_value=job.pad_value,
         cache=cache if jitter else None,
-        num_frames=cfg.get("num_frames"),
+        num_frames=job.model.num_frames,
     )
     log.info(
         "training clips: %d per epoch%s%s",

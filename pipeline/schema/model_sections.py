@@ -101,6 +101,11 @@ class FrameModel(Section):
     head: Head
     train: Training
 
+    @property
+    def reads_flow(self) -> bool:
+        """Whether the model reads the cached optical flow next to the frames."""
+        return self.motion in FLOW_MOTIONS
+
     @model_validator(mode="after")
     def no_clip_augment_on_flow(self):
         if self.clip_augment is not None and self.motion in FLOW_MOTIONS:
@@ -122,6 +127,11 @@ class FrameCnn(FrameModel):
                 f"motion {self.motion!r} gives the backbone more or fewer than 3 channels, "
                 f"which pretrained weights ({self.backbone.weights}) do not take: "
                 "set backbone.weights null or motion rgb or diff"
+            )
+        if self.backbone.zero_init_residual and self.backbone.weights is not None:
+            raise ValueError(
+                "backbone.zero_init_residual=true would erase the pretrained weights "
+                f"({self.backbone.weights}): it is for random init (backbone.weights null)"
             )
         return self
 
@@ -166,6 +176,11 @@ class CnnGru(Section):
     dense_units: list[Count]
     train: Training
 
+    @property
+    def reads_flow(self) -> bool:
+        """Whether the model reads each frame's optical flow pooled over a grid."""
+        return self.flow_grid > 0
+
     @model_validator(mode="after")
     def no_oversampling_with_flow_or_jitter(self):
         if self.flow_grid and self.train.oversample:
@@ -181,7 +196,18 @@ class CnnGru(Section):
         return self
 
 
+ModelSection = FrameCnn | Cnn3d | CnnGru  # one of `models.*`
+
+
 class Models(Section):
     frame_cnn: FrameCnn
     cnn3d: Cnn3d
     cnn_gru: CnnGru
+
+    def named(self, name: str) -> ModelSection:
+        """The section of model `name`; a clear error for a name that is none of them."""
+        if name not in type(self).model_fields:
+            raise ValueError(
+                f"no model {name!r} under models: one of {sorted(type(self).model_fields)}"
+            )
+        return getattr(self, name)

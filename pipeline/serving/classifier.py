@@ -16,12 +16,11 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from pipeline.config import resolve
-from pipeline.data.flow import reads_flow
 from pipeline.serving.clips import (
     TooFewFrames,
     VideoError,
@@ -31,6 +30,10 @@ from pipeline.serving.clips import (
     window_bounds,
     window_frames,
 )
+
+if TYPE_CHECKING:
+    from pipeline.schema import ModelSection
+    from pipeline.schema.sections import Features, Frames
 
 log = logging.getLogger(__name__)
 
@@ -50,43 +53,45 @@ SERVING_DISTRIBUTIONS = (
 )
 
 
-def preprocessing_config(params: dict, name: str, classes: list[str]) -> dict:
-    """What a new clip must go through to reach model `name` as its test clips did."""
-    cfg = params["models"][name]
-    pre = {
-        "model": name,
+def preprocessing_config(
+    model: ModelSection, classes: list[str], frames: Frames, min_frames: int
+) -> dict:
+    """What a new clip must go through to reach `model` as its test clips did (a model on
+    features also needs `feature_preprocessing` under "features")."""
+    return {
+        "model": model.name,
         "classes": list(classes),
-        "input": cfg["input"],
-        "frames": {k: params["frames"][k] for k in ("num_frames", "size", "pad_value", "sampling")},
-        "model_frames": cfg.get("num_frames"),
+        "input": model.input,
+        "frames": frames.model_dump(include={"num_frames", "size", "pad_value", "sampling"}),
+        "model_frames": model.num_frames,
         # the optical flow the model reads next to the frames (frames.flow), or None
-        "flow": params["frames"]["flow"] if reads_flow(cfg) else None,
-        "flow_grid": int(cfg.get("flow_grid") or 0),  # cnn_gru: flow pooled per frame
+        "flow": frames.flow.model_dump() if model.reads_flow else None,
+        "flow_grid": getattr(model, "flow_grid", 0),  # cnn_gru: flow pooled per frame
         # test-time averaging: each clip's probabilities with its mirror image's (frame models)
-        "tta_hflip": bool(cfg.get("tta_hflip")),
+        "tta_hflip": getattr(model, "tta_hflip", False),
         # ... and over interleaved views of the sampled frames (tta_views)
-        "tta_views": bool(cfg.get("tta_views")),
-        "batch_size": int(cfg["train"]["batch_size"]),
+        "tta_views": model.tta_views,
+        "batch_size": model.train.batch_size,
         # the fewest decodable frames of a clip the model saw (shorter clips were quarantined)
-        "min_frames": int(params["clean"]["min_frames"]),
+        "min_frames": min_frames,
     }
-    if cfg["input"] == "features":
-        feats = params["features"]
-        pre["features"] = {
-            "backbone": feats["backbone"],
-            "weights": feats["weights"],
-            "batch_size": int(feats["batch_size"]),
-            "seed": int(params["seed"]),
-            "motion": bool(feats.get("motion")),
-            # what the test features were computed with: the features stage's record (after
-            # any fallback), else the config (models logged before both: Keras float32)
-            "runtime": feats.get("runtime", "keras"),
-            "precision": feats.get("precision", "float32"),
-        }
-        used = resolve(params["paths"]["features"]) / "runtime.json"
-        if used.is_file():
-            pre["features"].update(json.loads(used.read_text()))
-    return pre
+
+
+def feature_preprocessing(features: Features, seed: int, features_dir: Path) -> dict:
+    """How a model on features gets them: the features stage's backbone, weights (null: a
+    random init from `seed`), batch size, motion stream, and the runtime and precision of the
+    test features: the stage's record in `features_dir` (after any fallback), else the config."""
+    used = features_dir / "runtime.json"
+    return {
+        "backbone": features.backbone,
+        "weights": features.weights,
+        "batch_size": features.batch_size,
+        "seed": seed,
+        "motion": features.motion,
+        "runtime": features.runtime,
+        "precision": features.precision,
+        **(json.loads(used.read_text()) if used.is_file() else {}),
+    }
 
 
 class ClipClassifier:
@@ -254,13 +259,10 @@ class VideoClassifier(ClipClassifier):
 
         if self.pre.get("flow") and frames.shape[-1] == RGB_CHANNELS:
             raise ValueError(f"{self.pre['model']} reads optical flow: decode clips with it")
-        sampling = {
-            "num_frames": self.pre.get("model_frames"),
-            "tta_views": self.pre.get("tta_views"),
-        }
+        sampling = (self.pre.get("model_frames"), bool(self.pre.get("tta_views")))
         rgb = frames[..., :RGB_CHANNELS]
         if self.pre["input"] == "frames":
-            return evaluation_views(frames if self.pre.get("flow") else rgb, sampling)
+            return evaluation_views(frames if self.pre.get("flow") else rgb, *sampling)
         from pipeline.models.backbones import frame_features
 
         backbone, preprocess = self.backbone()
@@ -279,7 +281,7 @@ class VideoClassifier(ClipClassifier):
         if grid := self.pre.get("flow_grid"):  # as `load_split` appends it to cached features
             motion = pooled_flow(frames[..., RGB_CHANNELS:], grid)
             feats = np.concatenate([feats, motion.astype(feats.dtype)], axis=-1)
-        return evaluation_views({"features": feats, "mask": masks}, sampling)
+        return evaluation_views({"features": feats, "mask": masks}, *sampling)
 
     def use_mirror_averaging(self) -> bool:
         """Average each clip's probabilities with its mirror image's from now on (`predict

@@ -67,9 +67,8 @@ def augmented_clip_features(
     from pipeline.data.augment import augment_clip
 
     rng = np.random.default_rng([job.seed, index])
-    augment = job.augment.model_dump()
     versions = [
-        augment_clip(frames, mask, augment, rng, job.pad_value)
+        augment_clip(frames, mask, job.augment, rng, job.pad_value)
         for _ in range(job.features.augmented_copies)
     ]
     features = stage_features(
