@@ -132,7 +132,7 @@ def train_and_evaluate(
 
 
 def fit_job(config: Params, name: str) -> FitJob:
-    """What fitting model `name` reads of the config (`pipeline.models.fitting.FitJob`)."""
+    """What fitting model `name` reads of the config (`pipeline.models.fit_job.FitJob`)."""
     model = config.models.named(name)
     return FitJob(
         model=model,
