@@ -113,23 +113,20 @@ def measure(params: dict, model: str, setting: str, epochs: int) -> dict:
 
     import pipeline.models.fitting as fitting
     from pipeline.config import dataset_classes
-    from pipeline.data.arrays import load_split
     from pipeline.schema import parse_params
-    from pipeline.stages.train import fit_job
+    from pipeline.stages.train import fit_job, load_data
 
     config = parse_params(with_override(params, model, setting, epochs))
     job = fit_job(config, model)
-    x_train, y_train, _ = load_split(config.paths, job.model, "train")
-    x_val, y_val, _ = load_split(config.paths, job.model, "val")
+    data, _ = load_data(config.paths, job.model)  # as the stage: with every cached frame
+    x_train, y_train = data["train"]  # for temporal jitter
     # a folder dataset's: as the clean stage found
     num_classes = len(dataset_classes(config.dataset.classes, config.paths.clean))
     timer = epoch_timer()
     stock_logger = fitting.epoch_logger
     fitting.epoch_logger = lambda: timer  # the per-epoch MLflow logger's slot (no run here)
     try:
-        trained, history, _ = fitting.fit_model(
-            job, {"train": (x_train, y_train), "val": (x_val, y_val)}, num_classes, config.seed
-        )
+        trained, history, _ = fitting.fit_model(job, data, num_classes, config.seed)
     finally:
         fitting.epoch_logger = stock_logger
     flops = forward_flops_per_clip(trained, x_train)

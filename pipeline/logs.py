@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 
 # TensorFlow's C++ start-up lines, which users read as errors: CUDA probing on machines without
@@ -27,6 +28,15 @@ TF_STARTUP_NOISE = re.compile(
     r"|failed call to cuInit"
 )
 QUIET_TF_ENV = "HANDBALL_QUIET_TF"  # marks TF_CPP_MIN_LOG_LEVEL as set by us, not by the user
+# Error-level lines TensorFlow writes while training and predicting that ask nothing of anyone:
+# - with op determinism on (every training run, `seed_everything`), tf.data runs the parallel
+#   map of Keras' array adapter sequentially and the rewritten node keeps an attribute the
+#   sequential op lacks; TensorFlow ignores it ("Unknown attributes will be ignored");
+# - oneDNN falling back to Eigen for boolean tensors (the GRU's mask).
+TF_RUNTIME_NOISE = re.compile(
+    r"NodeDef mentions attribute use_unbounded_threadpool which is not in the op definition"
+    r"|oneDNN supports DT_BOOL only on platforms with AVX-512"
+)
 
 
 @contextlib.contextmanager
@@ -52,6 +62,45 @@ def filtered_c_stderr(noise: re.Pattern) -> Iterator[None]:
                 if not noise.search(line):
                     sys.stderr.write(line)
             sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def streamed_c_stderr(noise: re.Pattern) -> Iterator[None]:
+    """Pass file descriptor 2 through a pipe while the block runs, line by line as they come
+    (long work keeps showing its progress), dropping the lines that match `noise`."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 to redirect: nothing to filter
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not noise.search(line.decode(errors="replace")):
+                    os.write(saved, line)
+
+    forwarder = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end closes: the forwarder reads to its end
+        forwarder.join(timeout=10)  # a child process still holding the pipe must not hang us
+        os.close(saved)
+
+
+def quiet_tensorflow_runtime() -> contextlib.AbstractContextManager:
+    """While TensorFlow trains or predicts, keep `TF_RUNTIME_NOISE` out of the output, unless
+    the user chose TF_CPP_MIN_LOG_LEVEL (see `quiet_tensorflow_startup`)."""
+    if os.environ.get(QUIET_TF_ENV) != "1":
+        return contextlib.nullcontext()
+    return streamed_c_stderr(TF_RUNTIME_NOISE)
 
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):

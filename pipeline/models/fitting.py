@@ -153,6 +153,7 @@ def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
             metrics=["accuracy"],
             loss="sparse_categorical_crossentropy",
             jit_compile=train.jit_compile,
+            run_eagerly=train.run_eagerly,
         )
     callbacks = training_callbacks(train)
     start = time.perf_counter()

@@ -41,6 +41,7 @@ class Training(Section):
     class_weights: bool
     oversample: bool
     jit_compile: bool = False
+    run_eagerly: bool = False  # op by op: no graph tracing (tens of seconds for EfficientNetB0)
     ema_momentum: Annotated[float, Field(gt=0, lt=1)] | None = None
     temporal_jitter: bool = False  # each epoch, frames drawn afresh from the cached ones
 

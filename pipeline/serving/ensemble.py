@@ -21,7 +21,7 @@ import yaml
 from pipeline.errors import PipelineError
 from pipeline.logs import quiet_tensorflow_startup
 from pipeline.serving.classifier import ClipClassifier, VideoClassifier
-from pipeline.serving.pyfunc import VideoClassifierModel, log_classifier_pyfunc
+from pipeline.serving.pyfunc import VideoClassifierModel, example_request, log_classifier_pyfunc
 
 # the artifacts a member's logged model carries (pipeline.serving.pyfunc.log_video_classifier)
 MEMBER_ARTIFACTS = ("keras_model", "preprocessing", "backbone_weights")
@@ -139,4 +139,9 @@ def log_ensemble_classifier(
         spec_file = Path(tmp) / "ensemble.json"
         spec_file.write_text(json.dumps(spec, indent=2))
         artifacts = {"members": str(members_dir), "ensemble": str(spec_file)}
-        return log_classifier_pyfunc(name, EnsembleClassifierModel(), artifacts, classes)
+        # the members share the frames stage's settings: any one's preprocessing shows a request
+        first = next(iter(spec["members"].values()))["artifacts"]["preprocessing"]
+        member = json.loads((members_dir / first).read_text())
+        return log_classifier_pyfunc(
+            name, "ensemble_classifier.py", artifacts, classes, example_request(member)
+        )

@@ -26,7 +26,7 @@ import pandas as pd
 from pipeline.atomic import write_bytes_atomic
 from pipeline.config import load_config
 from pipeline.errors import PipelineError, server_refusals
-from pipeline.logs import quiet_tensorflow_startup, setup_logging
+from pipeline.logs import quiet_tensorflow_runtime, quiet_tensorflow_startup, setup_logging
 from pipeline.serving.champion import default_model
 from pipeline.serving.clips import VideoError, video_paths
 from pipeline.serving.pyfunc import load_video_classifier
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     quiet_tensorflow_startup()
     try:
-        with server_refusals():
+        with server_refusals(), quiet_tensorflow_runtime():
             rows = predict(
                 args.targets,
                 args.model,

@@ -198,19 +198,43 @@ def model_signature(classes: list[str]):
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def log_classifier_pyfunc(name: str, python_model, artifacts: dict, classes: list[str]):
-    """Log a pyfunc of this module's interface in the active run as `name`, with the
-    `pipeline` package as its code (it loads where the project is not installed, e.g. the
-    image of `make serving-image`) and the serving requirements pinned. Returns ModelInfo."""
+MODEL_CODE = Path(__file__).parent / "model_code"  # what MLflow runs to rebuild a pyfunc
+
+
+def example_request(pre: dict) -> pd.DataFrame:
+    """One request row as a client sends it: a short video (random grey frames, enough of
+    them for the model's `min_frames`) as base64 in `video`. Logged with the model, it shows
+    `mlflow models serve` users what to send, and MLflow checks that the logged model answers
+    it."""
+    from pipeline.data.sample import write_video
+
+    count = max(int(pre.get("min_frames") or 1), int(pre["frames"]["num_frames"])) + 2
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(count)]
+    with tempfile.TemporaryDirectory() as tmp:
+        video = Path(tmp) / "example.avi"
+        write_video(video, frames, fps=10.0)
+        encoded = base64.b64encode(video.read_bytes()).decode("ascii")
+    return pd.DataFrame({"video": [encoded]})
+
+
+def log_classifier_pyfunc(
+    name: str, model_code: str, artifacts: dict, classes: list[str], example: pd.DataFrame
+):
+    """Log the pyfunc of `model_code` (a file of MODEL_CODE) in the active run as `name`, with
+    the `pipeline` package as its code (it loads where the project is not installed, e.g. the
+    image of `make serving-image`), the serving requirements pinned, its signature and
+    `example` request. Returns ModelInfo."""
     from importlib.metadata import version
 
     requirements = [f"{dist}=={version(dist)}" for dist in SERVING_DISTRIBUTIONS]
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=python_model,
+        python_model=str(MODEL_CODE / model_code),
         artifacts=artifacts,
         code_paths=[str(Path(__file__).resolve().parents[1])],
         signature=model_signature(classes),
+        input_example=example,
         pip_requirements=requirements,
     )
 
@@ -228,7 +252,9 @@ def log_video_classifier(model_file: Path, pre: dict, name: str = "model"):
         weights = pre.get("features", {}).get("weights")
         if weights not in (None, "imagenet"):
             artifacts["backbone_weights"] = str(resolve(weights))
-        return log_classifier_pyfunc(name, VideoClassifierModel(), artifacts, pre["classes"])
+        return log_classifier_pyfunc(
+            name, "video_classifier.py", artifacts, pre["classes"], example_request(pre)
+        )
 
 
 def load_video_classifier(uri: str) -> tuple[VideoClassifier, object]:

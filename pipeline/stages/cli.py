@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError, server_refusals
-from pipeline.logs import quiet_tensorflow_startup, setup_logging
+from pipeline.logs import quiet_tensorflow_runtime, quiet_tensorflow_startup, setup_logging
 from pipeline.schema import Params
 
 log = logging.getLogger("pipeline")
@@ -41,7 +41,7 @@ def stage_cli(
     quiet_tensorflow_startup()  # before any stage code imports TensorFlow
     start = time.perf_counter()
     try:
-        with server_refusals():
+        with server_refusals(), quiet_tensorflow_runtime():
             run(load_config(args.params), args)
     except (PipelineError, FileNotFoundError) as exc:
         log.error("%s failed: %s", name, exc)

@@ -27,6 +27,7 @@ from pipeline.models.distributed import is_chief, training_strategy
 from pipeline.models.evaluation import backbone_ms_per_clip, clip_probabilities, model_ms_per_clip
 from pipeline.models.fit_job import FitJob
 from pipeline.models.fitting import fit_model
+from pipeline.schema.base import MODEL_NAMES
 from pipeline.stages.cli import stage_cli
 from pipeline.stages.train_outputs import (
     SCORE_KEYS,
@@ -252,7 +253,7 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> None:
     def model_option(parser):
-        parser.add_argument("--model", required=True, help="frame_cnn | cnn3d | cnn_gru")
+        parser.add_argument("--model", required=True, choices=MODEL_NAMES)
 
     stage_cli(
         "train",
