@@ -145,6 +145,29 @@ def test_every_shipped_composition_is_valid():
         validate_params(compose_params([f"distribute={strategy}"], conf_dir=ROOT / "conf"))
 
 
+def settings_missing_from(typed: dict, composed: dict, prefix: str) -> list[str]:
+    """The keys of `typed` (a section as the schema fills it in) that `composed` lacks."""
+    missing = []
+    for key, value in typed.items():
+        if key not in composed:
+            missing.append(f"{prefix}{key}")
+        elif isinstance(value, dict) and isinstance(composed[key], dict):
+            missing += settings_missing_from(value, composed[key], f"{prefix}{key}.")
+    return missing
+
+
+def test_every_setting_a_model_trains_with_is_written_in_conf():
+    """What a model trains with comes from conf/ (`params.yaml`, which DVC tracks for each
+    stage), never from a default of pipeline/schema/, which is no stage's dependency: a
+    changed default there would change results without DVC rerunning anything."""
+    from pipeline.schema import parse_params
+
+    for overrides in ([], ["recipe=reference"], ["experiment=uniri_hbd"], ["inputs=flow"]):
+        composed = compose_params(overrides, conf_dir=ROOT / "conf")
+        typed = parse_params(composed).models.model_dump()
+        assert settings_missing_from(typed, composed["models"], "models.") == [], overrides
+
+
 def test_a_typo_in_a_conf_file_is_refused(tmp_path):
     import shutil
 

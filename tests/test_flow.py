@@ -152,7 +152,6 @@ def test_models_on_flow_load_it_from_the_frames_cache(tmp_path, monkeypatch):
     assert np.abs(sequence["features"][..., 16:]).max() > 0.05  # the square's motion
 
 
-@pytest.mark.filterwarnings("ignore:This model usually expects 1 or 3 input channels")
 def test_frame_models_on_frames_and_flow_build_save_and_load(tmp_path):
     """cnn3d on `rgb_flow` and frame_cnn on `flow` read 5 channels per frame, keep their
     predictions through save and load; in-model flips are refused for them, naming the key."""

@@ -108,8 +108,7 @@ def footage_params() -> dict:
 
     from pipeline.params import compose_params
 
-    # a folder the tests never read: the schema wants a folder dataset to name one
-    return compose_params(["dataset=folder", "dataset.path=clips"], conf_dir=ROOT / "conf")
+    return compose_params(["dataset=folder"], conf_dir=ROOT / "conf")
 
 
 def at_test_size(params: dict, name: str) -> dict:

@@ -139,7 +139,6 @@ def test_imagenet_download_failure_names_the_config_key(tmp_path, monkeypatch):
         pytest.skip("ImageNet weights were downloadable here; the offline error path is untested")
 
 
-@pytest.mark.filterwarnings("ignore:This model usually expects 1 or 3 input channels")
 def test_input_and_pooling_options_build_save_and_load(tiny_params, tmp_path):
     """The options in conf/ (motion inputs, temporal pooling, in-model clip augmentation,
     feature motion) build, keep their documented shapes, and survive save/load with the same

@@ -7,6 +7,7 @@ network sees (`MOTION_CHANNELS`).
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import keras
@@ -122,9 +123,11 @@ def build_frame_cnn(cfg: FrameCnn, num_frames: int, size: int, num_classes: int)
     (The schema refuses pretrained weights for other than 3 channels, or zero-initialised.)"""
     bb = cfg.backbone
     channels = MOTION_CHANNELS[cfg.motion]
-    backbone = build_backbone(
-        bb.name, bb.weights, (size, size, channels), config_key="models.frame_cnn.backbone.weights"
-    )
+    with warnings.catch_warnings():  # other than 3 channels: random init, by the schema
+        warnings.filterwarnings("ignore", "This model usually expects 1 or 3 input channels")
+        backbone = build_backbone(
+            bb.name, bb.weights, (size, size, channels), "models.frame_cnn.backbone.weights"
+        )
     if bb.zero_init_residual:
         zero_init_residual_branches(backbone)  # every residual block starts as the identity
     trainable = len(backbone.layers) if bb.trainable_layers == "all" else bb.trainable_layers

@@ -251,13 +251,13 @@ class Distribute(Section):
 
 class Params(Section):
     """The whole of `params.yaml`; `composed` is the mapping it was read from, as written (what
-    a run logs as its `config.yaml`)."""
+    a run logs as its `config.yaml`), or for a config built otherwise its typed settings."""
 
     _composed: dict = PrivateAttr(default_factory=dict)
 
     @property
     def composed(self) -> dict:
-        return self._composed
+        return self._composed or self.model_dump(mode="json")
 
     models: Models
     features: Features

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +40,8 @@ def stage_cli(
     args = parser.parse_args(argv)
     setup_logging()
     quiet_tensorflow_startup()  # before any stage code imports TensorFlow
+    # a progress bar per sub-second download of a logged model's files (compare, registering)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     start = time.perf_counter()
     try:
         with server_refusals(), quiet_tensorflow_runtime():
