@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 
@@ -40,31 +39,6 @@ TF_RUNTIME_NOISE = re.compile(
 
 
 @contextlib.contextmanager
-def filtered_c_stderr(noise: re.Pattern) -> Iterator[None]:
-    """Send file descriptor 2 (where C++ libraries write) to a temporary file while the block
-    runs, then pass on every line that does not match `noise`."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no file descriptor 2 to redirect: nothing to filter
-        yield
-        return
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
-                if not noise.search(line):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
-
-
-@contextlib.contextmanager
 def streamed_c_stderr(noise: re.Pattern) -> Iterator[None]:
     """Pass file descriptor 2 through a pipe while the block runs, line by line as they come
     (long work keeps showing its progress), dropping the lines that match `noise`."""
@@ -78,11 +52,13 @@ def streamed_c_stderr(noise: re.Pattern) -> Iterator[None]:
     os.dup2(write_end, 2)
     os.close(write_end)
 
-    def forward() -> None:
+    def forward() -> None:  # never stops reading early: a full pipe would block the writers
         with os.fdopen(read_end, "rb") as pipe:
             for line in pipe:
                 if not noise.search(line.decode(errors="replace")):
-                    os.write(saved, line)
+                    with contextlib.suppress(OSError):
+                        while line:
+                            line = line[os.write(saved, line) :]
 
     forwarder = threading.Thread(target=forward, name="stderr-filter", daemon=True)
     forwarder.start()
@@ -116,7 +92,7 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
         exec_module = spec.loader.exec_module
 
         def quiet_exec_module(module):
-            with filtered_c_stderr(TF_STARTUP_NOISE):
+            with streamed_c_stderr(TF_STARTUP_NOISE):
                 exec_module(module)
                 # probing the devices now keeps its "failed call to cuInit" (no GPU) in here
                 with contextlib.suppress(Exception):

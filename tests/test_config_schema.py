@@ -30,9 +30,9 @@ BAD = [
     ),
     (["+foo=1"], "foo=1: not a setting of the config (it has: augment, baseline"),
     (  # a setting the schema has but conf/ leaves at its default: how to add it
-        ["models.cnn_gru.train.weight_decay=0.05"],
-        "models.cnn_gru.train.weight_decay=0.05: conf/ does not set models.cnn_gru.train."
-        "weight_decay (its default is 0.004): add it with +models.cnn_gru.train.weight_decay=0.05",
+        ["dataset.max_unpacked_gb=50"],
+        "dataset.max_unpacked_gb=50: conf/ does not set dataset.max_unpacked_gb (its default "
+        "is 100): add it with +dataset.max_unpacked_gb=50",
     ),
     (["compare.metric=f1"], "compare.metric='f1': must be one of 'accuracy', 'balanced_accuracy'"),
     (["models.frame_cnn.train.optimizer=sgd"], "optimizer='sgd': must be one of 'adam', 'adamw'"),

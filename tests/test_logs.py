@@ -49,14 +49,44 @@ def test_the_users_tf_cpp_min_log_level_wins():
 def test_other_c_level_stderr_lines_pass_through():
     code = (
         "import os\n"
-        "from pipeline.logs import TF_STARTUP_NOISE, filtered_c_stderr\n"
-        "with filtered_c_stderr(TF_STARTUP_NOISE):\n"
+        "from pipeline.logs import TF_STARTUP_NOISE, streamed_c_stderr\n"
+        "with streamed_c_stderr(TF_STARTUP_NOISE):\n"
         "    os.write(2, b'I0000 cudart_stub.cc:31] Could not find cuda drivers\\n')\n"
         "    os.write(2, b'E0000 something real went wrong\\n')\n"
     )
     proc = python(code)
     assert "something real went wrong" in proc.stderr
     assert "cudart_stub" not in proc.stderr
+
+
+def test_training_noise_is_dropped_and_the_rest_passes_in_order():
+    """While a stage or `predict` runs (`quiet_tensorflow_runtime`), TensorFlow's known-harmless
+    error-level lines (TF_RUNTIME_NOISE, as a training run prints them) are dropped; every
+    other line passes, in order, C++'s and Python's alike; after it, stderr is as before.
+    With the user's own TF_CPP_MIN_LOG_LEVEL nothing is filtered."""
+    noise = (
+        "E0000 00:00:1 node_def_util.cc:682] NodeDef mentions attribute use_unbounded_threadpool"
+        " which is not in the op definition: Op<name=MapDataset; ...>"
+    )
+    code = (
+        "import os, sys\n"
+        "from pipeline.logs import quiet_tensorflow_runtime, quiet_tensorflow_startup\n"
+        "quiet_tensorflow_startup()\n"
+        "with quiet_tensorflow_runtime():\n"
+        "    os.write(2, b'first\\n')\n"
+        f"    os.write(2, {noise!r}.encode() + b'\\n')\n"
+        "    print('python logs', file=sys.stderr, flush=True)\n"
+        "    os.write(2, b'E0000 something real went wrong\\n')\n"
+        "print('after', file=sys.stderr, flush=True)\n"
+    )
+    proc = python(code)
+    assert proc.stderr.splitlines() == [
+        "first",
+        "python logs",
+        "E0000 something real went wrong",
+        "after",
+    ], proc.stderr
+    assert noise in python(code, TF_CPP_MIN_LOG_LEVEL="0").stderr
 
 
 def test_importing_the_package_leaves_the_process_as_it_was():

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.data.video import write_video
 from pipeline.schema.sections import SampleSpec
 
 log = logging.getLogger(__name__)
@@ -275,19 +276,6 @@ def render_clip(
         noisy = img.astype(np.float32) + brightness + rng.normal(0, noise, img.shape)
         frames.append(np.clip(noisy, 0, 255).astype(np.uint8))
     return frames
-
-
-def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
-    """Write frames to an MJPG .avi; raise if OpenCV cannot open a writer."""
-    height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
-    if not writer.isOpened():
-        raise RuntimeError(f"OpenCV could not open a video writer for {path}")
-    try:
-        for frame in frames:
-            writer.write(frame)
-    finally:
-        writer.release()
 
 
 def generate_sample(out_dir: Path, spec: SampleSpec, classes: list[str]) -> list[dict]:

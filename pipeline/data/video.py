@@ -258,3 +258,16 @@ def repeat_mask(indices: np.ndarray) -> np.ndarray:
     mask = np.ones(indices.shape, dtype=bool)
     mask[..., 1:] = indices[..., 1:] != indices[..., :-1]
     return mask
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
+    """Write frames to an MJPG .avi; raise if OpenCV cannot open a writer."""
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV could not open a video writer for {path}")
+    try:
+        for frame in frames:
+            writer.write(frame)
+    finally:
+        writer.release()

@@ -202,11 +202,11 @@ MODEL_CODE = Path(__file__).parent / "model_code"  # what MLflow runs to rebuild
 
 
 def example_request(pre: dict) -> pd.DataFrame:
-    """One request row as a client sends it: a short video (random grey frames, enough of
-    them for the model's `min_frames`) as base64 in `video`. Logged with the model, it shows
+    """One request row as a client sends it: a short video (frames of random noise, enough
+    of them for the model's `min_frames`) as base64 in `video`. Logged with the model, it shows
     `mlflow models serve` users what to send, and MLflow checks that the logged model answers
     it."""
-    from pipeline.data.sample import write_video
+    from pipeline.data.video import write_video
 
     count = max(int(pre.get("min_frames") or 1), int(pre["frames"]["num_frames"])) + 2
     rng = np.random.default_rng(0)
