@@ -19,7 +19,7 @@ from pipeline.schema.base import (
     Section,
     Text,
 )
-from pipeline.schema.model_sections import FLOW_MOTIONS, Models
+from pipeline.schema.model_sections import Models
 
 
 class SampleSpec(Section):
@@ -280,13 +280,13 @@ class Params(Section):
     def flow_is_cached_for_its_readers(self):
         """A model that reads optical flow needs the frames stage to cache it."""
         readers = [
-            f"models.{name}.{key}={value!r}"
-            for name, key, value in (
-                ("frame_cnn", "motion", self.models.frame_cnn.motion),
-                ("cnn3d", "motion", self.models.cnn3d.motion),
-                ("cnn_gru", "flow_grid", self.models.cnn_gru.flow_grid),
+            f"models.{name}.{key}={getattr(model, key)!r}"
+            for name, key in (
+                ("frame_cnn", "motion"),
+                ("cnn3d", "motion"),
+                ("cnn_gru", "flow_grid"),
             )
-            if value in FLOW_MOTIONS or (key == "flow_grid" and value)
+            if (model := getattr(self.models, name)).reads_flow
         ]
         if readers and not self.frames.flow.enabled:
             raise ValueError(
