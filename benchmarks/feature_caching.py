@@ -2,6 +2,7 @@
 with stock Keras float32, and the `features` stage's loop against each runtime's raw forward pass.
 
     .venv/bin/python benchmarks/feature_caching.py [--clips 16] [--frames 16] [--size 224]
+        [--json FILE]
 
 Same seeded ResNet101V2 (`pooling="avg"`, random init: speed does not depend on the weights),
 same frames, same batch size (`features.batch_size`), built by `build_feature_backbone` as the
@@ -13,7 +14,9 @@ stage builds it. Per setting:
 Printed: frames/s of both, raw speed-up over Keras float32 (the reference), the largest
 relative difference of the features from Keras float32, and stage/raw (target >= 0.9x: the
 stage's own overhead <= 10 %). All warmed up first; best of `--repeats`. The CPU's bfloat16
-flags are printed: without AVX512-BF16/AMX, bfloat16 settings fall back to float32.
+flags are printed: without AVX512-BF16/AMX, bfloat16 settings fall back to float32. The
+rows and the machine go to `--json` (default `benchmarks/results/feature_caching.json`, from
+which the docs' table is rendered).
 
 The CPU's ceiling is printed too: OpenVINO's throughput on a chain of large matrix products
 (GMAC/s, float32 and bfloat16), against which each setting's achieved GMAC/s (the backbone's
@@ -32,6 +35,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from cpu import cpu_description  # noqa: E402  (benchmarks/cpu.py, beside this script)
+from results import Column, default_path, save_results  # noqa: E402
+
+COLUMNS = [
+    Column("setting", "setting (as run)"),
+    Column("raw_fps", "raw frames/s", ".1f"),
+    Column("stage_fps", "stage frames/s", ".1f"),
+    Column("speedup", "× Keras float32 (raw)", ".2f"),
+    Column("max_rel_diff", "largest relative difference", ".1e"),
+    Column("stage_over_raw", "stage / raw (target ≥ 0.9)", ".2f"),
+    Column("gmac_per_s", "GMAC/s", ".0f"),
+    Column("share_of_ceiling", "share of the ceiling", ".0%"),
+    Column("ceiling", "of the ceiling in"),
+]
+NOTES = (
+    "raw: `predict_on_batch` over an in-memory float array; stage: the features stage's loop "
+    "(memory-mapped frames in, memory-mapped features out); × Keras float32: raw speed-up "
+    "over the reference; largest relative difference: of the features from Keras float32's."
+)
 
 
 def conv_gmac_per_frame(model) -> float:
@@ -83,7 +106,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=default_path("feature_caching"))
     args = parser.parse_args()
+    args.json = args.json.resolve()  # before the benchmark changes directory
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ["TQDM_DISABLE"] = "1"
 
@@ -146,39 +171,59 @@ def main() -> None:
 
     reference = results[("keras", "float32")]
     flags = "AVX512-BF16/AMX: yes" if cpu_has_bfloat16() else "no bfloat16 instructions"
+    ceiling = {"float32": matmul_gmac_per_s("f32"), "bfloat16": matmul_gmac_per_s("bf16")}
+    rows = []
+    for (runtime, precision), (used, best, out) in results.items():
+        achieved = gmac * total / best["raw"]
+        rows.append(
+            {
+                "setting": f"{runtime} {precision}"
+                + ("" if used == (runtime, precision) else f" (runs as {used[0]} {used[1]})"),
+                "raw_fps": total / best["raw"],
+                "stage_fps": total / best["stage"],
+                "speedup": reference[1]["raw"] / best["raw"],
+                "max_rel_diff": float(
+                    np.abs(out - reference[2]).max() / np.abs(reference[2]).max()
+                ),
+                "stage_over_raw": best["raw"] / best["stage"],
+                "gmac_per_s": achieved,
+                "share_of_ceiling": achieved / ceiling[used[1]],
+                "ceiling": used[1],
+            }
+        )
     print(
         f"feature caching: ResNet101V2 avg-pool, {total} frames of {args.size}x{args.size}, "
-        f"batch {bs}; {os.cpu_count()} CPUs, {flags}"
+        f"batch {bs}; {cpu_description()}; {flags}"
     )
     print(
-        f"{'setting (as run)':28}{'raw fps':>9}{'stage fps':>10}{'x keras f32':>12}"
-        f"{'max rel diff':>14}{'stage/raw':>11}"
+        f"{'setting (as run)':40}{'raw fps':>9}{'stage fps':>10}{'x keras f32':>12}"
+        f"{'max rel diff':>14}{'stage/raw':>11}{'GMAC/s':>8}{'ceiling':>9}"
     )
-    for (runtime, precision), (used, best, out) in results.items():
-        label = f"{runtime} {precision}" + (
-            "" if used == (runtime, precision) else f" ({used[0]} {used[1]})"
-        )
-        diff = np.abs(out - reference[2]).max() / np.abs(reference[2]).max()
+    for r in rows:
         print(
-            f"{label:28}{total / best['raw']:9.1f}{total / best['stage']:10.1f}"
-            f"{reference[1]['raw'] / best['raw']:12.2f}{diff:14.1e}"
-            f"{best['raw'] / best['stage']:11.2f}"
+            f"{r['setting']:40}{r['raw_fps']:9.1f}{r['stage_fps']:10.1f}{r['speedup']:12.2f}"
+            f"{r['max_rel_diff']:14.1e}{r['stage_over_raw']:11.2f}{r['gmac_per_s']:8.0f}"
+            f"{r['share_of_ceiling']:9.0%}"
         )
+    best_over_reference = ceiling["bfloat16"] / rows[0]["gmac_per_s"]
+    summary = (
+        f"CPU ceiling (OpenVINO's chained matrix products): float32 {ceiling['float32']:.0f} "
+        f"GMAC/s, bfloat16 {ceiling['bfloat16']:.0f} GMAC/s; ResNet101V2 costs {gmac:.2f} GMAC "
+        f"per frame; the bfloat16 ceiling over Keras float32: {best_over_reference:.2f}× (the "
+        "most bfloat16 arithmetic can speed up the reference on this CPU)."
+    )
+    print(summary)
     print("reference: keras float32 raw forward pass; stage/raw target >= 0.9")
-    ceiling = {"float32": matmul_gmac_per_s("f32"), "bfloat16": matmul_gmac_per_s("bf16")}
-    achieved = {key: gmac * total / best["raw"] for key, (_, best, _) in results.items()}
-    print(
-        f"CPU ceiling (OpenVINO matrix products): float32 {ceiling['float32']:.0f} GMAC/s, "
-        f"bfloat16 {ceiling['bfloat16']:.0f} GMAC/s; ResNet101V2 {gmac:.2f} GMAC per frame"
-    )
-    for (runtime, precision), (used, _, _) in results.items():
-        print(
-            f"  {runtime} {precision}: {achieved[(runtime, precision)]:.0f} GMAC/s, "
-            f"{achieved[(runtime, precision)] / ceiling[used[1]]:.0%} of the {used[1]} ceiling"
-        )
-    print(
-        f"bf16 ceiling / keras f32: {ceiling['bfloat16'] / achieved[('keras', 'float32')]:.2f}x "
-        "(the most bfloat16 arithmetic can speed up the reference on this CPU)"
+    save_results(
+        args.json,
+        "feature_caching",
+        f'ResNet101V2 (`pooling="avg"`, random init) on {total} frames of '
+        f"{args.size}×{args.size}, batch {bs}, best of {args.repeats}; {flags}. {summary}",
+        COLUMNS,
+        rows,
+        NOTES,
+        ceiling_gmac_per_s=ceiling,
+        gmac_per_frame=gmac,
     )
 
 

@@ -1,6 +1,7 @@
 """Frame extraction throughput: the `frames` stage against plain sequential OpenCV decoding.
 
-    .venv/bin/python benchmarks/frame_extraction.py [--source DIR] [--frames 16] [--size 224]
+    .venv/bin/python benchmarks/frame_extraction.py [--source DIR | --sample] [--frames 16]
+        [--size 224] [--json FILE]
 
 Both sides decode the same clips and produce the same uint8 arrays (same frame indices, same
 letterbox):
@@ -11,7 +12,9 @@ letterbox):
 Each side runs in its own fresh process; peak memory is the largest sum of resident memory
 of that process and all its worker processes (sampled every 50 ms); the best of `--repeats`
 runs is reported. Default source: ../shared/data/real/cricket_shots (real 720p
-H.264), else a generated sample. Target: stage >= 1.5x the reference on 2 cores.
+H.264), else a generated sample. Target: stage >= 1.5x the reference on 2 cores. The rows
+and the machine go to `--json` (default `benchmarks/results/frame_extraction.json`, from
+which the docs' table is rendered).
 """
 
 from __future__ import annotations
@@ -28,6 +31,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from cpu import cpu_description  # noqa: E402  (benchmarks/cpu.py, beside this script)
+from results import Column, default_path, save_results  # noqa: E402
+
+COLUMNS = [
+    Column("side", ""),
+    Column("seconds", "seconds", ".2f"),
+    Column("clips_per_s", "clips/s", ".2f"),
+    Column("source_frames_per_s", "source frames/s", ".1f"),
+    Column("output_frames_per_s", "output frames/s", ".1f"),
+    Column("peak_mb", "peak memory, MB (all processes)", ".0f"),
+]
+NOTES = (
+    "reference: one process reading every frame in order with `cv2.VideoCapture.read()`, "
+    "keeping the sampled ones; frames stage: `extract_frames` as `dvc repro` runs it. Both "
+    "produce the same arrays."
+)
 DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "real" / "cricket_shots"
 
 
@@ -158,12 +178,18 @@ def main() -> None:
         default=None,
         help="folder-per-class videos (default: cricket_shots if present)",
     )
+    parser.add_argument(
+        "--sample", action="store_true", help="the generated sample, even if cricket_shots is"
+    )
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=default_path("frame_extraction"))
     parser.add_argument("--variant", choices=["reference", "stage"], help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.json = args.json.resolve()  # before the benchmark changes directory
+    args.source = args.source.resolve() if args.source else None
     if args.variant:
         run_variant(args.variant, args.root)
         return
@@ -176,6 +202,8 @@ def main() -> None:
     logging.disable(logging.WARNING)
     os.environ["TQDM_DISABLE"] = "1"
     source = args.source or (DEFAULT_SOURCE if DEFAULT_SOURCE.is_dir() else None)
+    if args.sample:
+        source = None
     with tempfile.TemporaryDirectory(prefix="bench-frames-") as tmp:
         root = Path(tmp)
         params = prepare(source, args.frames, args.size, root)
@@ -190,25 +218,56 @@ def main() -> None:
             v: min((measure(v, root) for _ in range(args.repeats)), key=lambda r: r["seconds"])
             for v in ("reference", "stage")
         }
-    print(
-        f"frame extraction: {clips} clips ({source_frames} source frames, "
-        f"{splits['width'].max()}x{splits['height'].max()} max) from "
-        f"{source or 'the generated sample'}; {args.frames} frames of {args.size}x{args.size} "
-        f"per clip; {os.cpu_count()} CPUs, stage workers {workers}"
+    description = (
+        f"{clips} clips ({source_frames} source frames, up to "
+        f"{splits['width'].max()}×{splits['height'].max()}) from "
+        f"{source_label(source)}; {args.frames} frames of {args.size}×{args.size} per clip; "
+        f"stage workers {workers}; best of {args.repeats} runs"
     )
+    rows = [
+        {
+            "side": label,
+            "seconds": results[name]["seconds"],
+            "clips_per_s": clips / results[name]["seconds"],
+            "source_frames_per_s": source_frames / results[name]["seconds"],
+            "output_frames_per_s": clips * args.frames / results[name]["seconds"],
+            "peak_mb": results[name]["peak_mb"],
+        }
+        for name, label in (
+            ("reference", "sequential OpenCV (reference)"),
+            ("stage", "frames stage"),
+        )
+    ]
+    speedup = results["reference"]["seconds"] / results["stage"]["seconds"]
+    print(f"frame extraction: {description}; {cpu_description()}")
     print(
-        f"{'':28}{'seconds':>9}{'clips/s':>9}{'src frames/s':>14}{'out frames/s':>14}"
+        f"{'':30}{'seconds':>9}{'clips/s':>9}{'src frames/s':>14}{'out frames/s':>14}"
         f"{'peak MB (all processes)':>25}"
     )
-    for name, label in (("reference", "sequential OpenCV (ref.)"), ("stage", "frames stage")):
-        r = results[name]
+    for r in rows:
         print(
-            f"{label:28}{r['seconds']:9.2f}{clips / r['seconds']:9.2f}"
-            f"{source_frames / r['seconds']:14.1f}{clips * args.frames / r['seconds']:14.1f}"
-            f"{r['peak_mb']:25.0f}"
+            f"{r['side']:30}{r['seconds']:9.2f}{r['clips_per_s']:9.2f}"
+            f"{r['source_frames_per_s']:14.1f}{r['output_frames_per_s']:14.1f}{r['peak_mb']:25.0f}"
         )
-    speedup = results["reference"]["seconds"] / results["stage"]["seconds"]
     print(f"speed-up: {speedup:.2f}x (target >= 1.5x)")
+    save_results(
+        args.json,
+        "frame_extraction",
+        f"{description}. **Speed-up of the stage: {speedup:.2f}×** (target ≥ 1.5×).",
+        COLUMNS,
+        rows,
+        NOTES,
+        speedup=speedup,
+    )
+
+
+def source_label(source: Path | None) -> str:
+    if source is None:
+        return "the generated sample"
+    try:
+        return str(source.resolve().relative_to(ROOT.parent))
+    except ValueError:
+        return source.name
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Inference latency and throughput per model on this CPU, from video file to probabilities.
 
     .venv/bin/python benchmarks/inference_latency.py [--clips 12] [--repeats 3] [--model URI ...]
-        [--videos FOLDER]
+        [--videos FOLDER] [--json FILE]
 
 For each model the pipeline logged (reports/<model>/mlflow.json, after `dvc repro`), or each
 `--model` URI, on the first `--clips` test clips (data/raw), or on the first `--clips` videos
@@ -19,7 +19,10 @@ of FOLDER (e.g. real broadcast footage, ../shared/data/real/cricket_shots):
   then OpenVINO float32, what `predict` and serving use by default;
   HANDBALL_INFERENCE_RUNTIME=keras keeps Keras).
 
-Timings are medians over `--repeats` passes after one warm-up pass.
+Timings are medians over `--repeats` passes after one warm-up pass. The rows and the machine
+go to `--json` (default `benchmarks/results/inference_latency.json`; the docs render
+`inference_latency.json` and `inference_latency_cricket_shots.json`, the same benchmark with
+`--videos ../shared/data/real/cricket_shots`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from cpu import cpu_description  # noqa: E402  (benchmarks/cpu.py, beside this script)
+from results import Column, default_path, save_results  # noqa: E402
+
+COLUMNS = [
+    Column("model", "model, runtime (* as logged)"),
+    Column("frames", "frames"),
+    Column("decode_ms", "decode + sample, ms", ".1f"),
+    Column("backbone_ms", "ResNet101V2 features, ms", ".1f"),
+    Column("forward_ms", "forward pass, ms", ".1f"),
+    Column("latency_ms", "one file end to end, ms", ".1f"),
+    Column("clips_per_s", "batched, clips/s", ".1f"),
+    Column("feature_diff", "feature difference", ".1e"),
+]
+NOTES = (
+    "decode: count, sample and letterbox one clip; features: cnn_gru's ResNet101V2 backbone; "
+    "forward: the classifier alone on preprocessed input (batch 1); one file: "
+    "`classify_clips` on one clip; batched: files per second through `classify_clips`, 8 "
+    "clips per forward pass; feature difference: the largest relative difference from Keras "
+    "float32's features."
+)
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -100,7 +124,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", action="append", help="MLflow model URI (repeatable)")
     parser.add_argument("--videos", type=Path, help="a folder of videos to time instead")
+    parser.add_argument("--json", type=Path, default=default_path("inference_latency"))
     args = parser.parse_args()
+    args.json = args.json.resolve()  # before the benchmark changes directory
     videos = args.videos.resolve() if args.videos else None  # before moving to the project
     logging.basicConfig(level=logging.WARNING)
     os.chdir(ROOT)
@@ -131,36 +157,35 @@ def main() -> None:
         )
         clips = [resolve(params["paths"]["raw"]) / p for p in test["path"].head(args.clips)]
         source = f"the test split in {params['paths']['raw']}"
-    print(
-        f"{len(clips)} clips from {source}, median of {args.repeats} passes, {os.cpu_count()} CPUs"
+    description = (
+        f"{len(clips)} clips from {source}, medians of {args.repeats} passes after a warm-up; "
+        "each model with Keras first (the reference), then as `predict` and serving run it"
     )
+    print(f"{description}; {cpu_description()}")
     print(
         f"{'model':28} {'frames':>6} {'decode':>9} {'backbone':>9} {'forward':>9} "
         f"{'latency':>9} {'forward/latency':>15} {'batched':>12} {'feature diff':>12}"
     )
+    table = []
     for uri in uris:
         # every setting, Keras (float32) first: the reference of the rows below it
         rows = [measure(uri, clips, args.repeats, SETTINGS[0])]
         others = SETTINGS[1:] if rows[0]["features"] is not None else [("openvino",)]
         rows += [measure(uri, clips, args.repeats, setting) for setting in others]
+        reference = rows[0]["features"]
         for r in rows:
-            diff = ""
-            if r["features"] is not None:
-                ref = rows[0]["features"]
-                diff = f"{abs(r['features'] - ref).max() / abs(ref).max():12.1e}"
+            features = r.pop("features")
+            if features is not None:
+                r["feature_diff"] = float(abs(features - reference).max() / abs(reference).max())
             print(
                 f"{r['model']:28} {r['frames']:6d} {r['decode_ms']:7.1f}ms "
                 f"{r['backbone_ms']:7.1f}ms {r['forward_ms']:7.1f}ms {r['latency_ms']:7.1f}ms "
-                f"{r['forward_share']:15.0%} {r['clips_per_s']:7.2f} clip/s {diff}"
+                f"{r['forward_share']:15.0%} {r['clips_per_s']:7.2f} clip/s "
+                f"{r.get('feature_diff', float('nan')):12.1e}"
             )
-    print(
-        "decode: count + sample + letterbox one clip; backbone: cnn_gru's ResNet101V2 features; "
-        "forward: the classifier alone on preprocessed input (batch 1; the Keras row is the "
-        "reference); latency: one "
-        "file end to end; batched: files/s through classify_clips (8 per forward pass); "
-        "feature diff: largest relative difference from Keras float32's features; * the "
-        "setting the model was logged with"
-    )
+            table.append(r)
+    print(NOTES)
+    save_results(args.json, "inference_latency", description, COLUMNS, table, NOTES)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ base64, as docs/predict.md's curl does), cycling through the test split, and sen
 answered. Per model x workers x clients: requests per second, p50 and p95 latency, failed
 requests, and the resident memory of the server's processes after the run. The first row of
 each model (1 worker, 1 client) is the reference the speed-ups are against. The CPU's model
-and flags are printed first: compare figures from one run, not across machines.
+and flags are printed first: compare figures from one run, not across machines. The rows and
+the machine go to `--json` (default `benchmarks/results/serving_throughput.json`, from which
+the docs' table is rendered).
 """
 
 from __future__ import annotations
@@ -37,6 +39,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cpu import cpu_description  # noqa: E402  (benchmarks/cpu.py, beside this script)
+from results import Column, default_path, save_results  # noqa: E402
+
+COLUMNS = [
+    Column("model", "model"),
+    Column("workers", "workers"),
+    Column("clients", "clients"),
+    Column("requests_per_s", "answered requests/s", ".1f"),
+    Column("speed_up", "speed-up", ".2f"),
+    Column("p50_ms", "p50 latency, ms", ".0f"),
+    Column("p95_ms", "p95 latency, ms", ".0f"),
+    Column("failed", "failed requests"),
+    Column("server_rss_mb", "server memory, MB", ".0f"),
+]
+NOTES = (
+    "answered requests/s: requests answered 200 per second over the timed requests; speed-up: "
+    "against the model's first row (1 worker, 1 client); p50/p95: latency of one request, "
+    "client side; server memory: resident memory of all the server's processes after the row."
+)
 
 
 def free_port() -> int:
@@ -142,14 +162,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--clips", type=int, default=8, help="test clips the clients cycle")
     parser.add_argument("--model", action="append", help="MLflow model URI (repeatable)")
-    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--json", type=Path, default=default_path("serving_throughput"))
     args = parser.parse_args()
+    args.json = args.json.resolve()  # before the benchmark changes directory
     logging.basicConfig(level=logging.WARNING)
     os.chdir(ROOT)
 
     import pandas as pd
 
-    from pipeline.atomic import write_bytes_atomic
     from pipeline.config import load_params, resolve
 
     params = load_params()
@@ -209,14 +229,17 @@ def main() -> None:
                 stop(server)
                 log.unlink(missing_ok=True)
                 log.parent.rmdir()
-    print(
-        "req/s: requests answered 200 per second over the timed requests; speed-up: against the "
-        "model's first row; p50/p95: latency of one request, client side; server RSS: all "
-        "of the server's processes after the row"
+    print(NOTES)
+    save_results(
+        args.json,
+        "serving_throughput",
+        f"`mlflow models serve --env-manager local` on 127.0.0.1, {len(clips)} test clips "
+        f"({mean_kb:.0f} kB per request) cycled by each client, {args.requests} timed "
+        "requests per row, each client sending its next request once answered",
+        COLUMNS,
+        rows,
+        NOTES,
     )
-    if args.json:
-        payload = {"cpu": cpu_description(), "rows": rows}
-        write_bytes_atomic(args.json, json.dumps(payload, indent=2).encode())
 
 
 if __name__ == "__main__":

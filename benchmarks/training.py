@@ -3,6 +3,9 @@
     .venv/bin/python benchmarks/training.py [--models cnn3d ...] [--epochs 6]
         [--setting train.jit_compile=true ...] [--json FILE]
 
+The rows and the machine go to `--json` (default `benchmarks/results/training.json`, from
+which the docs' table is rendered).
+
 Each model is trained by the pipeline's own `fit_model` on the training split the `features`
 and `frames` stages cached (run `dvc repro` first), with the project's params.yaml, for
 `--epochs` epochs (early stopping off), once with today's settings and once per `--setting`:
@@ -42,6 +45,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from cpu import cpu_description  # noqa: E402  (benchmarks/cpu.py, beside this script)
 from feature_caching import matmul_gmac_per_s  # noqa: E402
+from results import Column, default_path, save_results  # noqa: E402
+
+COLUMNS = [
+    Column("model", "model"),
+    Column("setting", "setting", "code"),
+    Column("first_epoch_s", "first epoch, s", ".1f"),
+    Column("first_epoch_overhead_s", "its overhead over a steady one, s", ".1f"),
+    Column("steady_epoch_s", "steady epoch, s", ".1f"),
+    Column("clips_per_s", "clips/s", ".1f"),
+    Column("train_gflop_per_s", "training GFLOP/s", ".1f"),
+    Column("share_of_ceiling", "share of the ceiling", ".1%"),
+    Column("val_accuracy", "val accuracy (a sanity check)", ".3f"),
+]
+NOTES = (
+    "steady: the median epoch after the first (training and the validation pass); overhead: "
+    "the first epoch minus a steady one (tracing, compiling); GFLOP/s: 3 × the forward FLOPs "
+    "of a clip × clips/s; share of the ceiling: of the float32 ceiling measured in the same "
+    "run; val accuracy: after the last epoch, not a score."
+)
 
 
 def forward_flops_per_clip(model, example) -> float:
@@ -135,7 +157,7 @@ def measure(params: dict, model: str, setting: str, epochs: int) -> dict:
     keras.backend.clear_session()
     return {
         "model": model,
-        "setting": setting or "today's",
+        "setting": setting or "as configured",
         "first_epoch_s": first,
         "first_epoch_overhead_s": first - steady,
         "steady_epoch_s": steady,
@@ -153,7 +175,8 @@ def run_in_new_process(model: str, setting: str, epochs: int) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        return {"model": model, "setting": setting, "error": lines[-1] if lines else "failed"}
+        error = lines[-1] if lines else "failed"
+        return {"model": model, "setting": setting or "as configured", "error": error}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -167,15 +190,15 @@ def main() -> None:
     parser.add_argument(
         "--setting", action="append", default=[], help="models.<model>.KEY=VALUE (repeatable)"
     )
-    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--json", type=Path, default=default_path("training"), help="results")
     parser.add_argument("--run", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.json = args.json.resolve()  # before the benchmark changes directory
     if args.epochs < 2:
         sys.exit("--epochs: at least 2 (the first epoch, then a steady one)")
     logging.basicConfig(level=logging.WARNING)
     os.chdir(ROOT)
 
-    from pipeline.atomic import write_bytes_atomic
     from pipeline.config import load_params
 
     params = load_params()
@@ -216,14 +239,20 @@ def main() -> None:
                 f"{row['val_accuracy']:8.3f}",
                 flush=True,
             )
-    print(
-        "steady: median epoch after the first (training + the validation pass); overhead: "
-        "first epoch - steady; GFLOP/s: 3 x forward FLOPs x clips/s; ceiling: share of the "
-        "float32 ceiling; val acc: after the last epoch (a sanity check, not a score)"
+    print(NOTES)
+    save_results(
+        args.json,
+        "training",
+        f"Each model trained by the pipeline's `fit_model` for {args.epochs} epochs on the "
+        f"cached training split of dataset `{params['dataset']['name']}`, early stopping off, "
+        f"each setting in a process of its own; the CPU's float32 ceiling (OpenVINO's chained "
+        f"matrix products) measured in the same run: {ceiling:.0f} GFLOP/s.",
+        COLUMNS,
+        rows,
+        NOTES,
+        ceiling_gflop_per_s=ceiling,
+        epochs=args.epochs,
     )
-    if args.json:
-        payload = {"cpu": cpu_description(), "ceiling_gflop_per_s": ceiling, "rows": rows}
-        write_bytes_atomic(args.json, json.dumps(payload, indent=2).encode())
 
 
 if __name__ == "__main__":
