@@ -8,7 +8,10 @@ letterbox):
 - reference: one process, `cv2.VideoCapture.read()` of every frame in order, the sampled ones
   letterboxed and kept as they pass (how a notebook does it);
 - stage: `pipeline.stages.frames.extract_frames`, exactly as `dvc repro` runs it (worker processes,
-  grab-without-convert for skipped frames, results written through a memory map).
+  grab-without-convert for skipped frames, results written through a memory map), without
+  optical flow (the same arrays as the reference);
+- stage with optical flow (`frames.flow.enabled`, on by default for real footage): what
+  the flow costs on top, reported, not compared.
 Each side runs in its own fresh process; peak memory is the largest sum of resident memory
 of that process and all its worker processes (sampled every 50 ms); the best of `--repeats`
 runs is reported. Default source: ../shared/data/real/cricket_shots (real 720p
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import subprocess
@@ -45,8 +49,10 @@ COLUMNS = [
 ]
 NOTES = (
     "reference: one process reading every frame in order with `cv2.VideoCapture.read()`, "
-    "keeping the sampled ones; frames stage: `extract_frames` as `dvc repro` runs it. Both "
-    "produce the same arrays."
+    "keeping the sampled ones; frames stage: `extract_frames` as `dvc repro` runs it, "
+    "without optical flow, so that both produce the same arrays (the speed-up compares "
+    "these two); + optical flow: the same stage also computing each sampled frame's "
+    "Farnebäck flow (`frames.flow.enabled`, what real footage gets by default): its cost."
 )
 DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "real" / "cricket_shots"
 
@@ -134,6 +140,9 @@ class TreeMemory:
         return self.peak / 2**20
 
 
+PARAMS_FILES = {"stage": "params.yaml", "stage_with_flow": "params_with_flow.yaml"}
+
+
 def run_variant(variant: str, root: Path) -> None:
     """Child process: time one side and print a JSON line."""
     import logging
@@ -142,7 +151,7 @@ def run_variant(variant: str, root: Path) -> None:
 
     logging.disable(logging.WARNING)
     os.chdir(root)
-    config = load_config(root / "params.yaml")
+    config = load_config(root / PARAMS_FILES.get(variant, "params.yaml"))
     memory = TreeMemory()
     start = time.perf_counter()
     if variant == "reference":
@@ -185,7 +194,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=default_path("frame_extraction"))
-    parser.add_argument("--variant", choices=["reference", "stage"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["reference", *PARAMS_FILES], help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.json = args.json.resolve()  # before the benchmark changes directory
@@ -207,7 +216,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-frames-") as tmp:
         root = Path(tmp)
         params = prepare(source, args.frames, args.size, root)
+        with_flow = copy.deepcopy(params)
+        with_flow["frames"]["flow"]["enabled"] = True
+        without_flow(params)  # the same arrays as the reference
         (root / "params.yaml").write_text(yaml.safe_dump(params))
+        (root / "params_with_flow.yaml").write_text(yaml.safe_dump(with_flow))
         splits = pd.read_csv(root / params["paths"]["clean"] / "splits.csv")
         clips, source_frames = len(splits), int(splits["frames"].sum())
         from pipeline.parallel import worker_count
@@ -216,7 +229,7 @@ def main() -> None:
         reference_decode(params)  # warm the page cache so neither side pays the first read
         results = {
             v: min((measure(v, root) for _ in range(args.repeats)), key=lambda r: r["seconds"])
-            for v in ("reference", "stage")
+            for v in ("reference", *PARAMS_FILES)
         }
     description = (
         f"{clips} clips ({source_frames} source frames, up to "
@@ -236,6 +249,7 @@ def main() -> None:
         for name, label in (
             ("reference", "sequential OpenCV (reference)"),
             ("stage", "frames stage"),
+            ("stage_with_flow", "frames stage + optical flow (not compared)"),
         )
     ]
     speedup = results["reference"]["seconds"] / results["stage"]["seconds"]
@@ -259,6 +273,17 @@ def main() -> None:
         NOTES,
         speedup=speedup,
     )
+
+
+def without_flow(params: dict) -> None:
+    """No optical flow in the frames stage, and so none read by a model (the schema refuses
+    a model on flow that the stage does not cache)."""
+    params["frames"]["flow"]["enabled"] = False
+    for model in params["models"].values():
+        if "motion" in model:
+            model["motion"] = "rgb"
+        if model.get("flow_grid"):
+            model["flow_grid"] = 0
 
 
 def source_label(source: Path | None) -> str:

@@ -29,8 +29,8 @@ LIBRARIES = ("tensorflow", "keras", "openvino", "opencv-python-headless", "mlflo
 @dataclass(frozen=True)
 class Column:
     """One column of the rendered table: `key` of each row, its `heading`, and `format`, a
-    format spec for a number (`.1f`, `.0%`), `code` for a setting, or empty to show it as
-    it is."""
+    format spec for a number (`.1f`, `.0%`), `code` for a setting (a `key=value` shown as
+    code, anything else as it is), or empty to show it as it is."""
 
     key: str
     heading: str
