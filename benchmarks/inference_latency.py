@@ -90,8 +90,8 @@ def measure(uri: str, clips: list[Path], repeats: int, setting: tuple) -> dict:
     classifier, _ = load_video_classifier(uri)
     feats = classifier.pre.get("features")
     logged = feats and (feats.get("runtime", "keras"), feats.get("precision", "float32"))
-    if feats:
-        feats.update(runtime=setting[0], precision=setting[1])
+    if feats:  # loading built the recorded backbone: a classifier whose backbone is not yet
+        classifier = classifier.with_feature_runtime(*setting)
     one = clips[:1]
     decode_s, (frames, mask) = timed(lambda: clip_frames(one[0], classifier.pre), repeats)
     frames, mask = frames[None], mask[None]

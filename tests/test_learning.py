@@ -216,3 +216,41 @@ def test_weight_averaging_validates_and_keeps_the_averaged_weights(footage_param
         assert kept == pytest.approx(min(history.history["val_loss"]), rel=1e-4)
         losses[ema] = history.history["val_loss"]
     assert losses[0.8] != pytest.approx(losses[None], rel=1e-3)
+
+
+@pytest.mark.slow  # trains cnn3d twice (~40 s); CI runs it
+def test_label_smoothing_trains_towards_the_smoothed_targets_and_saves(footage_params, tmp_path):
+    """`train.label_smoothing`: the loss is the crossentropy against smoothed targets, so
+    it can never fall below their entropy (0.64 for s=0.3 and 3 classes), while plain
+    crossentropy falls below it on these separable clips; the trained model saves and loads
+    back with its loss, predicting the same probabilities."""
+    import keras
+
+    from pipeline.models.fitting import fit_model
+    from pipeline.schema import parse_params
+    from pipeline.stages.train import fit_job
+
+    data = {
+        s: (with_flow_of_each_clip(x, at_test_size(footage_params, "cnn3d")), y)
+        for s, (x, y) in split_clips("motion").items()
+    }
+    smoothing, classes = 0.3, 3
+    target = np.array([1 - smoothing + smoothing / classes] + [smoothing / classes] * 2)
+    entropy = float(-(target * np.log(target)).sum())
+    lowest = {}
+    for s in (0.0, smoothing):
+        params = at_test_size(footage_params, "cnn3d")
+        params["models"]["cnn3d"]["train"].update(label_smoothing=s)
+        keras.backend.clear_session()
+        job = fit_job(parse_params(params), "cnn3d")
+        model, history, _ = fit_model(job, {k: data[k] for k in ("train", "val")}, 3, 0)
+        lowest[s] = min(history.history["loss"])
+    # (class weights make a batch's mean deviate a little from the clips' mean: 5 % margin)
+    assert lowest[0.0] < 0.95 * entropy < lowest[smoothing], (lowest, entropy)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert loaded.loss.label_smoothing == smoothing
+    x_test = data["test"][0]
+    np.testing.assert_allclose(
+        loaded.predict(x_test, verbose=0), model.predict(x_test, verbose=0), rtol=1e-5, atol=1e-6
+    )

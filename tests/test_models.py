@@ -212,3 +212,24 @@ def test_cnn3d_group_norm_takes_its_statistics_from_each_clip(tiny_params):
         with_second = last(clips[[0, 1]], training=True)[0]
         with_third = last(clips[[0, 2]], training=True)[0]
         assert np.allclose(with_second, with_third, atol=1e-5) == independent, norm
+
+
+def test_label_smoothing_is_crossentropy_against_smoothed_targets():
+    """Per clip: -sum(target * log p) with the true class's target 1 - s + s/K and every
+    other class's s/K; without smoothing, Keras' own sparse crossentropy."""
+    import keras
+
+    from pipeline.models.losses import per_clip_loss, training_loss
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], np.float32)
+    labels = np.array([0, 2])
+    smoothed = keras.ops.convert_to_numpy(per_clip_loss(0.3)(labels, probs))
+    targets = np.full((2, 3), 0.1)
+    targets[[0, 1], labels] = 0.8
+    np.testing.assert_allclose(smoothed, -(targets * np.log(probs)).sum(axis=1), rtol=1e-5)
+    column = keras.ops.convert_to_numpy(per_clip_loss(0.3)(labels[:, None], probs))
+    np.testing.assert_allclose(column, smoothed, rtol=1e-6)  # labels as a column, as Keras feeds
+    plain = keras.ops.convert_to_numpy(per_clip_loss(0.0)(labels, probs))
+    np.testing.assert_allclose(plain, -np.log(probs[[0, 1], labels]), rtol=1e-5)
+    assert training_loss(0.0) == "sparse_categorical_crossentropy"
+    assert training_loss(0.3).get_config()["label_smoothing"] == 0.3

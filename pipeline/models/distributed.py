@@ -118,9 +118,20 @@ def global_batches(fit_data: dict, epoch: int, seed: int):
         yield take(fit_data["x"], index), y, np.asarray(w, np.float32)
 
 
-def fit_multi_worker(strategy, model, optimizer, fit_data, val, epochs: int, callbacks, seed: int):
-    """Train `model` (built under `strategy.scope()`) for up to `epochs`; returns Keras' History
-    with the per-epoch loss, accuracy, val_loss and val_accuracy, as `fit` would."""
+def fit_multi_worker(
+    strategy,
+    model,
+    optimizer,
+    fit_data,
+    val,
+    epochs: int,
+    callbacks,
+    seed: int,
+    clip_loss,
+):
+    """Train `model` (built under `strategy.scope()`) for up to `epochs` on `clip_loss` (one
+    value per clip: `losses.per_clip_loss`); returns Keras' History with the per-epoch loss,
+    accuracy, val_loss and val_accuracy, as `fit` would."""
     import keras
     import tensorflow as tf
 
@@ -130,7 +141,7 @@ def fit_multi_worker(strategy, model, optimizer, fit_data, val, epochs: int, cal
     def replica_step(x, y, w, total):
         with tf.GradientTape() as tape:
             probs = model(x, training=True)
-            weighted = keras.losses.sparse_categorical_crossentropy(y, probs) * w
+            weighted = clip_loss(y, probs) * w
             loss = tf.nn.compute_average_loss(weighted, global_batch_size=total)
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
@@ -162,7 +173,7 @@ def fit_multi_worker(strategy, model, optimizer, fit_data, val, epochs: int, cal
         probs = np.concatenate(
             [infer(take(x, slice(i, i + size))).numpy() for i in range(0, len(y), size)]
         )
-        loss = keras.losses.sparse_categorical_crossentropy(y, probs).numpy().mean()
+        loss = keras.ops.convert_to_numpy(clip_loss(y, probs)).mean()
         return float(loss), float((probs.argmax(1) == y).mean())
 
     history = keras.callbacks.History()

@@ -127,6 +127,7 @@ def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
         take,
         training_strategy,
     )
+    from pipeline.models.losses import per_clip_loss, training_loss
 
     cfg, train = job.model, job.model.train
     strategy = training_strategy(job.strategy)
@@ -151,7 +152,7 @@ def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
         model.compile(
             optimizer=optimizer,
             metrics=["accuracy"],
-            loss="sparse_categorical_crossentropy",
+            loss=training_loss(train.label_smoothing),
             jit_compile=train.jit_compile,
             run_eagerly=train.run_eagerly,
         )
@@ -167,6 +168,7 @@ def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
             train.epochs,
             callbacks,
             seed,
+            per_clip_loss(train.label_smoothing),
         )
     else:
         history = model.fit(

@@ -43,6 +43,7 @@ class Training(Section):
     jit_compile: bool = False
     run_eagerly: bool = False  # op by op: no graph tracing (tens of seconds for EfficientNetB0)
     ema_momentum: Annotated[float, Field(gt=0, lt=1)] | None = None
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     temporal_jitter: bool = False  # each epoch, frames drawn afresh from the cached ones
 
     @model_validator(mode="after")

@@ -102,6 +102,15 @@ class ClipClassifier:
     pre: dict
     classes: list[str]
 
+    def with_feature_runtime(self, runtime: str, precision: str) -> VideoClassifier:
+        """The same classifier, its feature backbone (not yet built) on `runtime` and
+        `precision` instead of the recorded ones: what `benchmarks/inference_latency.py`
+        compares."""
+        features = {**self.pre["features"], "runtime": runtime, "precision": precision}
+        return VideoClassifier(
+            self.model, {**self.pre, "features": features}, self._backbone_weights
+        )
+
     def prepare(self) -> None:
         """Build what computes the probabilities now, not in the first request."""
 
@@ -199,6 +208,15 @@ class VideoClassifier(ClipClassifier):
         self._runner = None
         self.runtime: str | None = None  # what runs the classifier, once `runner()` decided
         self._building = threading.Lock()
+
+    def with_feature_runtime(self, runtime: str, precision: str) -> VideoClassifier:
+        """The same classifier, its feature backbone (not yet built) on `runtime` and
+        `precision` instead of the recorded ones: what `benchmarks/inference_latency.py`
+        compares."""
+        features = {**self.pre["features"], "runtime": runtime, "precision": precision}
+        return VideoClassifier(
+            self.model, {**self.pre, "features": features}, self._backbone_weights
+        )
 
     def prepare(self) -> None:
         """Build what computes the probabilities now (OpenVINO conversion, cnn_gru's backbone),

@@ -89,7 +89,7 @@ class EnsembleClassifierModel(VideoClassifierModel):
         for name, member in spec["members"].items():
             files = {key: root / path for key, path in member["artifacts"].items()}
             members[name] = VideoClassifier(
-                keras.models.load_model(files["keras_model"]),
+                keras.models.load_model(files["keras_model"], compile=False),
                 json.loads(files["preprocessing"].read_text()),
                 str(files["backbone_weights"]) if "backbone_weights" in files else None,
             )

@@ -125,7 +125,7 @@ class VideoClassifierModel(mlflow.pyfunc.PythonModel):
 
         pre = json.loads(Path(context.artifacts["preprocessing"]).read_text())
         self.classifier = VideoClassifier(
-            keras.models.load_model(context.artifacts["keras_model"]),
+            keras.models.load_model(context.artifacts["keras_model"], compile=False),
             pre,
             context.artifacts.get("backbone_weights"),
         )
