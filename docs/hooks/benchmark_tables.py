@@ -54,8 +54,8 @@ def cells(row: dict, columns: list[dict]) -> list[str]:
         if value is None:
             out.append(f"fails: {error}" if error else "")
             error = None
-        elif column["format"] == "code":
-            out.append(f"`{value}`")
+        elif column["format"] == "code":  # a setting (key=value) as code, words as words
+            out.append(f"`{value}`" if "=" in str(value) else str(value))
         elif column["format"] and isinstance(value, int | float):
             out.append(format(value, column["format"]))
         else:
