@@ -60,7 +60,7 @@ DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "real" / "cricket_shots"
 def prepare(source: Path | None, frames: int, size: int, root: Path) -> dict:
     """download + clean into the workspace `root` through the real config; returns the params."""
     from pipeline.params import compose_params
-    from pipeline.schema import parse_params
+    from pipeline.schema import InvalidConfig, parse_params
     from pipeline.stages.clean import clean
     from pipeline.stages.download import run as download
 
@@ -74,8 +74,12 @@ def prepare(source: Path | None, frames: int, size: int, root: Path) -> dict:
             f"dataset.classes=[{','.join(classes)}]",
         ]
     params = compose_params(overrides, conf_dir=ROOT / "conf")
-    download(parse_params(params))
-    clean(parse_params(params))
+    try:
+        config = parse_params(params)
+    except InvalidConfig as err:
+        sys.exit(f"--frames {frames} --size {size}: {err}")
+    download(config)
+    clean(config)
     return params
 
 

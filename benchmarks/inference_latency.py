@@ -83,6 +83,7 @@ def measure(uri: str, clips: list[Path], repeats: int, setting: tuple) -> dict:
     import numpy as np
 
     from pipeline.models.runtimes import INFERENCE_RUNTIME_VARIABLE
+    from pipeline.serving.classifier import VideoClassifier
     from pipeline.serving.clips import clip_frames
     from pipeline.serving.pyfunc import load_video_classifier
 
@@ -90,8 +91,10 @@ def measure(uri: str, clips: list[Path], repeats: int, setting: tuple) -> dict:
     classifier, _ = load_video_classifier(uri)
     feats = classifier.pre.get("features")
     logged = feats and (feats.get("runtime", "keras"), feats.get("precision", "float32"))
-    if feats:  # loading built the recorded backbone: a classifier whose backbone is not yet
-        classifier = classifier.with_feature_runtime(*setting)
+    if feats:  # loading built the recorded backbone: a new classifier builds the one asked for
+        features = {**feats, "runtime": setting[0], "precision": setting[1]}
+        pre = {**classifier.pre, "features": features}
+        classifier = VideoClassifier(classifier.model, pre, classifier.backbone_weights)
     one = clips[:1]
     decode_s, (frames, mask) = timed(lambda: clip_frames(one[0], classifier.pre), repeats)
     frames, mask = frames[None], mask[None]

@@ -102,15 +102,6 @@ class ClipClassifier:
     pre: dict
     classes: list[str]
 
-    def with_feature_runtime(self, runtime: str, precision: str) -> VideoClassifier:
-        """The same classifier, its feature backbone (not yet built) on `runtime` and
-        `precision` instead of the recorded ones: what `benchmarks/inference_latency.py`
-        compares."""
-        features = {**self.pre["features"], "runtime": runtime, "precision": precision}
-        return VideoClassifier(
-            self.model, {**self.pre, "features": features}, self._backbone_weights
-        )
-
     def prepare(self) -> None:
         """Build what computes the probabilities now, not in the first request."""
 
@@ -202,21 +193,12 @@ class VideoClassifier(ClipClassifier):
         self.model = keras_model
         self.pre = pre
         self.classes = list(pre["classes"])
-        self._backbone_weights = backbone_weights
+        self.backbone_weights = backbone_weights
         self._backbone = None
         self.backbone_runtime: tuple[str, str] | None = None
         self._runner = None
         self.runtime: str | None = None  # what runs the classifier, once `runner()` decided
         self._building = threading.Lock()
-
-    def with_feature_runtime(self, runtime: str, precision: str) -> VideoClassifier:
-        """The same classifier, its feature backbone (not yet built) on `runtime` and
-        `precision` instead of the recorded ones: what `benchmarks/inference_latency.py`
-        compares."""
-        features = {**self.pre["features"], "runtime": runtime, "precision": precision}
-        return VideoClassifier(
-            self.model, {**self.pre, "features": features}, self._backbone_weights
-        )
 
     def prepare(self) -> None:
         """Build what computes the probabilities now (OpenVINO conversion, cnn_gru's backbone),
@@ -262,7 +244,7 @@ class VideoClassifier(ClipClassifier):
                 seed_everything(int(feats["seed"]))
                 # the runtime and precision the model was evaluated with, where this machine can
                 backbone, preprocess, used = build_feature_backbone(
-                    feats, size, self._backbone_weights
+                    feats, size, self.backbone_weights
                 )
                 self._backbone = (backbone, preprocess)
                 self.backbone_runtime = used  # (runtime, precision) after any fallback
