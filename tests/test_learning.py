@@ -230,9 +230,9 @@ def test_label_smoothing_trains_towards_the_smoothed_targets_and_saves(footage_p
     from pipeline.schema import parse_params
     from pipeline.stages.train import fit_job
 
+    params = at_test_size(footage_params, "cnn3d")
     data = {
-        s: (with_flow_of_each_clip(x, at_test_size(footage_params, "cnn3d")), y)
-        for s, (x, y) in split_clips("motion").items()
+        s: (with_flow_of_each_clip(x, params), y) for s, (x, y) in split_clips("motion").items()
     }
     smoothing, classes = 0.3, 3
     target = np.array([1 - smoothing + smoothing / classes] + [smoothing / classes] * 2)

@@ -46,8 +46,8 @@ def benchmark_table(root: Path, name: str, page: str) -> str:
 
 
 def cells(row: dict, columns: list[dict]) -> list[str]:
-    """A row's cells in the columns' formats (a format spec, or `code`); a row that failed shows its error in the first
-    column it has no value for."""
+    """A row's cells in the columns' formats (a format spec, or `code`); a row that failed
+    shows its error in the first column it has no value for."""
     out, error = [], row.get("error")
     for column in columns:
         value = row.get(column["key"])
