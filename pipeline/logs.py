@@ -41,7 +41,11 @@ TF_RUNTIME_NOISE = re.compile(
 @contextlib.contextmanager
 def streamed_c_stderr(noise: re.Pattern) -> Iterator[None]:
     """Pass file descriptor 2 through a pipe while the block runs, line by line as they come
-    (long work keeps showing its progress), dropping the lines that match `noise`."""
+    (long work keeps showing its progress), dropping the lines that match `noise`.
+
+    The block ends as soon as every line written in it has been passed on, not when the pipe
+    closes: a process started in the block (a pool's forkserver) keeps its copy of the pipe
+    for as long as it lives, and its later lines are still passed on."""
     sys.stderr.flush()
     try:
         saved = os.dup(2)
@@ -50,15 +54,22 @@ def streamed_c_stderr(noise: re.Pattern) -> Iterator[None]:
         return
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
-    os.close(write_end)
+    end_marker = b"\0end of the filtered block %d:%d\n" % (os.getpid(), read_end)
+    block_ended = threading.Event()
 
     def forward() -> None:  # never stops reading early: a full pipe would block the writers
-        with os.fdopen(read_end, "rb") as pipe:
-            for line in pipe:
-                if not noise.search(line.decode(errors="replace")):
-                    with contextlib.suppress(OSError):
-                        while line:
-                            line = line[os.write(saved, line) :]
+        try:
+            with os.fdopen(read_end, "rb") as pipe:
+                for line in pipe:
+                    if line == end_marker:
+                        block_ended.set()
+                    elif not noise.search(line.decode(errors="replace")):
+                        with contextlib.suppress(OSError):
+                            while line:
+                                line = line[os.write(saved, line) :]
+        finally:
+            block_ended.set()
+            os.close(saved)  # the forwarder's own: it can outlive the block
 
     forwarder = threading.Thread(target=forward, name="stderr-filter", daemon=True)
     forwarder.start()
@@ -66,9 +77,10 @@ def streamed_c_stderr(noise: re.Pattern) -> Iterator[None]:
         yield
     finally:
         sys.stderr.flush()
-        os.dup2(saved, 2)  # the pipe's last write end closes: the forwarder reads to its end
-        forwarder.join(timeout=10)  # a child process still holding the pipe must not hang us
-        os.close(saved)
+        os.dup2(saved, 2)
+        os.write(write_end, end_marker)  # after every line of the block, in the pipe's order
+        os.close(write_end)
+        block_ended.wait(timeout=10)
 
 
 def quiet_tensorflow_runtime() -> contextlib.AbstractContextManager:
