@@ -97,3 +97,27 @@ def test_importing_the_package_leaves_the_process_as_it_was():
     worker = python(check.replace("pipeline;", "pipeline, tensorflow;"), **{QUIET_TF_ENV: "1"})
     assert worker.stdout.strip() == "2"
     assert not [line for line in worker.stderr.splitlines() if TF_STARTUP_NOISE.search(line)]
+
+
+def test_a_block_that_started_a_long_lived_process_ends_when_its_own_lines_are_out():
+    """A process started in the block keeps a copy of the pipe (a pool's forkserver lives
+    until the stage exits): the block still ends at once, after every line written in it,
+    and the child's later lines still pass, filtered. (Waiting for the pipe to close cost
+    every clean and frames stage 10 s.)"""
+    code = (
+        "import os, subprocess, sys, time\n"
+        "from pipeline.logs import TF_STARTUP_NOISE, streamed_c_stderr\n"
+        'child = \'import os, time; time.sleep(3); os.write(2, b"cudart_stub\\\\n");'
+        ' os.write(2, b"child, later\\\\n")\'\n'
+        "start = time.monotonic()\n"
+        "with streamed_c_stderr(TF_STARTUP_NOISE):\n"
+        "    worker = subprocess.Popen([sys.executable, '-c', child])\n"
+        "    os.write(2, b'in the block\\n')\n"
+        "print(f'block ended after {time.monotonic() - start:.1f} s', file=sys.stderr, flush=True)\n"
+        "worker.wait()\n"
+        "time.sleep(0.5)\n"
+    )
+    lines = python(code).stderr.splitlines()
+    assert lines[0] == "in the block", lines
+    assert lines[1].startswith("block ended after") and float(lines[1].split()[3]) < 2, lines
+    assert lines[2:] == ["child, later"], lines
