@@ -79,13 +79,13 @@ def test_oversampled_epochs_are_balanced_with_untouched_originals(tiny_params):
     fit = training_data(job, seed, x, y, 3)
     assert fit["class_weight"] is None and "y" not in fit
     data = fit["x"]
-    for _epoch in range(2):
-        xs, ys = zip(*(data[i] for i in range(len(data))))
+    assert fit["steps_per_epoch"] == data.batches_per_epoch == 5  # 24 clips in batches of 5
+    for epoch in range(2):
+        xs, ys = zip(*data.epoch(epoch))
         xs, ys = np.concatenate(xs), np.concatenate(ys)
         assert np.bincount(ys).tolist() == [8, 8, 8]
         originals = sum(any(np.array_equal(c, o) for o in x) for c in xs)
         assert originals == 12  # each original exactly once; every copy is altered
-        data.on_epoch_end()
 
     job = job_with(params, "cnn3d", batch_size=5, class_weights=True, oversample=False)
     plain = training_data(job, seed, x, y, 3)

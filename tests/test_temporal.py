@@ -46,13 +46,10 @@ def test_training_clips_draw_each_clips_frames_afresh_every_epoch():
     cache, labels = numbered_cache(6), np.array([0, 0, 0, 0, 1, 1])
     fixed = select_frames(cache, view_indices(CACHED, READ)[0])
 
-    def epoch(data):
-        return [data[b] for b in range(len(data))]
-
     data = training_clips(
         fixed, labels, 4, seed=3, class_weight={0: 0.75, 1: 1.5}, cache=cache, num_frames=READ
     )
-    first = epoch(data)
+    first = data.epoch(0)
     for x, y, w in first:
         clip = x[:, 0, 0, 0, 0] // 20
         frame = x[:, :, 0, 0, 0] % 20
@@ -62,19 +59,16 @@ def test_training_clips_draw_each_clips_frames_afresh_every_epoch():
         np.testing.assert_array_equal(frame // 2, np.broadcast_to(np.arange(READ), frame.shape))
     seen = sorted(int(c) for x, _, _ in first for c in x[:, 0, 0, 0, 0] // 20)
     assert seen == list(range(6))  # every clip once an epoch
-    data.on_epoch_end()
-    second = epoch(data)
+    second = data.epoch(1)
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, second))
-    replay = epoch(
-        training_clips(
-            fixed, labels, 4, seed=3, class_weight={0: 0.75, 1: 1.5}, cache=cache, num_frames=READ
-        )
-    )
+    replay = training_clips(
+        fixed, labels, 4, seed=3, class_weight={0: 0.75, 1: 1.5}, cache=cache, num_frames=READ
+    ).epoch(0)
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, replay))
     oversampled = training_clips(
         fixed, labels, 4, seed=3, augment=augment_section(), cache=cache, num_frames=READ
     )
-    batches = epoch(oversampled)
+    batches = oversampled.epoch(0)
     assert sum(len(y) for _, y in batches) == 8  # class 1 topped up to 4 clips
     for x, _ in batches:
         np.testing.assert_array_equal(
@@ -130,7 +124,7 @@ def test_a_model_fits_on_jittered_clips_and_is_evaluated_on_every_view():
     data = training_clips(
         views[0], labels, 4, seed=0, class_weight={0: 1.0, 1: 1.0}, cache=cache, num_frames=READ
     )
-    history = model.fit(data, epochs=2, verbose=0)
+    history = model.fit(data, epochs=2, steps_per_epoch=data.batches_per_epoch, verbose=0)
     assert len(history.history["loss"]) == 2
     expected = np.mean([model.predict(v, verbose=0) for v in views], axis=0)
     np.testing.assert_allclose(clip_probabilities(model, views, 4), expected, atol=1e-6)
@@ -205,3 +199,46 @@ def test_pipeline_with_temporal_jitter_serves_what_it_evaluated(tmp_path):
     run(["dvc", "repro", "train@cnn3d", "train@cnn_gru"], repo, env)
     assert np.load(repo / "data/frames/test/frames.npy", mmap_mode="r").shape[1] == 12
     assert_predict_reproduces_the_evaluation(repo, env, ["cnn3d", "cnn_gru"])
+
+
+def test_keras_trains_on_each_epochs_own_batches_in_order():
+    """What Keras' fit feeds the model, epoch after epoch, is exactly `data.epoch(k)` for
+    k = 0, 1, 2. Keras' input pipeline fetches the next epoch's first batches before the
+    epoch ends: a dataset that changed at `on_epoch_end` (as this one did) fed those batches
+    from the previous epoch's draw, a different number of them from run to run."""
+    import keras
+
+    seen = []
+
+    class Recorder(keras.layers.Layer):
+        def call(self, x, training=False):
+            if training:
+                seen.append(keras.ops.convert_to_numpy(x))
+            return x
+
+    cache, labels = numbered_cache(6), np.array([0, 1, 0, 1, 0, 1])
+    data = training_clips(
+        evaluation_views(cache, READ, views=True)[0],
+        labels,
+        4,
+        seed=0,
+        class_weight={0: 1.0, 1: 2.0},
+        cache=cache,
+        num_frames=READ,
+    )
+    model = keras.Sequential(
+        [
+            keras.Input((READ, 4, 4, 3)),
+            Recorder(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer="adam", loss="sparse_categorical_crossentropy", run_eagerly=True
+    )  # records
+    model.fit(data, epochs=3, steps_per_epoch=data.batches_per_epoch, verbose=0)
+    expected = [x for epoch in range(3) for x, _, _ in data.epoch(epoch)]
+    assert len(seen) == len(expected) == 3 * 2
+    for fed, batch in zip(seen, expected):
+        np.testing.assert_array_equal(fed, batch)

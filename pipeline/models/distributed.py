@@ -102,11 +102,8 @@ def global_batches(fit_data: dict, epoch: int, seed: int):
     """(x, y, sample weights) of every global batch of `epoch`, the same on every worker: the
     training arrays shuffled from (seed, epoch), or the batches of an oversampling dataset."""
     if "y" not in fit_data:  # a Keras PyDataset (oversampled clips, temporal jitter)
-        data = fit_data["x"]
-        for b in range(len(data)):
-            x, y, *w = data[b]
+        for x, y, *w in fit_data["x"].epoch(epoch):
             yield x, y, w[0] if w else np.ones(len(y), np.float32)
-        data.on_epoch_end()
         return
     y_all, size = fit_data["y"], int(fit_data["batch_size"])
     weights = fit_data.get("class_weight")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.models.schedules import learning_rate
 from pipeline.models.seeding import seed_everything
 from pipeline.models.training_data import training_data
 
@@ -32,30 +33,6 @@ def build_model(cfg: ModelSection, inputs, num_classes: int):
         return BUILDERS[cfg.name](cfg, t, dim, num_classes)
     _, t, size = inputs.shape[:3]
     return BUILDERS[cfg.name](cfg, t, size, num_classes)
-
-
-def learning_rate(train: Training, steps_per_epoch: int):
-    """The configured learning rate: constant, exponential decay (`lr_decay: {decay_steps,
-    decay_rate}`, the reference) or `lr_decay: cosine` to 0 over `epochs`, after a linear
-    warm-up of `warmup_epochs` (0: none) from a tenth of the rate (the schema allows warm-up
-    with cosine decay only)."""
-    import keras
-
-    lr, decay = train.learning_rate, train.lr_decay
-    warmup = int(train.warmup_epochs * steps_per_epoch)
-    if decay == "cosine":
-        total = max(1, train.epochs * steps_per_epoch - warmup)
-        return keras.optimizers.schedules.CosineDecay(
-            lr / 10 if warmup else lr,
-            decay_steps=total,
-            warmup_target=lr if warmup else None,
-            warmup_steps=warmup,
-        )
-    if decay is not None:
-        return keras.optimizers.schedules.ExponentialDecay(
-            lr, decay_steps=decay.decay_steps, decay_rate=decay.decay_rate
-        )
-    return lr
 
 
 def make_optimizer(train: Training, steps_per_epoch: int = 1):
@@ -141,10 +118,8 @@ def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
             feats, mask = x_train["features"], x_train["mask"]
             model.get_layer("feature_norm").adapt(feats[mask][None])  # unrepeated frames, 1 x M x D
         fit_data = training_data(job, seed, x_train, y_train, num_classes, data.get("train_cache"))
-        steps = (
-            len(fit_data["x"])
-            if "y" not in fit_data
-            else int(np.ceil(len(fit_data["y"]) / fit_data["batch_size"]))
+        steps = fit_data.get("steps_per_epoch") or int(
+            np.ceil(len(fit_data["y"]) / fit_data["batch_size"])
         )
         optimizer = make_optimizer(train, steps)
         if strategy:

@@ -51,8 +51,14 @@ def training_clips(
     - `cache` (`train.temporal_jitter`): each clip's `num_frames` frames drawn afresh every
       epoch from all of its cached frames (one per segment), instead of the fixed ones.
 
-    Batches are (x, y) or, with `class_weight`, (x, y, sample weights). Deterministic from
-    `seed`; without a cache, the same batches as before temporal jitter existed.
+    Batches are (x, y) or, with `class_weight`, (x, y, sample weights). One stream for all
+    epochs: batch `i` is batch `i % batches_per_epoch` of epoch `i // batches_per_epoch`, so
+    what a batch holds follows from `seed` and its index alone, never from when it is asked
+    for (Keras' input pipeline fetches an epoch's first batches before the previous epoch
+    has ended; a dataset that changed at `on_epoch_end` gave some epochs batches of the
+    previous one, and which ones varied from run to run). Infinite for Keras: fit it with
+    `steps_per_epoch=batches_per_epoch`. Without a cache, the same batches as before temporal
+    jitter existed.
     """
     import keras
 
@@ -67,27 +73,38 @@ def training_clips(
         else None
     )
 
+    def epoch_plan(epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The clips of `epoch` in their order, and which of them are augmented copies."""
+        rng = np.random.default_rng([seed, epoch])
+        extra = oversample_indices(labels, rng) if augment is not None else []
+        order = np.concatenate([np.arange(len(labels)), extra]).astype(int)
+        is_copy = np.arange(len(order)) >= len(labels)
+        perm = rng.permutation(len(order))
+        return order[perm], is_copy[perm]
+
     class TrainingClips(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
-            self.epoch = 0
-            self.plan()
+            self._plans = {0: epoch_plan(0)}  # the latest epochs' (order, is_copy)
+            self.clips_per_epoch = len(self._plans[0][0])  # oversampling tops up to the same
+            self.batches_per_epoch = int(np.ceil(self.clips_per_epoch / batch_size))
 
-        def plan(self):
-            rng = np.random.default_rng([seed, self.epoch])
-            extra = oversample_indices(labels, rng) if augment is not None else []
-            order = np.concatenate([np.arange(len(labels)), extra]).astype(int)
-            is_copy = np.arange(len(order)) >= len(labels)
-            perm = rng.permutation(len(order))
-            self.order, self.is_copy = order[perm], is_copy[perm]
+        @property
+        def num_batches(self):
+            return None  # one stream over every epoch (see `training_clips`)
 
-        def __len__(self):
-            return int(np.ceil(len(self.order) / batch_size))
+        def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+            if epoch not in self._plans:
+                self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+                self._plans[epoch] = epoch_plan(epoch)
+            return self._plans[epoch]
 
-        def __getitem__(self, batch):
+        def __getitem__(self, index):
+            epoch, batch = divmod(index, self.batches_per_epoch)
+            order, is_copy = self.plan(epoch)
             part = slice(batch * batch_size, (batch + 1) * batch_size)
-            rows, copies = self.order[part], self.is_copy[part]
-            rng = np.random.default_rng([seed, self.epoch, batch])
+            rows, copies = order[part], is_copy[part]
+            rng = np.random.default_rng([seed, epoch, batch])
             if cache is None:
                 x = take(inputs, rows)
             else:
@@ -104,9 +121,10 @@ def training_clips(
             y = labels[rows]
             return (x, y) if weights is None else (x, y, weights[y])
 
-        def on_epoch_end(self):
-            self.epoch += 1
-            self.plan()
+        def epoch(self, epoch: int) -> list:
+            """Every batch of `epoch`, in order."""
+            start = epoch * self.batches_per_epoch
+            return [self[start + b] for b in range(self.batches_per_epoch)]
 
     return TrainingClips()
 
@@ -180,8 +198,8 @@ def training_data(job: FitJob, seed: int, x_train, y_train, num_classes: int, ca
     )
     log.info(
         "training clips: %d per epoch%s%s",
-        len(data.order),
+        data.clips_per_epoch,
         f" ({len(y_train)} with augmented copies)" if oversample else "",
         ", frames drawn afresh each epoch (temporal jitter)" if jitter else "",
     )
-    return {"x": data, "class_weight": None}
+    return {"x": data, "class_weight": None, "steps_per_epoch": data.batches_per_epoch}
