@@ -51,6 +51,16 @@ def make_optimizer(train: Training, steps_per_epoch: int = 1):
     return keras.optimizers.Adam(learning_rate=lr, **averaging)
 
 
+def create_training_variables(model, x_sample, y_sample) -> None:
+    """Make the variables a training step needs (the optimiser's moments and averages, the
+    metrics' state) now, eagerly, from one clip. Left to Keras, they are made while the first
+    step is traced, slowly (frame_cnn's 657 took 19 s), and a step that makes variables is
+    traced twice: together 22 s of frame_cnn's first epoch on the sample. Changes no weight."""
+    model.optimizer.build(model.trainable_variables)
+    y_pred = model(x_sample, training=False)
+    model.compute_metrics(x_sample, y_sample, y_pred, sample_weight=None)
+
+
 def training_callbacks(train: Training) -> list:
     """Early stopping on `early_stopping.monitor`, restoring the best epoch's weights, and the
     per-epoch MLflow logger. With weight averaging (`ema_momentum`) the averaged weights are
@@ -131,6 +141,8 @@ def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
             jit_compile=train.jit_compile,
             run_eagerly=train.run_eagerly,
         )
+        if not strategy:  # under a strategy Keras makes them before tracing
+            create_training_variables(model, take(x_train, slice(1)), y_train[:1])
     callbacks = training_callbacks(train)
     start = time.perf_counter()
     if job.strategy == "multi_worker":  # Keras' fit fails under it (see distributed.py)
