@@ -202,4 +202,10 @@ def training_data(job: FitJob, seed: int, x_train, y_train, num_classes: int, ca
         f" ({len(y_train)} with augmented copies)" if oversample else "",
         ", frames drawn afresh each epoch (temporal jitter)" if jitter else "",
     )
-    return {"x": data, "class_weight": None, "steps_per_epoch": data.batches_per_epoch}
+    # shuffled by its own draw (Keras would warn that it ignores `shuffle` on an infinite one)
+    return {
+        "x": data,
+        "class_weight": None,
+        "steps_per_epoch": data.batches_per_epoch,
+        "shuffle": False,
+    }
