@@ -42,10 +42,10 @@ class OncePerStep(keras.optimizers.schedules.LearningRateSchedule):
 
     Keras' AdamW asks for the learning rate again for each variable's weight decay, and each
     time a schedule adds its operations to the step's graph: for EfficientNetB0's 219 weights,
-    ~440 copies of the schedule, which made frame_cnn's first step (tracing) 27 s longer and
-    every step 30 % slower on the sample (2-core Xeon, `benchmarks/training.py`). While a step
-    is traced, the schedule's value for the step counter is made once and reused within that
-    graph; eagerly (`run_eagerly`) it is computed on each call, as before. The same values.
+    ~440 copies of the schedule, which made frame_cnn's first step (tracing) 27 s longer on
+    the sample (2-core Xeon, profiled). While a step is traced, the schedule's value for the
+    step counter is made once and reused within that graph; eagerly (`run_eagerly`) it is
+    computed on each call, as before. The same values.
     """
 
     def __init__(self, schedule: keras.optimizers.schedules.LearningRateSchedule):

@@ -55,8 +55,8 @@ def training_clips(
     epochs: batch `i` is batch `i % batches_per_epoch` of epoch `i // batches_per_epoch`, so
     what a batch holds follows from `seed` and its index alone, never from when it is asked
     for (Keras' input pipeline fetches an epoch's first batches before the previous epoch
-    has ended; a dataset that changed at `on_epoch_end` gave some epochs batches of the
-    previous one, and which ones varied from run to run). Infinite for Keras: fit it with
+    has ended; a dataset that redrew at `on_epoch_end` fed epochs another epoch's draw, how
+    much of it depending on timing). Infinite for Keras: fit it with
     `steps_per_epoch=batches_per_epoch`. Without a cache, the same batches as before temporal
     jitter existed.
     """
