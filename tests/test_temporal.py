@@ -124,7 +124,9 @@ def test_a_model_fits_on_jittered_clips_and_is_evaluated_on_every_view():
     data = training_clips(
         views[0], labels, 4, seed=0, class_weight={0: 1.0, 1: 1.0}, cache=cache, num_frames=READ
     )
-    history = model.fit(data, epochs=2, steps_per_epoch=data.batches_per_epoch, verbose=0)
+    history = model.fit(
+        data, epochs=2, steps_per_epoch=data.batches_per_epoch, shuffle=False, verbose=0
+    )
     assert len(history.history["loss"]) == 2
     expected = np.mean([model.predict(v, verbose=0) for v in views], axis=0)
     np.testing.assert_allclose(clip_probabilities(model, views, 4), expected, atol=1e-6)
@@ -237,7 +239,7 @@ def test_keras_trains_on_each_epochs_own_batches_in_order():
     model.compile(
         optimizer="adam", loss="sparse_categorical_crossentropy", run_eagerly=True
     )  # records
-    model.fit(data, epochs=3, steps_per_epoch=data.batches_per_epoch, verbose=0)
+    model.fit(data, epochs=3, steps_per_epoch=data.batches_per_epoch, shuffle=False, verbose=0)
     expected = [x for epoch in range(3) for x, _, _ in data.epoch(epoch)]
     assert len(seen) == len(expected) == 3 * 2
     for fed, batch in zip(seen, expected):
