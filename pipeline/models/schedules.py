@@ -19,21 +19,19 @@ def learning_rate(train: Training, steps_per_epoch: int):
     warmup = int(train.warmup_epochs * steps_per_epoch)
     if decay == "cosine":
         total = max(1, train.epochs * steps_per_epoch - warmup)
-        return OncePerStep(
-            keras.optimizers.schedules.CosineDecay(
-                lr / 10 if warmup else lr,
-                decay_steps=total,
-                warmup_target=lr if warmup else None,
-                warmup_steps=warmup,
-            )
+        schedule = keras.optimizers.schedules.CosineDecay(
+            lr / 10 if warmup else lr,
+            decay_steps=total,
+            warmup_target=lr if warmup else None,
+            warmup_steps=warmup,
         )
-    if decay is not None:
-        return OncePerStep(
-            keras.optimizers.schedules.ExponentialDecay(
-                lr, decay_steps=decay.decay_steps, decay_rate=decay.decay_rate
-            )
+    elif decay is not None:
+        schedule = keras.optimizers.schedules.ExponentialDecay(
+            lr, decay_steps=decay.decay_steps, decay_rate=decay.decay_rate
         )
-    return lr
+    else:
+        return lr
+    return OncePerStep(schedule)
 
 
 @keras.saving.register_keras_serializable(package="handball")

@@ -85,23 +85,16 @@ def training_clips(
     class TrainingClips(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
-            self._plans = {0: epoch_plan(0)}  # the latest epochs' (order, is_copy)
-            self.clips_per_epoch = len(self._plans[0][0])  # oversampling tops up to the same
+            self.clips_per_epoch = len(epoch_plan(0)[0])  # oversampling tops up to the same
             self.batches_per_epoch = int(np.ceil(self.clips_per_epoch / batch_size))
 
         @property
         def num_batches(self):
             return None  # one stream over every epoch (see `training_clips`)
 
-        def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-            if epoch not in self._plans:
-                self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-                self._plans[epoch] = epoch_plan(epoch)
-            return self._plans[epoch]
-
         def __getitem__(self, index):
             epoch, batch = divmod(index, self.batches_per_epoch)
-            order, is_copy = self.plan(epoch)
+            order, is_copy = epoch_plan(epoch)  # a permutation of the clips: microseconds
             part = slice(batch * batch_size, (batch + 1) * batch_size)
             rows, copies = order[part], is_copy[part]
             rng = np.random.default_rng([seed, epoch, batch])
