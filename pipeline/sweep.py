@@ -201,16 +201,16 @@ def check_cached_inputs(paths: Paths, model: ModelSection) -> None:
 def sweep_job(cfg: DictConfig) -> float:
     """One multirun job: train `cfg.model` into this job's folder; returns the validation score
     (NaN when the job failed, after recording it as a FAILED child run)."""
+    task_overrides = list(HydraConfig.get().overrides.task)
+    if os.environ.get(INVALID_ENV):  # before importing TensorFlow: a skip takes no time
+        log.warning("sweep job skipped (%s): the sweep did not start (above)", task_overrides)
+        return math.nan
     import mlflow
 
     from pipeline.schema import parse_params
     from pipeline.stages.train import train_and_evaluate
     from pipeline.tracking import run_tags, use_experiment
 
-    task_overrides = list(HydraConfig.get().overrides.task)
-    if os.environ.get(INVALID_ENV):
-        log.warning("sweep job skipped (%s): the sweep did not start (above)", task_overrides)
-        return math.nan
     name, composed = job_params(OmegaConf.to_container(cfg, resolve=True), task_overrides)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = " ".join(task_overrides)

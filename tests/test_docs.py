@@ -84,6 +84,7 @@ def benchmark_tables_hook():
     return module
 
 
+@pytest.mark.slow  # the benchmark generates the sample and decodes it 3 times, ~18 s; CI runs it
 def test_a_benchmark_run_becomes_the_table_in_the_docs(tmp_path):
     """A real (small) run of the frame-extraction benchmark writes its results file; the docs'
     hook renders that file's rows, its figures and the machine they came from."""

@@ -139,6 +139,27 @@ def test_imagenet_download_failure_names_the_config_key(tmp_path, monkeypatch):
         pytest.skip("ImageNet weights were downloadable here; the offline error path is untested")
 
 
+def test_frame_cnn_backbone_sees_frames_at_its_input_size_and_saves(tiny_params, tmp_path):
+    """`backbone.input_size` resizes each frame inside the model: the model still takes the
+    cached frame size, the backbone sees the smaller one (a quarter of its activations at
+    half the side), and a saved model gives the same probabilities."""
+    import keras
+
+    bb = {**tiny_params["models"]["frame_cnn"]["backbone"], "weights": None, "input_size": 40}
+    cfg = {**tiny_params["models"]["frame_cnn"], "motion": "flow", "backbone": bb}
+    model = build_frame_cnn(cfg, num_frames=3, size=80, num_classes=5)
+    assert model.input_shape == (None, 3, 80, 80, 5)  # RGB and flow, as cached
+    assert model.get_layer("efficientnetb0").input_shape == (None, 40, 40, 2)
+    clips = np.random.default_rng(1).integers(0, 256, (2, 3, 80, 80, 5)).astype(np.float32)
+    model.save(tmp_path / "frame_cnn.keras")
+    loaded = keras.models.load_model(tmp_path / "frame_cnn.keras")
+    np.testing.assert_allclose(
+        model.predict(clips, verbose=0), loaded.predict(clips, verbose=0), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="input_size"):
+        model_section("frame_cnn", {**cfg, "backbone": {**bb, "input_size": 16}})
+
+
 def test_input_and_pooling_options_build_save_and_load(tiny_params, tmp_path):
     """The options in conf/ (motion inputs, temporal pooling, in-model clip augmentation,
     feature motion) build, keep their documented shapes, and survive save/load with the same

@@ -33,6 +33,7 @@ def test_reference_settings_are_one_override_away():
         "trainable_layers": 3,
         "batchnorm_momentum": None,
         "zero_init_residual": False,
+        "input_size": None,  # the frames at their cached size
     }
     assert fc["motion"] == c3["motion"] == "rgb" and ref["features"]["motion"] is False
     assert fc["temporal_pooling"] == c3["temporal_pooling"] == "mean"

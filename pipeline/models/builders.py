@@ -119,14 +119,16 @@ def set_batchnorm_momentum(model: keras.Model, momentum: float | None) -> None:
 
 
 def build_frame_cnn(cfg: FrameCnn, num_frames: int, size: int, num_classes: int) -> keras.Model:
-    """EfficientNetB0 on every frame (shared weights), pooled over time and space, dense head.
-    (The schema refuses pretrained weights for other than 3 channels, or zero-initialised.)"""
+    """EfficientNetB0 on every frame (shared weights), pooled over time and space, dense head;
+    each frame resized to `backbone.input_size` first when that is set. (The schema refuses
+    pretrained weights for other than 3 channels, or zero-initialised.)"""
     bb = cfg.backbone
     channels = MOTION_CHANNELS[cfg.motion]
+    seen = bb.input_size or size  # the side the backbone sees
     with warnings.catch_warnings():  # other than 3 channels: random init, by the schema
         warnings.filterwarnings("ignore", "This model usually expects 1 or 3 input channels")
         backbone = build_backbone(
-            bb.name, bb.weights, (size, size, channels), "models.frame_cnn.backbone.weights"
+            bb.name, bb.weights, (seen, seen, channels), "models.frame_cnn.backbone.weights"
         )
     if bb.zero_init_residual:
         zero_init_residual_branches(backbone)  # every residual block starts as the identity
@@ -141,6 +143,8 @@ def build_frame_cnn(cfg: FrameCnn, num_frames: int, size: int, num_classes: int)
     # The frames are folded into the batch rather than wrapped in TimeDistributed: Keras 3's
     # TimeDistributed unrolls one backbone copy per frame (minutes of graph tracing on CPU).
     x = ops.reshape(x, (-1, size, size, channels))  # B*T,S,S,K
+    if seen != size:
+        x = layers.Resizing(seen, seen, interpolation="bilinear")(x)  # B*T,S',S',K
     x = backbone(x)  # B*T,s,s,1280
     x = ops.reshape(x, (-1, num_frames) + tuple(x.shape[1:]))  # B,T,s,s,1280
     outputs = pooled_classifier(x, cfg, num_classes)  # B,1280 -> B,64 -> B,C

@@ -83,6 +83,8 @@ class FrameBackbone(Section):
     trainable_layers: Literal["all"] | Natural
     batchnorm_momentum: Annotated[float, Field(gt=0, lt=1)] | None
     zero_init_residual: bool
+    # the side the backbone sees each frame at (resized inside the model); null: the frame size
+    input_size: Annotated[int, Field(ge=32)] | None = None
 
 
 Motion = Literal["rgb", "diff", "rgb_diff", "flow", "rgb_flow"]
