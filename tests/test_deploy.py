@@ -71,6 +71,7 @@ def test_the_served_model_is_ready_on_ping_and_scales_on_cpu():
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
 
 
+@pytest.mark.slow  # builds the image context and serves it, ~17 s; CI runs it (make test-all)
 def test_generated_dockerfile_serves_the_registered_champion(project, tmp_path):
     """`make serving-image`'s command on the tested project: the image copies the champion's
     model and serves it; that model loads and classifies a clip in a process where the

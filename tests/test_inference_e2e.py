@@ -166,6 +166,7 @@ def write_recording(path: Path, clips: list[Path], fps: float = 10.0) -> float:
     return frames / fps
 
 
+@pytest.mark.slow  # a `predict` process over a stitched recording, ~15 s; CI runs it
 def test_sliding_windows_give_a_timeline_and_a_png_strip(project, tmp_path):
     repo, state = project
     clips = sorted((repo / "data" / "raw").rglob("*.avi"))[:3]

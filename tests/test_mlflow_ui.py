@@ -26,7 +26,8 @@ import yaml
 from conftest import MODELS, ROOT, champion_name, free_port, stop_process_group, wait_until_serving
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-pytestmark = pytest.mark.ui
+# ~30 s with the browser and the UI server: make test is at its 10 minutes; CI runs them
+pytestmark = [pytest.mark.ui, pytest.mark.slow]
 
 SCREENSHOTS = ROOT / "reports" / "ui"
 # Flags for a closed network (no background connections to Google's hosts) and for root.

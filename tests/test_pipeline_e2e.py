@@ -603,6 +603,7 @@ def test_a_folder_of_class_folders_needs_no_class_list(project, tmp_path):
     assert {r.inputs.dataset_inputs[0].dataset.name for r in trained} == {"footage"}
 
 
+@pytest.mark.slow  # regenerates the sample and asks DVC three times, ~12 s; CI runs it
 def test_data_dvc_points_at_the_regenerated_sample(project, tmp_path):
     """data.dvc is a real pointer: regenerating the sample reproduces its recorded content."""
     repo, state = project
@@ -628,6 +629,7 @@ def test_data_dvc_points_at_the_regenerated_sample(project, tmp_path):
     assert "up to date" in run(["dvc", "status", "data.dvc"], repo, state["env"]).lower()
 
 
+@pytest.mark.slow  # `dvc repro download` and `dvc status` over replaced footage, ~13 s; CI runs it
 def test_changed_footage_reruns_download_by_content(project, tmp_path):
     """`dataset=folder` on a folder outside the repository: DVC hashes the footage itself, so
     replacing one clip (same name, same params) reruns download, and then clean."""
