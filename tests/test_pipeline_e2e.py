@@ -714,7 +714,7 @@ def test_a_sweep_grid_that_breaks_the_schema_starts_no_job(project, tmp_path):
     assert len(client.search_runs([exp])) == before
 
 
-@pytest.mark.slow  # two cnn_gru jobs and a failing one, ~37 s; CI runs it (make test-all)
+@pytest.mark.slow  # two cnn_gru training jobs, ~37 s; CI runs it (make test-all)
 def test_hydra_multirun_is_one_parent_run_with_a_child_per_job(project):
     """`python -m pipeline.sweep -m`: two jobs on the cached features, one MLflow parent with
     two finished children carrying their parameters and metrics, the best child named on
