@@ -131,8 +131,7 @@ def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root
     extract_features(parse_params(params))
     train_dir = in_tmp_root / "data" / "features" / "train"
     aug = np.load(train_dir / "aug_features.npy")
-    streams = 2 if params["features"]["motion"] else 1  # the sample's inputs=motion: 2
-    assert aug.shape == (4, 2, 4, 2048 * streams)
+    assert aug.shape == (4, 2, 4, x["features"].shape[-1])  # the copies' features as the clips'
     assert not (in_tmp_root / "data/features/val/aug_features.npy").exists()
     assert not np.allclose(aug[:, 0], x["features"])  # copies are features of altered frames
     fit = training_data(job, seed, x, labels["train"], 2)

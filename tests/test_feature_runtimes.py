@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline.models import runtimes
-from pipeline.models.backbones import build_feature_backbone, frame_features
+from pipeline.models.backbones import UnknownLayer, build_feature_backbone, frame_features
 from pipeline.models.runtimes import cpu_has_bfloat16
 from pipeline.models.seeding import seed_everything
 
@@ -166,3 +166,27 @@ def test_a_logged_model_records_what_computed_its_features(tiny_params, tmp_path
     pre = preprocessing_record(config, config.models.cnn_gru, ["a", "b"])["features"]
     assert (pre["runtime"], pre["precision"]) == ("keras", "float32")
     assert "features" not in preprocessing_record(config, config.models.cnn3d, ["a", "b"])
+
+
+def test_features_end_at_their_output_layer_averaged_over_space(frames):
+    """`features.output_layer` gives the backbone's activations at that layer averaged over
+    space (conv3_block4_out: 512 channels of ResNet101V2's first 86 layers), from the same
+    seeded weights as the whole backbone's; a name that is not a layer is refused, naming
+    the key."""
+    cfg = {"backbone": "resnet101v2", "weights": None, "runtime": "keras", "precision": "float32"}
+    seed_everything(3)
+    whole = keras.applications.ResNet101V2(
+        include_top=False, weights=None, input_shape=(SIZE,) * 2 + (3,)
+    )
+    at_layer = keras.Model(whole.input, whole.get_layer("conv3_block4_out").output)
+    seed_everything(3)
+    backbone, preprocess, _ = build_feature_backbone(
+        {**cfg, "output_layer": "conv3_block4_out"}, SIZE
+    )
+    assert backbone.output_shape == (None, 512) and len(backbone.layers) == 87  # + input, pooling
+    got = frame_features(backbone, preprocess, frames, batch_size=8, desc="")
+    flat = preprocess(frames.reshape((-1,) + frames.shape[2:]).astype(np.float32))
+    expected = np.asarray(at_layer.predict(flat, verbose=0)).mean(axis=(1, 2))
+    np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(UnknownLayer, match=r"features\.output_layer=conv9_out.*conv3_block4_out"):
+        build_feature_backbone({**cfg, "output_layer": "conv9_out"}, SIZE)

@@ -5,7 +5,7 @@ import pytest
 from conftest import model_section
 
 from pipeline.models import builders
-from pipeline.models.backbones import WeightsUnavailable, build_backbone
+from pipeline.models.backbones import UnknownLayer, WeightsUnavailable, build_backbone
 
 
 # The builders take the schema's typed sections; these tests write them as mappings, as in conf/.
@@ -158,6 +158,32 @@ def test_frame_cnn_backbone_sees_frames_at_its_input_size_and_saves(tiny_params,
     )
     with pytest.raises(ValueError, match="input_size"):
         model_section("frame_cnn", {**cfg, "backbone": {**bb, "input_size": 16}})
+
+
+def test_frame_cnn_backbone_ends_at_its_output_layer_and_saves(tiny_params, tmp_path):
+    """`backbone.output_layer` keeps EfficientNetB0 up to that layer (block4c_add: its first
+    four stages, 80 channels at 1/16 of the side); the saved model gives the same
+    probabilities, and a name that is not one of its layers is refused, naming the key."""
+    import keras
+
+    bb = {**tiny_params["models"]["frame_cnn"]["backbone"], "weights": None, "input_size": None}
+    cfg = {**tiny_params["models"]["frame_cnn"], "motion": "flow", "backbone": bb}
+    whole = build_frame_cnn(cfg, num_frames=2, size=64, num_classes=4)
+    cfg["backbone"] = {**bb, "output_layer": "block4c_add"}
+    model = build_frame_cnn(cfg, num_frames=2, size=64, num_classes=4)
+    backbone = model.get_layer("efficientnetb0")
+    assert backbone.output_shape == (None, 4, 4, 80)
+    assert whole.get_layer("efficientnetb0").output_shape == (None, 2, 2, 1280)
+    assert len(backbone.layers) == 119 and len(whole.get_layer("efficientnetb0").layers) == 237
+    clips = np.random.default_rng(2).integers(0, 256, (2, 2, 64, 64, 5)).astype(np.float32)
+    model.save(tmp_path / "frame_cnn.keras")
+    loaded = keras.models.load_model(tmp_path / "frame_cnn.keras")
+    np.testing.assert_allclose(
+        model.predict(clips, verbose=0), loaded.predict(clips, verbose=0), rtol=1e-5, atol=1e-6
+    )
+    cfg["backbone"] = {**bb, "output_layer": "block9z_add"}
+    with pytest.raises(UnknownLayer, match=r"output_layer=block9z_add.*block5c_add"):
+        build_frame_cnn(cfg, num_frames=2, size=64, num_classes=4)
 
 
 def test_input_and_pooling_options_build_save_and_load(tiny_params, tmp_path):

@@ -34,6 +34,7 @@ def test_reference_settings_are_one_override_away():
         "batchnorm_momentum": None,
         "zero_init_residual": False,
         "input_size": None,  # the frames at their cached size
+        "output_layer": None,  # the whole EfficientNetB0
     }
     assert fc["motion"] == c3["motion"] == "rgb" and ref["features"]["motion"] is False
     assert fc["temporal_pooling"] == c3["temporal_pooling"] == "mean"

@@ -62,6 +62,31 @@ def build_backbone(
         raise
 
 
+class UnknownLayer(PipelineError):
+    """A configured backbone layer name is not one of the backbone's layers."""
+
+
+def truncated_at(
+    backbone: keras.Model, output_layer: str | None, config_key: str, pooling: str | None = None
+) -> keras.Model:
+    """The backbone up to and including `output_layer` (the backbone itself when None), under
+    the backbone's name, its output averaged over space with `pooling="avg"`. Its layers are
+    shared, not copied: weights already set stay set."""
+    if output_layer is None:
+        return backbone
+    names = [layer.name for layer in backbone.layers]
+    if output_layer not in names:
+        stage_ends = [n for n in names if n.endswith(("_add", "_out", "top_activation"))]
+        raise UnknownLayer(
+            f"{config_key}={output_layer}: {backbone.name} has no such layer; the ends of its "
+            f"residual blocks are {', '.join(stage_ends)} (null: the whole backbone)"
+        )
+    x = backbone.get_layer(output_layer).output  # B,h,w,F
+    if pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)  # B,F
+    return keras.Model(backbone.input, x, name=backbone.name)
+
+
 def zero_init_residual_branches(backbone: keras.Model) -> int:
     """Set to 0 the scale (gamma) of the last BatchNorm of every residual branch of an
     EfficientNet (`blockNx_project_bn` where `blockNx_add` adds it to the shortcut), so that
@@ -84,23 +109,26 @@ def zero_init_residual_branches(backbone: keras.Model) -> int:
 
 
 def build_feature_backbone(cfg: dict, size: int, weights=None, initial=None):
-    """The features backbone (`pooling="avg"`) of the `features` section `cfg` as
-    `feature_runtime` resolves its runtime and precision. Call `seed_everything` first: with
-    `weights: null` the random weights come from the seed, whatever the runtime. `initial`:
-    the weights (`get_weights()`) of this backbone as another process built it, set before
-    the runtime takes the model. Returns (backbone, preprocess, (runtime, precision))."""
+    """The features backbone (up to `output_layer`, averaged over space) of the `features`
+    section `cfg` as `feature_runtime` resolves its runtime and precision. Call
+    `seed_everything` first: with `weights: null` the random weights come from the seed,
+    whatever the runtime. `initial`: the weights (`get_weights()`) of this backbone as another
+    process built it, set before the runtime takes the model. Returns (backbone, preprocess,
+    (runtime, precision))."""
     runtime, precision = feature_runtime(cfg)
     previous = keras.config.dtype_policy()
     if runtime == "keras" and precision == "bfloat16":
         keras.config.set_dtype_policy("mixed_bfloat16")  # float32 weights, bfloat16 compute
+    output_layer = cfg.get("output_layer")
     try:
         backbone = build_backbone(
             cfg["backbone"],
             weights if weights is not None else cfg["weights"],
             (size, size, 3),
             config_key="features.weights",
-            pooling="avg",
+            pooling=None if output_layer else "avg",
         )
+        backbone = truncated_at(backbone, output_layer, "features.output_layer", pooling="avg")
     finally:
         keras.config.set_dtype_policy(previous)
     if initial is not None:

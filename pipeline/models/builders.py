@@ -14,7 +14,11 @@ import keras
 from keras import layers, ops
 
 from pipeline.data.flow import FLOW_CHANNELS, RGB_CHANNELS
-from pipeline.models.backbones import build_backbone, zero_init_residual_branches
+from pipeline.models.backbones import (
+    build_backbone,
+    truncated_at,
+    zero_init_residual_branches,
+)
 from pipeline.schema.model_sections import FLOW_MOTIONS
 
 if TYPE_CHECKING:
@@ -132,6 +136,7 @@ def build_frame_cnn(cfg: FrameCnn, num_frames: int, size: int, num_classes: int)
         )
     if bb.zero_init_residual:
         zero_init_residual_branches(backbone)  # every residual block starts as the identity
+    backbone = truncated_at(backbone, bb.output_layer, "models.frame_cnn.backbone.output_layer")
     trainable = len(backbone.layers) if bb.trainable_layers == "all" else bb.trainable_layers
     for i, layer in enumerate(backbone.layers):
         layer.trainable = i >= len(backbone.layers) - trainable
@@ -145,9 +150,9 @@ def build_frame_cnn(cfg: FrameCnn, num_frames: int, size: int, num_classes: int)
     x = ops.reshape(x, (-1, size, size, channels))  # B*T,S,S,K
     if seen != size:
         x = layers.Resizing(seen, seen, interpolation="bilinear")(x)  # B*T,S',S',K
-    x = backbone(x)  # B*T,s,s,1280
-    x = ops.reshape(x, (-1, num_frames) + tuple(x.shape[1:]))  # B,T,s,s,1280
-    outputs = pooled_classifier(x, cfg, num_classes)  # B,1280 -> B,64 -> B,C
+    x = backbone(x)  # B*T,s,s,F: F 1280 (its top), 112 at block5c_add
+    x = ops.reshape(x, (-1, num_frames) + tuple(x.shape[1:]))  # B,T,s,s,F
+    outputs = pooled_classifier(x, cfg, num_classes)  # B,F -> B,64 -> B,C
     return keras.Model(inputs, outputs, name="frame_cnn")
 
 
@@ -189,24 +194,25 @@ def build_cnn_gru(cfg: CnnGru, num_frames: int, feature_dim: int, num_classes: i
     The mask must be right-padded (valid frames first, see `pipeline.data.arrays.right_align`):
     that is the only layout cuDNN's GRU accepts on a GPU.
     """
-    # B,T,D: 2048 per frame (x2 with the features' motion stream), + 2*g*g with `flow_grid`
+    # B,T,D: W per frame (the features backbone's width: 2048 for the whole ResNet101V2, 256 at
+    # conv2_block3_out), x2 with the features' motion stream, + 2*g*g with `flow_grid`
     features = keras.Input((num_frames, feature_dim), name="features")
     mask = keras.Input((num_frames,), dtype="bool", name="mask")  # B,T
     x = features
     if cfg.normalize_features:
         # Per-dimension standardisation, adapted on the training features before fitting:
         # features of a randomly initialised backbone are tiny and near-constant without it.
-        x = layers.Normalization(axis=-1, name="feature_norm")(x)  # B,T,2048
+        x = layers.Normalization(axis=-1, name="feature_norm")(x)  # B,T,D
     if cfg.feature_motion != "none":
         # each frame's change of features since the previous frame: what moved, without
         # the scene's constant look; the pooled flow (the last F = 2*g*g values) is motion
         # already and passes as it is
         flow_dims = FLOW_CHANNELS * cfg.flow_grid**2
         looks, flow = x[..., : feature_dim - flow_dims], x[..., feature_dim - flow_dims :]
-        change = change_since_previous(looks)  # B,T,2048
+        change = change_since_previous(looks)  # B,T,D-F
         x = (
             change if cfg.feature_motion == "diff" else layers.Concatenate()([looks, change])
-        )  # 2048|4096
+        )  # D-F | 2(D-F)
         if flow_dims:
             x = layers.Concatenate()([x, flow])  # B,T,...+F
     if cfg.input_dropout:

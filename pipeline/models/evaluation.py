@@ -37,16 +37,23 @@ def model_ms_per_clip(model, views: list, batch_size: int, hflip: bool = False) 
 
 
 @functools.cache
-def backbone_ms_per_clip(backbone_name: str, size: int, num_frames: int) -> float:
+def backbone_ms_per_clip(
+    backbone_name: str, output_layer: str | None, size: int, num_frames: int
+) -> float:
     """For models on cached features: the time the features backbone takes for one clip's
-    frames (one batch of num_frames), which inference on a new clip has to pay too, in ms.
-    Median of 3 after a warm-up; random weights (speed does not depend on them). Measured
-    once per process and shape: the jobs of a sweep share it."""
-    from pipeline.models.backbones import build_backbone, preprocess_for
+    frames (one batch of num_frames) up to its `output_layer`, which inference on a new clip
+    has to pay too, in ms. Median of 3 after a warm-up; random weights (speed does not depend
+    on them). Measured once per process and shape: the jobs of a sweep share it."""
+    from pipeline.models.backbones import build_backbone, preprocess_for, truncated_at
 
     backbone = build_backbone(
-        backbone_name, None, (size, size, 3), config_key="features.weights", pooling="avg"
+        backbone_name,
+        None,
+        (size, size, 3),
+        config_key="features.weights",
+        pooling=None if output_layer else "avg",
     )
+    backbone = truncated_at(backbone, output_layer, "features.output_layer", pooling="avg")
     batch = preprocess_for(backbone_name)(np.zeros((num_frames, size, size, 3), np.float32))
     backbone.predict_on_batch(batch)
     times = []

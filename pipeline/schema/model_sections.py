@@ -85,6 +85,8 @@ class FrameBackbone(Section):
     zero_init_residual: bool
     # the side the backbone sees each frame at (resized inside the model); null: the frame size
     input_size: Annotated[int, Field(ge=32)] | None = None
+    # the backbone ends at this layer (e.g. block5c_add: its first 5 stages); null: the whole
+    output_layer: Text | None = None
 
 
 Motion = Literal["rgb", "diff", "rgb_diff", "flow", "rgb_flow"]

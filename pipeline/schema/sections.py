@@ -179,6 +179,8 @@ class Features(Section):
     motion: bool
     backbone: BACKBONES
     weights: Text | None
+    # the backbone ends at this layer (e.g. conv3_block4_out); null: the whole backbone
+    output_layer: Text | None = None
     batch_size: Count
     runtime: Literal["openvino", "keras"]
     precision: Literal["float32", "bfloat16"]

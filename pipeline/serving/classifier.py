@@ -2,10 +2,10 @@
 
 A new video goes through exactly what the pipeline did to the clips the model was evaluated
 on: every frame counted by decoding it (clean), `frames.num_frames` frames sampled over the
-clip and letterboxed (frames), ResNet101V2 features for `cnn_gru` (features, same backbone,
-weights and batch size), then the model's own frame subset (train). The settings come from
-`preprocessing.json`, written from the run's config when the model is logged, never from the
-config of whoever loads it. The MLflow wrapper is `pipeline.serving.pyfunc`.
+clip and letterboxed (frames), ResNet101V2 features for `cnn_gru` (features: same backbone,
+weights, last layer, batch size), then the model's own frame subset (train). The settings come
+from `preprocessing.json`, written from the run's config when the model is logged, never from
+the config of whoever loads it. The MLflow wrapper is `pipeline.serving.pyfunc`.
 """
 
 from __future__ import annotations
@@ -78,18 +78,14 @@ def preprocessing_config(
 
 
 def feature_preprocessing(features: Features, seed: int, features_dir: Path) -> dict:
-    """How a model on features gets them: the features stage's backbone, weights (null: a
-    random init from `seed`), batch size, motion stream, and the runtime and precision of the
-    test features: the stage's record in `features_dir` (after any fallback), else the config."""
+    """How a model on features gets them: the features stage's settings (weights null: a
+    random init from `seed`) and the runtime and precision of the test features, the record
+    in `features_dir` after any fallback, else the config."""
     used = features_dir / "runtime.json"
+    kept = ("backbone", "weights", "output_layer", "batch_size", "motion", "runtime", "precision")
     return {
-        "backbone": features.backbone,
-        "weights": features.weights,
-        "batch_size": features.batch_size,
+        **features.model_dump(include=set(kept)),
         "seed": seed,
-        "motion": features.motion,
-        "runtime": features.runtime,
-        "precision": features.precision,
         **(json.loads(used.read_text()) if used.is_file() else {}),
     }
 

@@ -1,8 +1,10 @@
-"""Stage `features`: ResNet101V2 (`pooling="avg"`) features of every cached frame, in batches.
+"""Stage `features`: ResNet101V2 features of every cached frame (its activations at
+`features.output_layer`, the last by default, averaged over space: 2048-d; 256-d at
+conv2_block3_out, the embedded sample's), in batches.
 
 With `features.motion: true` each frame also gets the features of its change since the previous
 frame (a second, motion stream through the same backbone, as in two-stream action recognition),
-appended: 4096-d per frame.
+appended: twice the width per frame.
 
 Outputs one folder per split under `paths.features`: `features.npy` (clips x N x D, float32),
 `labels.npy`, `mask.npy` and `clips.csv` (copied from the frames cache, row order unchanged),

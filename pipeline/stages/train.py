@@ -234,7 +234,12 @@ def evaluate(
     x_test = data["test"][0]
     streams = 2 if features.motion else 1  # appearance (+ motion)
     backbone_ms = (
-        backbone_ms_per_clip(features.backbone, frame_size, x_test["features"].shape[1] * streams)
+        backbone_ms_per_clip(
+            features.backbone,
+            features.output_layer,
+            frame_size,
+            x_test["features"].shape[1] * streams,
+        )
         if isinstance(x_test, dict)
         else 0.0
     )
