@@ -135,21 +135,14 @@ def features_of(frames: np.ndarray, params: dict) -> dict:
     """cnn_gru's inputs: the features stage's backbone (ResNet101V2, seeded random init) on
     every frame, all frames valid."""
     from pipeline.data.arrays import sequence_inputs
-    from pipeline.models.backbones import build_backbone, frame_features, preprocess_for
+    from pipeline.models.backbones import build_feature_backbone, frame_features
     from pipeline.models.seeding import seed_everything
 
     seed_everything(0)
-    feats_cfg = params["features"]
-    backbone = build_backbone(
-        feats_cfg["backbone"], None, (SIZE, SIZE, 3), "features.weights", pooling="avg"
-    )
+    feats_cfg = {**params["features"], "weights": None, "runtime": "keras", "precision": "float32"}
+    backbone, preprocess, _ = build_feature_backbone(feats_cfg, SIZE)  # up to its output_layer
     feats = frame_features(
-        backbone,
-        preprocess_for(feats_cfg["backbone"]),
-        frames,
-        64,
-        desc="",
-        motion=bool(feats_cfg["motion"]),
+        backbone, preprocess, frames, 64, desc="", motion=bool(feats_cfg["motion"])
     )
     return sequence_inputs(feats, np.ones(frames.shape[:2], bool), None)
 

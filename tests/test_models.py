@@ -36,7 +36,8 @@ def test_frame_cnn_shapes_and_frozen_backbone(tiny_params):
 
 def test_zero_init_residual_starts_every_residual_block_as_the_identity(tiny_params):
     cfg = {**tiny_params["models"]["frame_cnn"], "motion": "rgb"}
-    cfg = {**cfg, "backbone": {**cfg["backbone"], "weights": None, "zero_init_residual": True}}
+    bb = {**cfg["backbone"], "weights": None, "zero_init_residual": True, "output_layer": None}
+    cfg = {**cfg, "backbone": bb}  # the whole EfficientNetB0 (the tiny config stops at block 5)
     backbone = build_frame_cnn(cfg, num_frames=3, size=32, num_classes=7).get_layer(
         "efficientnetb0"
     )
@@ -167,6 +168,7 @@ def test_frame_cnn_backbone_ends_at_its_output_layer_and_saves(tiny_params, tmp_
     import keras
 
     bb = {**tiny_params["models"]["frame_cnn"]["backbone"], "weights": None, "input_size": None}
+    bb["output_layer"] = None  # the tests' tiny config (as the sample) sets block5c_add
     cfg = {**tiny_params["models"]["frame_cnn"], "motion": "flow", "backbone": bb}
     whole = build_frame_cnn(cfg, num_frames=2, size=64, num_classes=4)
     cfg["backbone"] = {**bb, "output_layer": "block4c_add"}
