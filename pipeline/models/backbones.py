@@ -87,6 +87,19 @@ def truncated_at(
     return keras.Model(backbone.input, x, name=backbone.name)
 
 
+def build_pooled_backbone(name: str, weights: str | None, size: int, output_layer: str | None):
+    """The features backbone on size x size RGB frames: up to `output_layer` (the whole
+    network when None), its output averaged over space (B,F). `features.*` keys in errors."""
+    backbone = build_backbone(
+        name,
+        weights,
+        (size, size, 3),
+        config_key="features.weights",
+        pooling=None if output_layer else "avg",
+    )
+    return truncated_at(backbone, output_layer, "features.output_layer", pooling="avg")
+
+
 def zero_init_residual_branches(backbone: keras.Model) -> int:
     """Set to 0 the scale (gamma) of the last BatchNorm of every residual branch of an
     EfficientNet (`blockNx_project_bn` where `blockNx_add` adds it to the shortcut), so that
@@ -119,16 +132,13 @@ def build_feature_backbone(cfg: dict, size: int, weights=None, initial=None):
     previous = keras.config.dtype_policy()
     if runtime == "keras" and precision == "bfloat16":
         keras.config.set_dtype_policy("mixed_bfloat16")  # float32 weights, bfloat16 compute
-    output_layer = cfg.get("output_layer")
     try:
-        backbone = build_backbone(
+        backbone = build_pooled_backbone(
             cfg["backbone"],
             weights if weights is not None else cfg["weights"],
-            (size, size, 3),
-            config_key="features.weights",
-            pooling=None if output_layer else "avg",
+            size,
+            cfg.get("output_layer"),  # absent from models logged before the key existed
         )
-        backbone = truncated_at(backbone, output_layer, "features.output_layer", pooling="avg")
     finally:
         keras.config.set_dtype_policy(previous)
     if initial is not None:

@@ -14,11 +14,7 @@ import keras
 from keras import layers, ops
 
 from pipeline.data.flow import FLOW_CHANNELS, RGB_CHANNELS
-from pipeline.models.backbones import (
-    build_backbone,
-    truncated_at,
-    zero_init_residual_branches,
-)
+from pipeline.models.backbones import build_backbone, truncated_at, zero_init_residual_branches
 from pipeline.schema.model_sections import FLOW_MOTIONS
 
 if TYPE_CHECKING:

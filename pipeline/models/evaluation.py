@@ -44,16 +44,9 @@ def backbone_ms_per_clip(
     frames (one batch of num_frames) up to its `output_layer`, which inference on a new clip
     has to pay too, in ms. Median of 3 after a warm-up; random weights (speed does not depend
     on them). Measured once per process and shape: the jobs of a sweep share it."""
-    from pipeline.models.backbones import build_backbone, preprocess_for, truncated_at
+    from pipeline.models.backbones import build_pooled_backbone, preprocess_for
 
-    backbone = build_backbone(
-        backbone_name,
-        None,
-        (size, size, 3),
-        config_key="features.weights",
-        pooling=None if output_layer else "avg",
-    )
-    backbone = truncated_at(backbone, output_layer, "features.output_layer", pooling="avg")
+    backbone = build_pooled_backbone(backbone_name, None, size, output_layer)
     batch = preprocess_for(backbone_name)(np.zeros((num_frames, size, size, 3), np.float32))
     backbone.predict_on_batch(batch)
     times = []
