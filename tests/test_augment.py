@@ -11,7 +11,7 @@ import pytest
 from conftest import augment_section
 
 from pipeline.data.arrays import save_arrays
-from pipeline.data.augment import augment_clip, jitter_indices, oversample_indices
+from pipeline.data.augment import augment_clip, jitter_indices, mixed_batch, oversample_indices
 from pipeline.errors import PipelineError
 from pipeline.schema import parse_params
 from pipeline.stages.train import fit_job
@@ -90,6 +90,61 @@ def test_oversampled_epochs_are_balanced_with_untouched_originals(tiny_params):
     job = job_with(params, "cnn3d", batch_size=5, class_weights=True, oversample=False)
     plain = training_data(job, seed, x, y, 3)
     assert plain["x"] is x and plain["class_weight"][2] > plain["class_weight"][0]
+
+
+def test_mixup_blends_each_clip_and_its_target_with_the_same_partner():
+    """Clip k is uniformly k + 1 and the only clip of class k, so a blended clip's target names
+    its partner and its share: the clip must be that blend, its mask the union of the two,
+    its sample weight the same blend of the two class weights. Reproducible from the rng."""
+    size = 8
+    x = {
+        "features": np.stack([np.full((3, 4), k + 1, np.float32) for k in range(size)]),
+        "mask": np.eye(size, 3, dtype=bool),  # clip k's frame k (for k < 3) unrepeated
+    }
+    labels = np.arange(size)
+    weights = np.linspace(0.5, 2.0, size).astype(np.float32)
+    mixed, targets, blended = mixed_batch(x, labels, weights, 0.4, size, np.random.default_rng(3))
+    again = mixed_batch(x, labels, weights, 0.4, size, np.random.default_rng(3))
+    np.testing.assert_array_equal(again[1], targets)
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
+    assert targets.shape == (size, size) and targets.dtype == np.float32
+    for k in range(size):
+        share = targets[k, k]
+        others = np.flatnonzero((targets[k] > 0) & (np.arange(size) != k))
+        partner = int(others[0]) if len(others) else k  # lam = 1 or the clip with itself
+        assert len(others) <= 1
+        expected = share * (k + 1) + (1 - share) * (partner + 1)
+        np.testing.assert_allclose(mixed["features"][k], expected, rtol=1e-5)
+        np.testing.assert_array_equal(mixed["mask"][k], x["mask"][k] | x["mask"][partner])
+        assert blended[k] == pytest.approx(share * weights[k] + (1 - share) * weights[partner])
+    # frames (uint8) come back as float32 blends, the same shape
+    frames = clips(size, t=2, size=4)
+    out, _, none = mixed_batch(frames, labels, None, 0.4, size, np.random.default_rng(3))
+    assert out.shape == frames.shape and out.dtype == np.float32 and none is None
+    assert out.min() >= 0 and out.max() <= 255
+
+
+def test_mixup_feeds_keras_blended_targets_with_blended_class_weights(tiny_params):
+    """`train.mixup` routes the training split through the dataset even without jitter or
+    oversampling: each batch is (clips, targets over the classes, weights), every clip of an
+    epoch present, the stream the same for the same seed."""
+    from pipeline.models.training_data import training_data
+
+    x, y = clips(10), np.array([0] * 6 + [1] * 3 + [2])
+    job = job_with(
+        tiny_params, "cnn3d", batch_size=4, class_weights=True, oversample=False, mixup=0.4
+    )
+    fit = training_data(job, 0, x, y, 3)
+    assert fit["steps_per_epoch"] == 3 and "y" not in fit and fit["class_weight"] is None
+    xs, targets, weights = (np.concatenate(part) for part in zip(*fit["x"].epoch(0)))
+    assert xs.shape == x.shape and targets.shape == (10, 3) and weights.shape == (10,)
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
+    assert (targets.max(axis=1) < 1).any()  # some clips blended
+    # each clip weighs its target's blend of the balanced class weights (n / (classes x count))
+    balanced = 10 / (3 * np.array([6, 3, 1]))
+    np.testing.assert_allclose(weights, targets @ balanced, rtol=1e-5)
+    again = training_data(job, 0, x, y, 3)["x"].epoch(0)
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in again]), targets)
 
 
 @pytest.mark.slow  # builds ResNet101V2 and caches features twice: ~22 s; CI runs it

@@ -83,6 +83,11 @@ BAD = [
         "models.cnn_gru: train.temporal_jitter with train.oversample=true",
     ),
     (
+        ["models.cnn3d.train.mixup=0.4", "distribute.strategy=multi_worker"],
+        "models.cnn3d.train.mixup=0.4 with distribute.strategy=multi_worker: its training",
+    ),
+    (["models.frame_cnn.train.mixup=-1"], "models.frame_cnn.train.mixup=-1"),
+    (
         ["compare.register_as='actions-{datset}'"],
         "compare: register_as='actions-{datset}': the only placeholder is {dataset}",
     ),
@@ -183,14 +188,14 @@ def test_a_typo_in_a_conf_file_is_refused(tmp_path):
 
 def test_a_stage_refuses_a_hand_edited_params_file_before_reading_data(tmp_path):
     """A stage started on an invalid params.yaml exits with status 2 and the problems, before
-    it reads data or opens an MLflow run (no store appears)."""
+    it reads data (its paths hold none: reading would fail otherwise) or opens an MLflow run
+    (no store appears). Not timed: under a busy CPU the start-up alone took over 10 s."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["models"]["cnn3d"]["train"]["epochs"] = 0
     params["seed"] = "42"
     params["paths"] = {k: str(tmp_path / k) for k in params["paths"]}  # nothing to read there
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(params, sort_keys=False))
-    start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.stages.train", "--model", "cnn3d", "--params", str(bad)],
         cwd=tmp_path,
@@ -198,7 +203,6 @@ def test_a_stage_refuses_a_hand_edited_params_file_before_reading_data(tmp_path)
         text=True,
         env={**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
     )
-    assert time.perf_counter() - start < 10  # a Python start-up with the pipeline's imports
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "models.cnn3d.train.epochs=0: must be a whole number >= 1" in proc.stderr
     assert "seed='42': must be a whole number >= 0" in proc.stderr

@@ -249,3 +249,34 @@ def test_label_smoothing_trains_towards_the_smoothed_targets_and_saves(footage_p
     np.testing.assert_allclose(
         loaded.predict(x_test, verbose=0), model.predict(x_test, verbose=0), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.slow  # trains cnn3d once (~20 s); CI runs it
+def test_mixup_still_learns_the_task_and_saves_with_its_loss_and_accuracy(footage_params, tmp_path):
+    """`train.mixup`: cnn3d trained on blended clips and targets still learns the motion task
+    to the plain model's threshold, its per-epoch `accuracy` and `val_accuracy` are logged
+    as without mixup, and the model saves and loads back compiled (its loss and accuracy
+    are the project's own classes) predicting the same probabilities."""
+    import keras
+
+    from pipeline.models.fitting import fit_model
+    from pipeline.schema import parse_params
+    from pipeline.stages.train import fit_job
+
+    params = at_test_size(footage_params, "cnn3d")
+    params["models"]["cnn3d"]["train"].update(mixup=0.4)
+    data = {
+        s: (with_flow_of_each_clip(x, params), y) for s, (x, y) in split_clips("motion").items()
+    }
+    keras.backend.clear_session()
+    job = fit_job(parse_params(params), "cnn3d")
+    model, history, _ = fit_model(job, {k: data[k] for k in ("train", "val")}, 3, 0)
+    assert {"accuracy", "val_accuracy", "loss", "val_loss"} <= set(history.history)
+    x_test, y_test = data["test"]
+    probs = model.predict(x_test, verbose=0)
+    accuracy = classification_metrics(y_test, probs.argmax(axis=1), MOTIONS)["accuracy"]
+    assert accuracy >= 0.8, f"cnn3d with mixup: test accuracy {accuracy:.2f} (chance 0.33)"
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert loaded.loss.get_config()["label_smoothing"] == 0.0
+    np.testing.assert_allclose(loaded.predict(x_test, verbose=0), probs, rtol=1e-5, atol=1e-6)

@@ -282,3 +282,32 @@ def test_label_smoothing_is_crossentropy_against_smoothed_targets():
     np.testing.assert_allclose(plain, -np.log(probs[[0, 1], labels]), rtol=1e-5)
     assert training_loss(0.0) == "sparse_categorical_crossentropy"
     assert training_loss(0.3).get_config()["label_smoothing"] == 0.3
+
+
+def test_mixup_targets_are_read_by_the_loss_and_the_accuracy():
+    """With mixup a training batch's targets are distributions over the classes: the loss is
+    -sum(target * log p) (smoothed as configured), validation's class indices still work, and
+    the accuracy compares the most probable class with the target's largest part."""
+    import keras
+
+    from pipeline.models.losses import training_accuracy, training_loss
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], np.float32)
+    targets = np.array([[0.6, 0.4, 0.0], [0.0, 0.7, 0.3]], np.float32)
+    loss = training_loss(0.0, mixup=True)
+    expected = -(targets * np.log(probs)).sum(axis=1)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loss.call(targets, probs)), expected, rtol=1e-5
+    )
+    indices = np.array([0, 2])
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loss.call(indices[:, None], probs)),
+        -np.log(probs[[0, 1], indices]),
+        rtol=1e-5,
+    )
+    accuracy = training_accuracy(mixup=True)
+    accuracy.update_state(targets, probs)  # clip 0 right (class 0), clip 1 wrong (1 vs 2)
+    assert float(accuracy.result()) == pytest.approx(0.5)
+    accuracy.update_state(indices, probs)  # both right
+    assert float(accuracy.result()) == pytest.approx(0.75)
+    assert accuracy.name == "accuracy" and training_accuracy(mixup=False) == "accuracy"

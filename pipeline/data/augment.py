@@ -108,3 +108,34 @@ def rotated_flow(flow: np.ndarray, linear: np.ndarray) -> np.ndarray:
     """Flow vectors (uint8, ... x 2) turned by the linear part of the warp that moved them."""
     vectors = decode_speed(flow) @ linear.T.astype(np.float32)
     return encode_speed(vectors)
+
+
+def mixed_batch(
+    x,
+    labels: np.ndarray,
+    weights: np.ndarray | None,
+    alpha: float,
+    num_classes: int,
+    rng: np.random.Generator,
+):
+    """mixup (Zhang et al., ICLR 2018) within one training batch: each clip blended with
+    another clip of the batch, `lam * clip + (1 - lam) * partner` with `lam ~ Beta(alpha,
+    alpha)` drawn per clip, and its target the same blend of the two one-hot labels (its
+    sample weight, with class weights, the same blend of the two). `x` is an array
+    (B, T, ...) or a dict of them, whose boolean arrays (masks) are joined, not blended.
+    Returns (x, targets B x num_classes float32, weights or None)."""
+    lam = rng.beta(alpha, alpha, size=len(labels)).astype(np.float32)
+    partner = rng.permutation(len(labels))
+
+    def blend(array: np.ndarray) -> np.ndarray:
+        if array.dtype == bool:
+            return array | array[partner]
+        share = lam.reshape((-1,) + (1,) * (array.ndim - 1))
+        return share * array.astype(np.float32) + (1 - share) * array[partner].astype(np.float32)
+
+    mixed = {k: blend(v) for k, v in x.items()} if isinstance(x, dict) else blend(x)
+    one_hot = np.eye(num_classes, dtype=np.float32)[labels]
+    targets = lam[:, None] * one_hot + (1 - lam[:, None]) * one_hot[partner]
+    if weights is not None:
+        weights = lam * weights + (1 - lam) * weights[partner]
+    return mixed, targets, weights

@@ -114,7 +114,7 @@ def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
         take,
         training_strategy,
     )
-    from pipeline.models.losses import per_clip_loss, training_loss
+    from pipeline.models.losses import per_clip_loss, training_accuracy, training_loss
 
     cfg, train = job.model, job.model.train
     strategy = training_strategy(job.strategy)
@@ -136,8 +136,8 @@ def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
             optimizer.build(model.trainable_variables)  # its variables mirrored, made here
         model.compile(
             optimizer=optimizer,
-            metrics=["accuracy"],
-            loss=training_loss(train.label_smoothing),
+            metrics=[training_accuracy(bool(train.mixup))],
+            loss=training_loss(train.label_smoothing, bool(train.mixup)),
             jit_compile=train.jit_compile,
             run_eagerly=train.run_eagerly,
         )

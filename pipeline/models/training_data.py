@@ -1,7 +1,7 @@
 """What `model.fit` trains on: the training split as arrays with class weights, or as a
-dataset that draws augmented copies of the smaller classes (`train.oversample`) and/or each
-clip's frames afresh every epoch (`train.temporal_jitter`). Validation and test data never
-pass through here.
+dataset that draws augmented copies of the smaller classes (`train.oversample`), each
+clip's frames afresh every epoch (`train.temporal_jitter`) and/or blends of two clips
+(`train.mixup`). Validation and test data never pass through here.
 """
 
 from __future__ import annotations
@@ -43,13 +43,18 @@ def training_clips(
     pad_value: int = 0,
     cache=None,
     num_frames: int | None = None,
+    mixup: float = 0.0,
+    num_classes: int = 0,
 ):
     """A Keras PyDataset over the training clips, for what fixed arrays cannot give:
 
     - `augment` (`train.oversample`): augmented copies of the smaller classes' clips,
       new copies with new augmentations every epoch; the originals pass untouched;
     - `cache` (`train.temporal_jitter`): each clip's `num_frames` frames drawn afresh every
-      epoch from all of its cached frames (one per segment), instead of the fixed ones.
+      epoch from all of its cached frames (one per segment), instead of the fixed ones;
+    - `mixup` (`train.mixup`, Beta's alpha): each clip blended with another clip of its batch,
+      after the two above; y is then each clip's target over the `num_classes` classes
+      (`pipeline.data.augment.mixed_batch`) instead of its class index.
 
     Batches are (x, y) or, with `class_weight`, (x, y, sample weights). One stream for all
     epochs: batch `i` is batch `i % batches_per_epoch` of epoch `i // batches_per_epoch`, so
@@ -63,7 +68,7 @@ def training_clips(
     import keras
 
     from pipeline.data.arrays import cached_frames, select_frames
-    from pipeline.data.augment import augment_clip, oversample_indices
+    from pipeline.data.augment import augment_clip, mixed_batch, oversample_indices
     from pipeline.data.temporal import jittered_indices
     from pipeline.models.distributed import take
 
@@ -112,7 +117,10 @@ def training_clips(
                     ]
                 )
             y = labels[rows]
-            return (x, y) if weights is None else (x, y, weights[y])
+            w = None if weights is None else weights[y]
+            if mixup:
+                x, y, w = mixed_batch(x, y, w, mixup, num_classes, rng)
+            return (x, y) if w is None else (x, y, w)
 
         def epoch(self, epoch: int) -> list:
             """Every batch of `epoch`, in order."""
@@ -152,9 +160,11 @@ def training_data(job: FitJob, seed: int, x_train, y_train, num_classes: int, ca
     """The `model.fit` arguments for the training split: class weights by default, or
     (`train.oversample: true`) augmented copies of the smaller classes and no weights; with
     `train.temporal_jitter`, frames drawn afresh each epoch from `cache` (every cached frame
-    of the training clips). Validation and test data never pass through here."""
+    of the training clips); with `train.mixup`, clips blended in pairs. Validation and test
+    data never pass through here."""
     train = job.model.train
     batch_size, oversample, jitter = train.batch_size, train.oversample, train.temporal_jitter
+    mixup = train.mixup
     weights = (
         balanced_class_weights(y_train, num_classes)
         if train.class_weights and not oversample
@@ -170,7 +180,7 @@ def training_data(job: FitJob, seed: int, x_train, y_train, num_classes: int, ca
             "oversampling: %d training clips -> %d with augmented copies", len(y_train), len(y)
         )
         return {"x": x, "y": y, "batch_size": batch_size, "class_weight": None, "shuffle": True}
-    if not (oversample or jitter):
+    if not (oversample or jitter or mixup):
         return {
             "x": x_train,
             "y": y_train,
@@ -188,12 +198,15 @@ def training_data(job: FitJob, seed: int, x_train, y_train, num_classes: int, ca
         pad_value=job.pad_value,
         cache=cache if jitter else None,
         num_frames=job.model.num_frames,
+        mixup=mixup,
+        num_classes=num_classes,
     )
     log.info(
-        "training clips: %d per epoch%s%s",
+        "training clips: %d per epoch%s%s%s",
         data.clips_per_epoch,
         f" ({len(y_train)} with augmented copies)" if oversample else "",
         ", frames drawn afresh each epoch (temporal jitter)" if jitter else "",
+        f", blended in pairs (mixup, alpha {mixup:g})" if mixup else "",
     )
     # shuffled by its own draw (Keras would warn that it ignores `shuffle` on an infinite one)
     return {

@@ -45,6 +45,7 @@ class Training(Section):
     ema_momentum: Annotated[float, Field(gt=0, lt=1)] | None = None
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     temporal_jitter: bool = False  # each epoch, frames drawn afresh from the cached ones
+    mixup: NonNegative = 0.0  # Beta(alpha, alpha) of each training clip's blend; 0: off
 
     @model_validator(mode="after")
     def warmup_needs_cosine(self):
@@ -209,6 +210,10 @@ class Models(Section):
     frame_cnn: FrameCnn
     cnn3d: Cnn3d
     cnn_gru: CnnGru
+
+    def with_mixup(self) -> list[str]:
+        """`models.<name>.train.mixup=<alpha>` of each model that trains with mixup."""
+        return [f"models.{n}.train.mixup={m.train.mixup:g}" for n, m in self if m.train.mixup]
 
     def named(self, name: str) -> ModelSection:
         """The section of model `name`; a clear error for a name that is none of them."""

@@ -21,6 +21,9 @@ from pipeline.schema.base import (
 )
 from pipeline.schema.model_sections import Models
 
+# the setting by which each model reads optical flow
+FLOW_SETTINGS = (("frame_cnn", "motion"), ("cnn3d", "motion"), ("cnn_gru", "flow_grid"))
+
 
 class SampleSpec(Section):
     seed: int
@@ -283,11 +286,7 @@ class Params(Section):
         """A model that reads optical flow needs the frames stage to cache it."""
         readers = [
             f"models.{name}.{key}={getattr(model, key)!r}"
-            for name, key in (
-                ("frame_cnn", "motion"),
-                ("cnn3d", "motion"),
-                ("cnn_gru", "flow_grid"),
-            )
+            for name, key in FLOW_SETTINGS
             if (model := getattr(self.models, name)).reads_flow
         ]
         if readers and not self.frames.flow.enabled:
@@ -301,8 +300,7 @@ class Params(Section):
     def frames_to_vary_in_time(self):
         """Temporal jitter and views pick among more cached frames than the model reads."""
         cached = self.frames.num_frames
-        for name in ("frame_cnn", "cnn3d", "cnn_gru"):
-            model = getattr(self.models, name)
+        for name, model in self.models:
             keys = [
                 f"models.{name}.{key}=true"
                 for key, on in (
@@ -319,4 +317,14 @@ class Params(Section):
                     f"reads (e.g. frames.num_frames={2 * (model.num_frames or cached)} "
                     f"models.{name}.num_frames={model.num_frames or cached})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def mixup_on_keras_fit(self):
+        """The multi-worker training loop takes class indices, not mixup's blended targets."""
+        if (mixing := self.models.with_mixup()) and self.distribute.strategy == "multi_worker":
+            raise ValueError(
+                f"{', '.join(mixing)} with distribute.strategy=multi_worker: its training loop "
+                "takes class indices, not mixup's blends; use strategy none or mirrored"
+            )
         return self
