@@ -193,6 +193,17 @@ def test_cnn_gru_oversampling_uses_augmented_feature_cache(tmp_path, in_tmp_root
     assert np.bincount(fit["y"]).tolist() == [3, 3]
     assert np.array_equal(fit["x"]["features"][:4], x["features"])
     assert fit["class_weight"] is None
+    # with mixup the oversampled clips (originals and copies) are what is blended
+    mixed = training_data(
+        job_with(params, "cnn_gru", oversample=True, mixup=0.4), seed, x, labels["train"], 2
+    )
+    batches = mixed["x"].epoch(0)
+    features = np.concatenate([b[0]["features"] for b in batches])
+    targets = np.concatenate([b[1] for b in batches])
+    assert features.shape == fit["x"]["features"].shape and targets.shape == (6, 2)
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
+    originals = fit["x"]["features"]
+    assert sum(not any(np.allclose(f, g) for g in originals) for f in features) >= 3  # blends
 
 
 def test_motion_stream_features_are_the_features_of_frame_changes():

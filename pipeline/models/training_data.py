@@ -179,7 +179,9 @@ def training_data(job: FitJob, seed: int, x_train, y_train, num_classes: int, ca
         log.info(
             "oversampling: %d training clips -> %d with augmented copies", len(y_train), len(y)
         )
-        return {"x": x, "y": y, "batch_size": batch_size, "class_weight": None, "shuffle": True}
+        if not mixup:
+            return {"x": x, "y": y, "batch_size": batch_size, "class_weight": None, "shuffle": True}
+        x_train, y_train, oversample = x, y, False  # the copies made: blended below
     if not (oversample or jitter or mixup):
         return {
             "x": x_train,
