@@ -280,3 +280,34 @@ def test_mixup_still_learns_the_task_and_saves_with_its_loss_and_accuracy(footag
     loaded = keras.models.load_model(tmp_path / "model.keras")
     assert loaded.loss.get_config()["label_smoothing"] == 0.0
     np.testing.assert_allclose(loaded.predict(x_test, verbose=0), probs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # compiles cnn3d's training step with XLA (~30 s); CI runs it
+def test_jit_compile_trains_under_xla_and_the_next_run_is_deterministic_again(
+    footage_params, caplog
+):
+    """`train.jit_compile: true` is honoured: Keras refuses XLA while TensorFlow's op
+    determinism is on (it warned and trained without), so a run that asks for XLA turns it
+    off, says so, and trains with XLA; the next run without it has determinism back."""
+    import keras
+    from tensorflow.python.framework.config import is_op_determinism_enabled
+
+    from pipeline.models.fitting import fit_model
+    from pipeline.schema import parse_params
+    from pipeline.stages.train import fit_job
+
+    data = {
+        s: (with_flow_of_each_clip(x, at_test_size(footage_params, "cnn3d")), y)
+        for s, (x, y) in split_clips("motion").items()
+    }
+    compiled = {}
+    for jit in (True, False):
+        params = at_test_size(footage_params, "cnn3d")
+        params["models"]["cnn3d"]["train"].update(epochs=2, jit_compile=jit)
+        keras.backend.clear_session()
+        job = fit_job(parse_params(params), "cnn3d")
+        model, history, _ = fit_model(job, {k: data[k] for k in ("train", "val")}, 3, 0)
+        compiled[jit] = (model.jit_compile, is_op_determinism_enabled())
+        assert np.isfinite(history.history["loss"]).all()
+    assert compiled == {True: (True, False), False: (False, True)}
+    assert "models.cnn3d.train.jit_compile: XLA" in caplog.text

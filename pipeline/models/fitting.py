@@ -118,7 +118,13 @@ def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
 
     cfg, train = job.model, job.model.train
     strategy = training_strategy(job.strategy)
-    seed_everything(seed)
+    if train.jit_compile:
+        log.warning(
+            "models.%s.train.jit_compile: XLA compiles the training step, with TensorFlow's op "
+            "determinism off (Keras refuses XLA under it): two runs of this config can differ",
+            cfg.name,
+        )
+    seed_everything(seed, deterministic_ops=not train.jit_compile)
     x_train, y_train = data["train"]
     with strategy.scope() if strategy else contextlib.nullcontext():
         model = build_model(cfg, x_train, num_classes)
