@@ -572,6 +572,22 @@ def test_one_cnn_gru_parameter_reruns_only_that_model_and_compare(project):
     # `dvc exp run -S` doing the same for real: the queued-grid and run-cache tests above
 
 
+def test_clean_min_frames_reruns_the_models_that_record_it(project):
+    """A logged model refuses clips shorter than the `clean.min_frames` it was trained with,
+    so changing it reruns every model even where no clip is quarantined differently (the
+    tiny sample's clips all pass 5 and 6 frames alike, so clean's outputs would not change)."""
+    repo, state = project
+    committed = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(
+        dump_params(compose_params(TINY + ["clean.min_frames=5"], conf_dir=repo / "conf"))
+    )
+    try:
+        status = json.loads(run(["dvc", "status", "--json", "dvc.yaml"], repo, state["env"]))
+    finally:
+        (repo / "params.yaml").write_text(committed)
+    assert {"clean", "train@frame_cnn", "train@cnn3d", "train@cnn_gru"} <= set(status), status
+
+
 @pytest.mark.slow  # a whole (tiny) pipeline in DVC's temporary copy, ~2 min; CI runs it
 def test_a_folder_of_class_folders_needs_no_class_list(project, tmp_path):
     """The README's `dvc exp run -S dataset=folder -S dataset.path=...` on a folder of three
