@@ -174,14 +174,13 @@ def training_data(job: FitJob, seed: int, x_train, y_train, num_classes: int, ca
         raise ValueError(f"models.{job.model.name}.train.temporal_jitter needs the cached frames")
     if oversample and train.class_weights:
         log.info("train.oversample is on: class weights are not used (classes are balanced)")
-    if oversample and isinstance(x_train, dict):
-        x, y = oversampled_features(x_train, y_train, job.cache_dir, seed)
+    if oversample and isinstance(x_train, dict):  # cached features: their copies are read here
+        n_clips = len(y_train)
+        x_train, y_train = oversampled_features(x_train, y_train, job.cache_dir, seed)
         log.info(
-            "oversampling: %d training clips -> %d with augmented copies", len(y_train), len(y)
+            "oversampling: %d training clips -> %d with augmented copies", n_clips, len(y_train)
         )
-        if not mixup:
-            return {"x": x, "y": y, "batch_size": batch_size, "class_weight": None, "shuffle": True}
-        x_train, y_train, oversample = x, y, False  # the copies made: blended below
+        oversample = False  # no copies left to make; blended below with mixup
     if not (oversample or jitter or mixup):
         return {
             "x": x_train,
