@@ -558,17 +558,24 @@ def test_readme_bad_value_through_dvc_exp_run_is_refused_before_training(project
     assert json.loads(run(["dvc", "status", "--json", "dvc.yaml"], repo, state["env"])) == {}
 
 
-def test_one_cnn_gru_parameter_reruns_only_that_model_and_compare(project):
+def stages_dvc_would_rerun(project, override: str) -> set[str]:
+    """The stages `dvc status` lists with `override` composed into the tiny params.yaml; the
+    committed params.yaml is put back afterwards."""
     repo, state = project
-    env = state["env"]
     committed = (repo / "params.yaml").read_text()
-    change = "models.cnn_gru.dropout=0.25"  # a value no earlier test ran
     (repo / "params.yaml").write_text(
-        dump_params(compose_params(TINY + [change], conf_dir=repo / "conf"))
+        dump_params(compose_params(TINY + [override], conf_dir=repo / "conf"))
     )
-    status = json.loads(run(["dvc", "status", "--json", "dvc.yaml"], repo, env))
-    assert set(status) == {"check_params", "train@cnn_gru"}, status
-    (repo / "params.yaml").write_text(committed)
+    try:
+        return set(json.loads(run(["dvc", "status", "--json", "dvc.yaml"], repo, state["env"])))
+    finally:
+        (repo / "params.yaml").write_text(committed)
+
+
+def test_one_cnn_gru_parameter_reruns_only_that_model_and_compare(project):
+    change = "models.cnn_gru.dropout=0.25"  # a value no earlier test ran
+    status = stages_dvc_would_rerun(project, change)
+    assert status == {"check_params", "train@cnn_gru"}, status
     # `dvc exp run -S` doing the same for real: the queued-grid and run-cache tests above
 
 
@@ -576,16 +583,8 @@ def test_clean_min_frames_reruns_the_models_that_record_it(project):
     """A logged model refuses clips shorter than the `clean.min_frames` it was trained with,
     so changing it reruns every model even where no clip is quarantined differently (the
     tiny sample's clips all pass 5 and 6 frames alike, so clean's outputs would not change)."""
-    repo, state = project
-    committed = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(
-        dump_params(compose_params(TINY + ["clean.min_frames=5"], conf_dir=repo / "conf"))
-    )
-    try:
-        status = json.loads(run(["dvc", "status", "--json", "dvc.yaml"], repo, state["env"]))
-    finally:
-        (repo / "params.yaml").write_text(committed)
-    assert {"clean", "train@frame_cnn", "train@cnn3d", "train@cnn_gru"} <= set(status), status
+    status = stages_dvc_would_rerun(project, "clean.min_frames=5")
+    assert {"clean", "train@frame_cnn", "train@cnn3d", "train@cnn_gru"} <= status, status
 
 
 @pytest.mark.slow  # a whole (tiny) pipeline in DVC's temporary copy, ~2 min; CI runs it
