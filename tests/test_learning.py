@@ -24,6 +24,9 @@ video files: decoding is tested elsewhere.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import cv2
 import numpy as np
 import pytest
@@ -112,9 +115,10 @@ def footage_params() -> dict:
 
 
 def at_test_size(params: dict, name: str) -> dict:
-    """The model's configuration as composed, at the test's size: fewer epochs, narrower
-    cnn3d layers (all `same` padding, for 32x32 frames), no early stop before the schedule
-    ends. Architecture, inputs, optimiser and schedule stay as configured."""
+    """The model's configuration as composed, at the test's size: fewer epochs, one network
+    (`train.networks`; averaging is tested on its own), narrower cnn3d layers (all `same`
+    padding, for 32x32 frames), no early stop before the schedule ends. Architecture,
+    inputs, optimiser and schedule stay as configured."""
     import copy
 
     params = copy.deepcopy(params)
@@ -123,6 +127,7 @@ def at_test_size(params: dict, name: str) -> dict:
     cfg["train"].update(
         epochs=EPOCHS[name],
         oversample=False,
+        networks=1,
         batch_size=8,
         early_stopping={"monitor": "val_loss", "patience": 100},
     )
@@ -311,3 +316,56 @@ def test_jit_compile_trains_under_xla_and_the_next_run_is_deterministic_again(
         assert np.isfinite(history.history["loss"]).all()
     assert compiled == {True: (True, False), False: (False, True)}
     assert "models.cnn3d.train.jit_compile: XLA" in caplog.text
+
+
+@pytest.mark.slow  # trains cnn3d four times briefly (~25 s); CI runs it
+def test_members_average_copies_trained_from_their_own_seeds_and_save_as_one_model(
+    footage_params, tmp_path
+):
+    """`train.networks: 2`: the model returned predicts the mean of two networks, each the
+    model that one network (`networks: 1`) trains from its member seed; both networks' epochs
+    are in the history and counted; it saves as one model that a process with Keras alone
+    loads back (as serving does), predicting the same."""
+    import keras
+
+    from pipeline.models.fitting import fit_model
+    from pipeline.models.members import epochs_trained, member_seeds
+    from pipeline.schema import parse_params
+    from pipeline.stages.train import fit_job
+
+    data = {
+        s: (with_flow_of_each_clip(x, at_test_size(footage_params, "cnn3d")), y)
+        for s, (x, y) in split_clips("motion").items()
+    }
+    fit_data, x_test = {k: data[k] for k in ("train", "val")}, data["test"][0]
+
+    def trained(networks: int, seed: int):
+        params = at_test_size(footage_params, "cnn3d")
+        params["models"]["cnn3d"]["train"].update(epochs=3, networks=networks)
+        keras.backend.clear_session()
+        return fit_model(fit_job(parse_params(params), "cnn3d"), fit_data, 3, seed)
+
+    model, history, _ = trained(2, seed=0)
+    probs = model.predict(x_test, verbose=0)
+    seeds = member_seeds(0, 2)
+    assert seeds[0] == 0 and len(set(seeds)) == 2
+    alone = [trained(1, seed)[0].predict(x_test, verbose=0) for seed in seeds]
+    assert not np.allclose(alone[0], alone[1], atol=1e-3)  # two different copies
+    np.testing.assert_allclose(probs, np.mean(alone, axis=0), rtol=1e-4, atol=1e-5)
+    assert {"loss", "val_loss", "member2/loss", "member2/val_loss"} <= set(history.history)
+    assert epochs_trained(history.history) == 6
+    model.save(tmp_path / "model.keras")
+    np.save(tmp_path / "x_test.npy", x_test)
+    # loaded as serving loads it: a fresh process with Keras alone (no pipeline classes)
+    loading = (
+        "import sys, keras, numpy as np; "
+        "m = keras.models.load_model(sys.argv[1] + '/model.keras', compile=False); "
+        "print([l.name for l in m.layers if l.name.startswith('member')]); "
+        "np.save(sys.argv[1] + '/probs.npy', m.predict(np.load(sys.argv[1] + '/x_test.npy')))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", loading, str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "['member_1', 'member_2']" in proc.stdout
+    np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), probs, rtol=1e-5, atol=1e-6)

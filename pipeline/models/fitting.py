@@ -61,11 +61,11 @@ def create_training_variables(model, x_sample, y_sample) -> None:
     model.compute_metrics(x_sample, y_sample, y_pred, sample_weight=None)
 
 
-def training_callbacks(train: Training) -> list:
+def training_callbacks(train: Training, metric_prefix: str = "") -> list:
     """Early stopping on `early_stopping.monitor`, restoring the best epoch's weights, and the
-    per-epoch MLflow logger. With weight averaging (`ema_momentum`) the averaged weights are
-    the ones validated each epoch and kept (`SwapEMAWeights` first, so early stopping sees
-    and restores them)."""
+    per-epoch MLflow logger (metrics named `<metric_prefix><name>`). With weight averaging
+    (`ema_momentum`) the averaged weights are the ones validated each epoch and kept
+    (`SwapEMAWeights` first, so early stopping sees and restores them)."""
     import keras
 
     stop = train.early_stopping
@@ -73,16 +73,17 @@ def training_callbacks(train: Training) -> list:
         keras.callbacks.EarlyStopping(
             monitor=stop.monitor, patience=stop.patience, restore_best_weights=True
         ),
-        epoch_logger(),
+        epoch_logger(metric_prefix),
     ]
     if train.ema_momentum is not None:
         callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     return callbacks
 
 
-def epoch_logger():
-    """A Keras callback logging every epoch's train/val loss and accuracy to the active run
-    (none outside a run: fitting from a notebook or a test opens no stray MLflow run)."""
+def epoch_logger(prefix: str = ""):
+    """A Keras callback logging every epoch's train/val loss and accuracy to the active run as
+    `<prefix><name>` (none outside a run: fitting from a notebook or a test opens no stray
+    MLflow run)."""
     import keras
     import mlflow
 
@@ -90,7 +91,11 @@ def epoch_logger():
         def on_epoch_end(self, epoch, logs=None):
             if mlflow.active_run() is not None:
                 mlflow.log_metrics(
-                    {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"},
+                    {
+                        f"{prefix}{k}": float(v)
+                        for k, v in (logs or {}).items()
+                        if k != "learning_rate"
+                    },
                     step=epoch,
                 )
 
@@ -98,7 +103,31 @@ def epoch_logger():
 
 
 def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
-    """Build, compile and fit one model from `seed`: (model, Keras history, seconds).
+    """Build, compile and fit one model from `seed`: (model, Keras history, seconds). With
+    `train.networks` > 1, that many networks are fitted, each from its own seed
+    (`member_seeds`), and returned as one model averaging their probabilities, with their
+    histories merged (`pipeline.models.members`) and their seconds summed."""
+    import keras
+
+    from pipeline.models.members import averaged_model, member_seeds, merged_history
+
+    seeds = member_seeds(seed, job.model.train.networks)
+    if len(seeds) == 1:
+        return fit_member(job, data, num_classes, seed)
+    fitted = []
+    for k, member_seed in enumerate(seeds, start=1):
+        log.info("%s: member %d of %d, seed %d", job.model.name, k, len(seeds), member_seed)
+        prefix = f"member{k}/" if k > 1 else ""
+        fitted.append(fit_member(job, data, num_classes, member_seed, prefix))
+    models, histories, seconds = zip(*fitted)
+    history = keras.callbacks.History()
+    history.history = merged_history([h.history for h in histories])
+    return averaged_model(list(models), job.model.name), history, sum(seconds)
+
+
+def fit_member(job: FitJob, data: dict, num_classes: int, seed: int, metric_prefix: str = ""):
+    """Build, compile and fit one network from `seed`: (model, Keras history, seconds), its
+    per-epoch MLflow metrics named `<metric_prefix><name>`.
 
     `data` holds the train/val arrays. Everything random (init, shuffling, oversampling)
     follows `seed`; the data and the split do not change with it. Under a tf.distribute
@@ -149,7 +178,7 @@ def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
         )
         if not strategy:  # under a strategy Keras makes them before tracing
             create_training_variables(model, take(x_train, slice(1)), y_train[:1])
-    callbacks = training_callbacks(train)
+    callbacks = training_callbacks(train, metric_prefix)
     start = time.perf_counter()
     if job.strategy == "multi_worker":  # Keras' fit fails under it (see distributed.py)
         history = fit_multi_worker(

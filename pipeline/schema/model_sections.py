@@ -46,6 +46,7 @@ class Training(Section):
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     temporal_jitter: bool = False  # each epoch, frames drawn afresh from the cached ones
     mixup: NonNegative = 0.0  # Beta(alpha, alpha) of each training clip's blend; 0: off
+    networks: Count = 1  # fitted from their own seeds, probabilities averaged (members.py)
 
     @model_validator(mode="after")
     def warmup_needs_cosine(self):

@@ -27,6 +27,7 @@ from pipeline.models.distributed import is_chief, training_strategy
 from pipeline.models.evaluation import backbone_ms_per_clip, clip_probabilities, model_ms_per_clip
 from pipeline.models.fit_job import FitJob
 from pipeline.models.fitting import fit_model
+from pipeline.models.members import epochs_trained
 from pipeline.schema.base import MODEL_NAMES
 from pipeline.stages.cli import stage_cli
 from pipeline.stages.train_outputs import (
@@ -89,7 +90,7 @@ def train_and_evaluate(
         probabilities, scores, summary = evaluate(
             model_cfg, config.features, config.frames.size, model, data, classes, seed
         )
-        summary.update(train_time_s=round(train_time, 2), epochs=len(history.history["loss"]))
+        summary.update(train_time_s=round(train_time, 2), epochs=epochs_trained(history.history))
         log_run_metrics(summary, scores)
         test_probs = probabilities[seed, "test"]
         write_reports(
