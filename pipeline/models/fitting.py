@@ -116,7 +116,7 @@ def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
         return fit_member(job, data, num_classes, seed)
     fitted = []
     for k, member_seed in enumerate(seeds, start=1):
-        log.info("%s: member %d of %d, seed %d", job.model.name, k, len(seeds), member_seed)
+        log.info("%s: network %d of %d, seed %d", job.model.name, k, len(seeds), member_seed)
         prefix = f"member{k}/" if k > 1 else ""
         fitted.append(fit_member(job, data, num_classes, member_seed, prefix))
     models, histories, seconds = zip(*fitted)
