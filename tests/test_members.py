@@ -1,6 +1,7 @@
 """`train.networks`: the one model that averages several networks (its members). Trained
-are tested in `tests/test_learning.py` (cnn3d); here each of the three builders, untrained but
-compiled as training leaves it (cnn_gru's feature normalisation adapted), at a small size."""
+networks are tested in `tests/test_learning.py` (cnn3d); here each of the three builders,
+untrained but compiled as training leaves it (cnn_gru's feature normalisation adapted), at a
+small size."""
 
 from __future__ import annotations
 
