@@ -241,10 +241,7 @@ def write_test_reports(
         fig = misclassified_figure(frames, predictions, max_clips, name)
         fig.savefig(tmp / "misclassified.png", dpi=100)
         plt.close(fig)
-        # a model's networks (`train.networks`) may stop after different epochs: shorter
-        # columns end empty
-        curves = pd.DataFrame({k: pd.Series(v) for k, v in history.items()})
-        curves = curves.rename_axis("epoch").reset_index()
+        curves = pd.DataFrame(history).rename_axis("epoch").reset_index()
         curves.drop(columns=["learning_rate"], errors="ignore").to_csv(
             tmp / "history.csv", index=False
         )

@@ -61,6 +61,11 @@ def merged_history(histories: list[dict]) -> dict:
     return merged
 
 
+def first_network_history(history: dict) -> dict:
+    """The first network's per-epoch logs of a `merged_history` (all of a one-network model's)."""
+    return {key: values for key, values in history.items() if "/" not in key}
+
+
 def epochs_trained(history: dict) -> int:
     """Epochs trained over all members (each member's `loss` has one value per epoch)."""
     return sum(len(values) for key, values in history.items() if key.split("/")[-1] == "loss")

@@ -49,11 +49,12 @@ def write_reports(
     history,
 ) -> None:
     """`reports/<model>/` (a gallery of up to `gallery_clips` misclassified test clips among
-    them, from their cached frames), each an artifact of the run, and the test scores as
-    `test_metrics.json`."""
+    them, from their cached frames; the learning curves of the model's first network, one row
+    per epoch), each an artifact of the run, and the test scores as `test_metrics.json`."""
     import mlflow
 
     from pipeline.evaluate import write_test_reports
+    from pipeline.models.members import first_network_history
 
     frames_dir = resolve(paths.frames) / "test"
     test_frames = load_arrays(frames_dir, "frames", mmap_mode="r")[0]
@@ -65,7 +66,7 @@ def write_reports(
         classes,
         scores["per_class"],
         clips["test"],
-        history.history,
+        first_network_history(history.history),
         test_frames,
         gallery_clips,
     ):
