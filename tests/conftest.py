@@ -99,6 +99,28 @@ MODELS = ["frame_cnn", "cnn3d", "cnn_gru"]
 TINY = ["experiment=tiny"]
 
 
+def saved_model_in_a_fresh_process(model, x, folder: Path) -> tuple[np.ndarray, list[str]]:
+    """Save `model` in `folder` and load it back as serving does: in a new process with Keras
+    alone (none of the pipeline's classes imported), compile=False. Its predictions for `x`
+    (an array or a dict of arrays) there, and the names of its layers."""
+    import pickle
+
+    model.save(folder / "model.keras")
+    (folder / "x.pkl").write_bytes(pickle.dumps(x))
+    loading = (
+        "import sys, pickle, keras; d = sys.argv[1]; "
+        "m = keras.models.load_model(d + '/model.keras', compile=False); "
+        "x = pickle.load(open(d + '/x.pkl', 'rb')); "
+        "pickle.dump((m.predict(x, verbose=0), [l.name for l in m.layers]), "
+        "open(d + '/out.pkl', 'wb'))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", loading, str(folder)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return pickle.loads((folder / "out.pkl").read_bytes())
+
+
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, (

@@ -24,9 +24,6 @@ video files: decoding is tested elsewhere.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import cv2
 import numpy as np
 import pytest
@@ -327,6 +324,7 @@ def test_members_average_copies_trained_from_their_own_seeds_and_save_as_one_mod
     are in the history and counted; it saves as one model that a process with Keras alone
     loads back (as serving does), predicting the same."""
     import keras
+    from conftest import saved_model_in_a_fresh_process
 
     from pipeline.models.fitting import fit_model
     from pipeline.models.members import epochs_trained, member_seeds
@@ -354,18 +352,6 @@ def test_members_average_copies_trained_from_their_own_seeds_and_save_as_one_mod
     np.testing.assert_allclose(probs, np.mean(alone, axis=0), rtol=1e-4, atol=1e-5)
     assert {"loss", "val_loss", "member2/loss", "member2/val_loss"} <= set(history.history)
     assert epochs_trained(history.history) == 6
-    model.save(tmp_path / "model.keras")
-    np.save(tmp_path / "x_test.npy", x_test)
-    # loaded as serving loads it: a fresh process with Keras alone (no pipeline classes)
-    loading = (
-        "import sys, keras, numpy as np; "
-        "m = keras.models.load_model(sys.argv[1] + '/model.keras', compile=False); "
-        "print([l.name for l in m.layers if l.name.startswith('member')]); "
-        "np.save(sys.argv[1] + '/probs.npy', m.predict(np.load(sys.argv[1] + '/x_test.npy')))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", loading, str(tmp_path)], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "['member_1', 'member_2']" in proc.stdout
-    np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), probs, rtol=1e-5, atol=1e-6)
+    loaded, layer_names = saved_model_in_a_fresh_process(model, x_test, tmp_path)
+    assert [n for n in layer_names if n.startswith("member")] == ["member_1", "member_2"]
+    np.testing.assert_allclose(loaded, probs, rtol=1e-5, atol=1e-6)

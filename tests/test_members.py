@@ -5,18 +5,8 @@ small size."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-
-LOAD_AND_PREDICT = (
-    "import sys, pickle, keras; "
-    "x = pickle.load(open(sys.argv[1] + '/x.pkl', 'rb')); "
-    "m = keras.models.load_model(sys.argv[1] + '/model.keras', compile=False); "
-    "pickle.dump(m.predict(x, verbose=0), open(sys.argv[1] + '/probs.pkl', 'wb'))"
-)
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +57,8 @@ def test_averaged_model_predicts_the_mean_of_its_members_here_and_after_loading(
     """The averaged model answers the mean of its members' probabilities, in this process and
     in a fresh one with Keras alone (as serving loads a model): the members inside it are
     saved without their compilation, and with their state (an adapted normalisation)."""
-    import pickle
-
     import keras
+    from conftest import saved_model_in_a_fresh_process
 
     from pipeline.models.members import averaged_model
 
@@ -82,13 +71,7 @@ def test_averaged_model_predicts_the_mean_of_its_members_here_and_after_loading(
 
     model = averaged_model(members, name)
     np.testing.assert_allclose(model.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
-    model.save(tmp_path / "model.keras")
-    (tmp_path / "x.pkl").write_bytes(pickle.dumps(x))
-    proc = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_PREDICT, str(tmp_path)], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    loaded = pickle.loads((tmp_path / "probs.pkl").read_bytes())
+    loaded, _ = saved_model_in_a_fresh_process(model, x, tmp_path)
     np.testing.assert_allclose(loaded, expected, rtol=1e-5, atol=1e-6)
 
 

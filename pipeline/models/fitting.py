@@ -109,7 +109,12 @@ def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
     histories merged (`pipeline.models.members`) and their seconds summed."""
     import keras
 
-    from pipeline.models.members import averaged_model, member_seeds, merged_history
+    from pipeline.models.members import (
+        averaged_model,
+        member_seeds,
+        merged_history,
+        metric_prefix,
+    )
 
     seeds = member_seeds(seed, job.model.train.networks)
     if len(seeds) == 1:
@@ -117,8 +122,7 @@ def fit_model(job: FitJob, data: dict, num_classes: int, seed: int):
     fitted = []
     for k, member_seed in enumerate(seeds, start=1):
         log.info("%s: network %d of %d, seed %d", job.model.name, k, len(seeds), member_seed)
-        prefix = f"member{k}/" if k > 1 else ""
-        fitted.append(fit_member(job, data, num_classes, member_seed, prefix))
+        fitted.append(fit_member(job, data, num_classes, member_seed, metric_prefix(k)))
     models, histories, seconds = zip(*fitted)
     history = keras.callbacks.History()
     history.history = merged_history([h.history for h in histories])

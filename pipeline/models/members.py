@@ -52,12 +52,17 @@ def uncompiled_copy(model, name: str):
     return copy
 
 
+def metric_prefix(k: int) -> str:
+    """What the per-epoch metrics of member `k` (from 1) are named with: nothing for the first
+    (as for a model of one network), `member<k>/` for the others."""
+    return f"member{k}/" if k > 1 else ""
+
+
 def merged_history(histories: list[dict]) -> dict:
-    """The members' per-epoch logs as one: the first member's under their own names (as for a
-    model of one member), the others' as `member<k>/<name>`."""
-    merged = dict(histories[0])
-    for k, history in enumerate(histories[1:], start=2):
-        merged.update({f"member{k}/{key}": values for key, values in history.items()})
+    """The members' per-epoch logs as one, each under `metric_prefix` of its member."""
+    merged = {}
+    for k, history in enumerate(histories, start=1):
+        merged.update({f"{metric_prefix(k)}{key}": values for key, values in history.items()})
     return merged
 
 
