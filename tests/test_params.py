@@ -88,6 +88,22 @@ def test_the_sample_sets_how_long_models_train_and_other_datasets_do_not():
     assert reference["models"]["frame_cnn"]["train"]["epochs"] == 20
 
 
+def test_real_footage_averages_three_networks_of_each_model_trained_from_random_init():
+    """`train.networks` (conf/model/*.yaml, docs/models.md): real footage averages three
+    networks of frame_cnn and cnn3d; the sample (make repro's time), the reference recipe and
+    frame_cnn on an ImageNet backbone (`experiment=uniri_hbd`) train one."""
+
+    def networks(overrides: list[str]) -> dict[str, int]:
+        params = compose_params(overrides, conf_dir=ROOT / "conf")
+        return {name: model["train"]["networks"] for name, model in params["models"].items()}
+
+    assert networks(["dataset=folder"]) == {"frame_cnn": 3, "cnn3d": 3, "cnn_gru": 1}
+    for one_each in ([], ["recipe=reference"], ["dataset=folder", "recipe=reference"]):
+        assert set(networks(one_each).values()) == {1}, one_each
+    pretrained = networks(["dataset=folder", "experiment=uniri_hbd"])
+    assert pretrained == {"frame_cnn": 1, "cnn3d": 3, "cnn_gru": 1}
+
+
 def readme_exp_run_overrides() -> list[list[str]]:
     """The `-S` overrides of every `dvc exp run` command in the documentation's bash blocks."""
     import re
