@@ -2,11 +2,13 @@
 at a tiny size (6 frames of 32x32) on generated clips with three trivially separable classes,
 each scores far above chance (1/3) on held-out clips. A model that predicts one class or whose
 backbone cannot train stays at 1/3 here: frame_cnn with the reference settings (a frozen
-random EfficientNet but its last 3 layers) scores exactly 0.33 on its task, 0.67 as configured
-(frames and their optical flow, weight averaging), 0.80 on frames alone (0.30 without
-`backbone.zero_init_residual`, which this threshold therefore also guards; at 30 epochs instead
-of 15 they were 0.83 and 0.67). Frames and flow without weight averaging score 0.33: the flow
-channels make this short from-scratch training fragile, and the averaged weights recover it.
+random EfficientNet but its last 3 layers) scores exactly 0.33 on its task.
+
+frame_cnn trains on 32 clips a class, the others on 16. On 16 a single from-scratch
+EfficientNet on frames and flow is fragile: on an AVX2-only CPU (AMD EPYC) seeds 0, 1, 2
+scored 0.57, 0.83, 0.83 (0.33 for seed 0 at 30 epochs), and CI failed on seed 0's 0.57; on
+an AMX Xeon seed 0 had scored 0.67. On 32 the same CPU gives 0.97, 1.00, 0.93 (0.87 without
+`backbone.zero_init_residual`, which tests/test_models.py checks on its own).
 
 - cnn3d: classes differ only by how a shape moves (it grows, shrinks, or slides sideways),
   which no single frame shows and the order of frames decides (grows and shrinks show the same
@@ -16,10 +18,10 @@ channels make this short from-scratch training fragile, and the averaged weights
   training clips and scores 0.47 on held-out ones), so their classes differ by what moves:
   the colour of the shape (red, green, blue; shape and motion at random).
 
-Thresholds come from measurements on the reference machine (runs are deterministic): cnn3d
-0.93 -> 0.8, frame_cnn 0.67 -> 0.6, cnn_gru 0.97 -> 0.8. Runs the real builders, `fit_model`
-and (for cnn_gru) the features stage's backbone and `frame_features`, on arrays instead of
-video files: decoding is tested elsewhere.
+Thresholds sit well below what was measured (runs are deterministic on one CPU, not across
+CPUs): cnn3d 0.93 -> 0.8, frame_cnn 0.93-1.00 -> 0.8, cnn_gru 0.97 -> 0.8. Runs the real
+builders, `fit_model` and (for cnn_gru) the features stage's backbone and `frame_features`,
+on arrays instead of video files: decoding is tested elsewhere.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ MOTIONS = ["grows", "shrinks", "slides"]
 SHAPES = ["square", "disc", "cross"]
 FRAMES, SIZE = 6, 32
 EPOCHS = {"frame_cnn": 15, "cnn3d": 40, "cnn_gru": 40}
+# Training clips per class: frame_cnn, an EfficientNet from scratch, needs more than 16 to
+# generalise reliably (see the module docstring); the other two learn from 16.
+TRAIN_CLIPS = {"frame_cnn": 32, "cnn3d": 16, "cnn_gru": 16}
 
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 230, 40), "blue": (40, 40, 230)}
@@ -85,8 +90,12 @@ def clips(by: str, n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]
     return np.stack(out), labels
 
 
-def split_clips(by: str) -> dict:
-    return {"train": clips(by, 16, 0), "val": clips(by, 6, 1), "test": clips(by, 10, 2)}
+def split_clips(by: str, train_per_class: int = 16) -> dict:
+    return {
+        "train": clips(by, train_per_class, 0),
+        "val": clips(by, 6, 1),
+        "test": clips(by, 10, 2),
+    }
 
 
 def with_flow_of_each_clip(frames: np.ndarray, params: dict) -> np.ndarray:
@@ -152,9 +161,9 @@ def features_of(frames: np.ndarray, params: dict) -> dict:
 @pytest.mark.parametrize(
     "name,by,threshold",
     [
-        # EfficientNetB0 from scratch on frames and flow: ~90 s, the slowest default test; the
-        # slow end-to-end runs train it too. CI runs it (make test-all)
-        pytest.param("frame_cnn", "colour", 0.6, marks=pytest.mark.slow),
+        # EfficientNetB0 from scratch on frames and flow: ~110 s on 96 clips; the slow
+        # end-to-end runs train it too. CI runs it (make test-all)
+        pytest.param("frame_cnn", "colour", 0.8, marks=pytest.mark.slow),
         # ~18 s and ~33 s (cnn_gru builds ResNet101V2 for its features): make test is at its
         # 10 minutes; CI runs them (make test-all)
         pytest.param("cnn3d", "motion", 0.8, marks=pytest.mark.slow),
@@ -170,7 +179,7 @@ def test_each_model_learns_a_trivially_separable_task(name, by, threshold, foota
 
     params = at_test_size(footage_params, name)
     job = fit_job(parse_params(params), name)
-    data = split_clips(by)
+    data = split_clips(by, TRAIN_CLIPS[name])
     if job.model.input == "features":
         data = {s: (features_of(x, params), y) for s, (x, y) in data.items()}
     elif job.model.reads_flow:
