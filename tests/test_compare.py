@@ -88,7 +88,10 @@ def test_a_champion_per_dataset_and_no_dataset_takes_anothers(
         """A logged model of `dataset`, the comparison row that ranks it, the clean stage's
         record of its data."""
         with mlflow.start_run(tags={"git_commit": "0" * 40}) as run:
-            info = mlflow.pyfunc.log_model(name="model", python_model=Constant())
+            # no requirement inference (a subprocess per model, ~4 s): nothing here installs it
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=Constant(), pip_requirements=[]
+            )
         best = {"model": "cnn3d", "val_macro_f1": score, "macro_f1": score}
         best.update(macro_f1_low=score - 0.1, macro_f1_high=score + 0.1)
         ref = {"run_id": run.info.run_id, "model_uri": info.model_uri}

@@ -168,6 +168,9 @@ def test_a_logged_model_records_what_computed_its_features(tiny_params, tmp_path
     assert "features" not in preprocessing_record(config, config.models.cnn3d, ["a", "b"])
 
 
+# ~10 s (ResNet101V2 built twice); the sample's conv2_block3_out feeds cnn_gru in the
+# end-to-end tests of make test. CI runs it (make test-all)
+@pytest.mark.slow
 def test_features_end_at_their_output_layer_averaged_over_space(frames):
     """`features.output_layer` gives the backbone's activations at that layer averaged over
     space (conv3_block4_out: 512 channels of ResNet101V2's first 86 layers), from the same

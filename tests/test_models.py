@@ -161,6 +161,9 @@ def test_frame_cnn_backbone_sees_frames_at_its_input_size_and_saves(tiny_params,
         model_section("frame_cnn", {**cfg, "backbone": {**bb, "input_size": 16}})
 
 
+# ~7 s; the sample's block5c_add is built, trained, saved and served by the end-to-end
+# tests of make test. CI runs it (make test-all)
+@pytest.mark.slow
 def test_frame_cnn_backbone_ends_at_its_output_layer_and_saves(tiny_params, tmp_path):
     """`backbone.output_layer` keeps EfficientNetB0 up to that layer (block4c_add: its first
     four stages, 80 channels at 1/16 of the side); the saved model gives the same
