@@ -1,6 +1,7 @@
 """What the benchmarks print about the machine: the CPU's model, cores and the vector flags
 that decide which kernels TensorFlow (oneDNN) and OpenVINO run, and ONEDNN_MAX_CPU_ISA when
-it caps them."""
+it caps them, and TF_ENABLE_ONEDNN_OPTS (whether TensorFlow runs its oneDNN kernels: the
+package turns them on, `pipeline/tensorflow_start.py`)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ def cpu_description() -> str:
     flags_line = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
     flags = set(flags_line.group(1).split()) if flags_line else set()
     have = [f for f in CPU_FLAGS if f in flags] or ["none of " + ", ".join(CPU_FLAGS)]
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return (
-        f"{name.group(1) if name else 'unknown CPU'}, {os.cpu_count()} CPUs, {' '.join(have)}"
-        + (f"; ONEDNN_MAX_CPU_ISA={isa}" if isa else "")
+    settings = [
+        f"{key}={os.environ[key]}"
+        for key in ("ONEDNN_MAX_CPU_ISA", "TF_ENABLE_ONEDNN_OPTS")
+        if key in os.environ
+    ]
+    return f"{name.group(1) if name else 'unknown CPU'}, {os.cpu_count()} CPUs, " + "; ".join(
+        [" ".join(have), *settings]
     )

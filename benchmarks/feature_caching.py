@@ -97,9 +97,9 @@ def matmul_gmac_per_s(precision: str, n: int = 2048, chain: int = 8, repeats: in
 
 
 def main() -> None:
-    from pipeline.logs import quiet_tensorflow_startup
+    from pipeline.tensorflow_start import prepare_tensorflow
 
-    quiet_tensorflow_startup()
+    prepare_tensorflow()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--frames", type=int, default=16)

@@ -181,9 +181,9 @@ def measure(variant: str, root: Path) -> dict:
 
 
 def main() -> None:
-    from pipeline.logs import quiet_tensorflow_startup
+    from pipeline.tensorflow_start import prepare_tensorflow
 
-    quiet_tensorflow_startup()
+    prepare_tensorflow()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--source",

@@ -119,9 +119,9 @@ def measure(uri: str, clips: list[Path], repeats: int, setting: tuple) -> dict:
 
 
 def main() -> None:
-    from pipeline.logs import quiet_tensorflow_startup
+    from pipeline.tensorflow_start import prepare_tensorflow
 
-    quiet_tensorflow_startup()
+    prepare_tensorflow()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)

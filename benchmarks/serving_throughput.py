@@ -153,9 +153,9 @@ def load(url: str, bodies: list[bytes], clients: int, requests: int) -> dict:
 
 
 def main() -> None:
-    from pipeline.logs import quiet_tensorflow_startup
+    from pipeline.tensorflow_start import prepare_tensorflow
 
-    quiet_tensorflow_startup()
+    prepare_tensorflow()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=48, help="timed requests per level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])

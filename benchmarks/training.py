@@ -10,7 +10,10 @@ Each model is trained by the pipeline's own `fit_model` on the training split th
 and `frames` stages cached (run `dvc repro` first), with the project's params.yaml, for
 `--epochs` epochs (early stopping off), once with today's settings and once per `--setting`:
 a `key=value` override of the model's own section (`train.jit_compile=true`,
-`train.batch_size=16`, `head.units=[64]`; YAML values). Each run is a process of its own, as
+`train.batch_size=16`, `head.units=[64]`; YAML values) or an environment variable of the run's
+process (an upper-case name: `TF_ENABLE_ONEDNN_OPTS=0`, TensorFlow's Eigen kernels in place of
+the oneDNN ones the pipeline turns on, `pipeline/tensorflow_start.py`). Each run is a process
+of its own, as
 each `train@<model>` stage is (a process that has trained before trains faster: oneDNN's
 primitives and TensorFlow's memory are warm). Per run:
 
@@ -105,6 +108,13 @@ def epoch_timer():
     return EpochTimer()
 
 
+def environment_setting(setting: str) -> tuple[str, str] | None:
+    """(NAME, value) when `setting` is `NAME=value` with an upper-case NAME: an environment
+    variable of the run's process, not a model setting."""
+    key, sep, value = setting.partition("=")
+    return (key, value) if sep and key.isupper() else None
+
+
 def with_override(params: dict, model: str, setting: str, epochs: int) -> dict:
     """params with `setting` (`a.b=value`, YAML) applied to `models.<model>`, `epochs` epochs
     and early stopping that never stops."""
@@ -114,7 +124,7 @@ def with_override(params: dict, model: str, setting: str, epochs: int) -> dict:
 
     params = copy.deepcopy(params)
     cfg = params["models"][model]
-    if setting:
+    if setting and not environment_setting(setting):
         key, _, value = setting.partition("=")
         *parents, leaf = key.split(".")
         node = cfg
@@ -146,7 +156,9 @@ def measure(params: dict, model: str, setting: str, epochs: int) -> dict:
     num_classes = len(dataset_classes(config.dataset.classes, config.paths.clean))
     timer = epoch_timer()
     stock_logger = fitting.epoch_logger
-    fitting.epoch_logger = lambda: timer  # the per-epoch MLflow logger's slot (no run here)
+    fitting.epoch_logger = lambda prefix="": (
+        timer
+    )  # the per-epoch MLflow logger's slot (no run here)
     try:
         trained, history, _ = fitting.fit_model(job, data, num_classes, config.seed)
     finally:
@@ -172,7 +184,10 @@ def run_in_new_process(model: str, setting: str, epochs: int) -> dict:
     """`measure` in a fresh Python process (its row as JSON on the last line of stdout); a
     setting the model cannot train with gives a row with its `error` instead."""
     cmd = [sys.executable, __file__, "--run", model, setting, "--epochs", str(epochs)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if variable := environment_setting(setting):
+        env[variable[0]] = variable[1]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         error = lines[-1] if lines else "failed"
@@ -181,14 +196,17 @@ def run_in_new_process(model: str, setting: str, epochs: int) -> dict:
 
 
 def main() -> None:
-    from pipeline.logs import quiet_tensorflow_startup
+    from pipeline.tensorflow_start import prepare_tensorflow
 
-    quiet_tensorflow_startup()
+    prepare_tensorflow()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None, help="default: every model")
     parser.add_argument("--epochs", type=int, default=6, help="the first + steady ones")
     parser.add_argument(
-        "--setting", action="append", default=[], help="models.<model>.KEY=VALUE (repeatable)"
+        "--setting",
+        action="append",
+        default=[],
+        help="models.<model>.KEY=VALUE or an environment variable NAME=VALUE (repeatable)",
     )
     parser.add_argument("--json", type=Path, default=default_path("training"), help="results")
     parser.add_argument("--run", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.logs import quiet_tensorflow_startup
 from pipeline.schema.sections import Dask
+from pipeline.tensorflow_start import prepare_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def run_block(fn: Callable[..., Any], block: list, *shared: Any) -> list:
     """One task on a worker: `fn(*shared, item)` over a block of (item, path) pairs. A path is
     a file the stage's own machine has; a worker that cannot see it stops the stage (the
     per-clip stages would otherwise record the clip as unreadable and drop it)."""
-    quiet_tensorflow_startup()  # a Dask worker is a process of its own
+    prepare_tensorflow()  # a Dask worker is a process of its own
     for _, path in block:
         if path is not None and not Path(path).is_file():
             raise PipelineError(

@@ -31,7 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import repo_root
 from pipeline.data.arrays import load_arrays
 from pipeline.errors import PipelineError, refusal_message, server_refusals
-from pipeline.logs import quiet_tensorflow_startup, setup_logging
+from pipeline.logs import setup_logging
+from pipeline.tensorflow_start import prepare_tensorflow
 
 if TYPE_CHECKING:
     from pipeline.schema import ModelSection
@@ -263,7 +264,7 @@ def failed_run_recorded(parent: str, overrides: str) -> bool:
 def hydra_main() -> None:
     """`python -m pipeline.sweep -m ...`: Hydra reads its arguments from sys.argv."""
     setup_logging()
-    quiet_tensorflow_startup()
+    prepare_tensorflow()
     conf_dir = str(repo_root() / "conf")
     os.environ.pop(INVALID_ENV, None)
     hydra.main(config_path=conf_dir, config_name="sweep", version_base="1.3")(sweep_job)()

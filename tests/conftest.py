@@ -22,6 +22,12 @@ import cv2
 import numpy as np
 import pytest
 
+from pipeline.tensorflow_start import use_onednn_kernels
+
+# Tests that train or predict in the test process run TensorFlow's kernels as the package's
+# own processes do (before any test imports TensorFlow).
+use_onednn_kernels()
+
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "real"
 

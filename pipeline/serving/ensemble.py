@@ -19,9 +19,9 @@ import numpy as np
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.logs import quiet_tensorflow_startup
 from pipeline.serving.classifier import ClipClassifier, VideoClassifier
 from pipeline.serving.pyfunc import VideoClassifierModel, example_request, log_classifier_pyfunc
+from pipeline.tensorflow_start import prepare_tensorflow
 
 # the artifacts a member's logged model carries (pipeline.serving.pyfunc.log_video_classifier)
 MEMBER_ARTIFACTS = ("keras_model", "preprocessing", "backbone_weights")
@@ -80,7 +80,7 @@ class EnsembleClassifierModel(VideoClassifierModel):
     `ensemble` (json: per member its weight and artifact files under `members`)."""
 
     def load_context(self, context):
-        quiet_tensorflow_startup()  # a served model's process starts here
+        prepare_tensorflow()  # a served model's process starts here
         import keras
 
         spec = json.loads(Path(context.artifacts["ensemble"]).read_text())

@@ -26,10 +26,11 @@ import pandas as pd
 from pipeline.atomic import write_bytes_atomic
 from pipeline.config import load_config
 from pipeline.errors import PipelineError, server_refusals
-from pipeline.logs import quiet_tensorflow_runtime, quiet_tensorflow_startup, setup_logging
+from pipeline.logs import quiet_tensorflow_runtime, setup_logging
 from pipeline.serving.champion import default_model
 from pipeline.serving.clips import VideoError, video_paths
 from pipeline.serving.pyfunc import load_video_classifier
+from pipeline.tensorflow_start import prepare_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stride is not None and args.window is None:
         parser.error("--stride needs --window")
     setup_logging()
-    quiet_tensorflow_startup()
+    prepare_tensorflow()
     try:
         with server_refusals(), quiet_tensorflow_runtime():
             rows = predict(

@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
-from pipeline.logs import quiet_tensorflow_startup
 from pipeline.serving.classifier import SERVING_DISTRIBUTIONS, VideoClassifier
 from pipeline.serving.clips import (
     DEFAULT_MAX_FRAMES,
@@ -37,6 +36,7 @@ from pipeline.serving.clips import (
     VideoError,
     clip_frames,
 )
+from pipeline.tensorflow_start import prepare_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class VideoClassifierModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context):
-        quiet_tensorflow_startup()  # a served model's process starts here
+        prepare_tensorflow()  # a served model's process starts here
         import keras
 
         pre = json.loads(Path(context.artifacts["preprocessing"]).read_text())

@@ -4,6 +4,6 @@ Each is an entry point (`python -m pipeline.stages.<stage>`), and some import Te
 they load, so the package keeps TensorFlow's start-up lines out before any of them does.
 """
 
-from pipeline.logs import quiet_tensorflow_startup
+from pipeline.tensorflow_start import prepare_tensorflow
 
-quiet_tensorflow_startup()
+prepare_tensorflow()

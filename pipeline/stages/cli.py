@@ -12,8 +12,9 @@ from typing import Any
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError, server_refusals
-from pipeline.logs import quiet_tensorflow_runtime, quiet_tensorflow_startup, setup_logging
+from pipeline.logs import quiet_tensorflow_runtime, setup_logging
 from pipeline.schema import Params
+from pipeline.tensorflow_start import prepare_tensorflow
 
 log = logging.getLogger("pipeline")
 
@@ -39,7 +40,7 @@ def stage_cli(
         add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
-    quiet_tensorflow_startup()  # before any stage code imports TensorFlow
+    prepare_tensorflow()  # before any stage code imports TensorFlow
     # a progress bar per sub-second download of a logged model's files (compare, registering)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     start = time.perf_counter()
