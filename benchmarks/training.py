@@ -156,9 +156,8 @@ def measure(params: dict, model: str, setting: str, epochs: int) -> dict:
     num_classes = len(dataset_classes(config.dataset.classes, config.paths.clean))
     timer = epoch_timer()
     stock_logger = fitting.epoch_logger
-    fitting.epoch_logger = lambda prefix="": (
-        timer
-    )  # the per-epoch MLflow logger's slot (no run here)
+    # the per-epoch MLflow logger's slot (no run here)
+    fitting.epoch_logger = lambda prefix="": timer
     try:
         trained, history, _ = fitting.fit_model(job, data, num_classes, config.seed)
     finally:
