@@ -59,8 +59,13 @@ lint: setup-dev
 docs: setup-dev
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
+# Two test processes (pytest-xdist) on the two cores of a laptop: while one runs the shared tiny
+# `dvc repro` and the tests that read it (one group, tests/conftest.py), the other runs the rest.
+# `make test TEST_WORKERS=0` runs every test in one process.
+TEST_WORKERS ?= 2
 test: lint docs
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not real_data"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not real_data" \
+	  -n $(TEST_WORKERS) --dist loadgroup
 
 # Opt-in tests on real footage (../shared/data/real); they skip when it is absent.
 test-real: setup-dev
