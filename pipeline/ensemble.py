@@ -34,6 +34,7 @@ from pipeline.schema.sections import Ensemble
 PROBABILITIES_FILE = "probabilities.csv"
 CLIP_KEYS = ["seed", "split", "path"]
 ENSEMBLE = "ensemble"  # the row's name, its reports folder and its logged model's name
+POOLINGS = ("arithmetic", "geometric")  # compare.ensemble.pooling
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,25 @@ class EnsembleConfig:
     members: list[str]  # [] or one model: no ensemble row
     weights: str  # equal | fitted
     weight_step: float  # the grid of fitted weights: multiples of this, summing to 1
+    pooling: str  # arithmetic | geometric
 
 
 def ensemble_config(section: Ensemble) -> EnsembleConfig:
     """`compare.ensemble` (the schema has checked it): its members, all models when null."""
     members = list(MODEL_NAMES) if section.members is None else list(section.members)
-    return EnsembleConfig(members, section.weights, section.weight_step)
+    return EnsembleConfig(members, section.weights, section.weight_step, section.pooling)
+
+
+def pooled_probabilities(weights: np.ndarray, probs: np.ndarray, pooling: str) -> np.ndarray:
+    """The members' probabilities (members x clips x classes) pooled with `weights` (members,
+    or weight vectors x members) into (clips x classes, or weight vectors x clips x classes):
+    `arithmetic`, sum_m w_m p_m; `geometric`, prod_m p_m ** w_m renormalised over the
+    classes (a class that one member all but rules out stays unlikely)."""
+    if pooling == "arithmetic":
+        return np.einsum("...m,mnc->...nc", weights, probs)
+    logs = np.einsum("...m,mnc->...nc", weights, np.log(np.clip(probs, 1e-12, None)))
+    pooled = np.exp(logs - logs.max(axis=-1, keepdims=True))
+    return pooled / pooled.sum(axis=-1, keepdims=True)
 
 
 def probability_rows(
@@ -112,10 +126,10 @@ def simplex_grid(members: int, step: float) -> np.ndarray:
     return grid[np.argsort(((grid - 1 / members) ** 2).sum(axis=1), kind="stable")]
 
 
-def clip_log_losses(grid: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(weight vectors x clips) log-loss of each clip's weighted average probabilities."""
-    mixed = np.einsum("gm,mnc->gnc", grid, probs)
-    picked = mixed[:, np.arange(len(labels)), labels]
+def clip_log_losses(pooled: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(weight vectors x clips) log-loss of each clip's pooled probabilities (weight vectors x
+    clips x classes)."""
+    picked = pooled[:, np.arange(len(labels)), labels]
     return -np.log(np.clip(picked, 1e-12, None))
 
 
@@ -126,19 +140,23 @@ def first_minimum(totals: np.ndarray) -> np.ndarray:
     return (totals <= lowest + 1e-9 * np.maximum(1.0, np.abs(lowest))).argmax(axis=0)
 
 
-def fitted_weights(probs: np.ndarray, labels: np.ndarray, step: float) -> np.ndarray:
+def fitted_weights(probs: np.ndarray, labels: np.ndarray, step: float, pooling: str) -> np.ndarray:
     """The grid's weights with the lowest total log-loss on these clips."""
     grid = simplex_grid(len(probs), step)
-    return grid[first_minimum(clip_log_losses(grid, probs, labels).sum(axis=1))]
+    losses = clip_log_losses(pooled_probabilities(grid, probs, pooling), labels)
+    return grid[first_minimum(losses.sum(axis=1))]
 
 
-def leave_one_out_probabilities(probs: np.ndarray, labels: np.ndarray, step: float) -> np.ndarray:
-    """(clips x classes): each clip averaged with the weights fitted on all the other clips,
+def leave_one_out_probabilities(
+    probs: np.ndarray, labels: np.ndarray, step: float, pooling: str
+) -> np.ndarray:
+    """(clips x classes): each clip pooled with the weights fitted on all the other clips,
     so that a score of fitted weights on the clips they were fitted on is not optimistic."""
     grid = simplex_grid(len(probs), step)
-    losses = clip_log_losses(grid, probs, labels)
+    pooled = pooled_probabilities(grid, probs, pooling)
+    losses = clip_log_losses(pooled, labels)
     best = first_minimum(losses.sum(axis=1, keepdims=True) - losses)
-    return np.einsum("nm,mnc->nc", grid[best], probs)
+    return pooled[best, np.arange(len(labels))]
 
 
 @dataclass
@@ -165,13 +183,14 @@ def seed_ensembles(
         test = ((clips["seed"] == seed) & (clips["split"] == "test")).to_numpy()
         y_val = clips.loc[val, "label"].map(index).to_numpy()
         y_test = clips.loc[test, "label"].map(index).to_numpy()
+        pooling, step = config.pooling, config.weight_step
         if config.weights == "fitted":
-            weights = fitted_weights(probs[:, val], y_val, config.weight_step)
-            val_probs = leave_one_out_probabilities(probs[:, val], y_val, config.weight_step)
+            weights = fitted_weights(probs[:, val], y_val, step, pooling)
+            val_probs = leave_one_out_probabilities(probs[:, val], y_val, step, pooling)
         else:
             weights = np.full(len(probs), 1 / len(probs))
-            val_probs = np.einsum("m,mnc->nc", weights, probs[:, val])
-        test_probs = np.einsum("m,mnc->nc", weights, probs[:, test])
+            val_probs = pooled_probabilities(weights, probs[:, val], pooling)
+        test_probs = pooled_probabilities(weights, probs[:, test], pooling)
         out.append(
             SeedEnsemble(
                 seed=int(seed),

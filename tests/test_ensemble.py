@@ -1,5 +1,6 @@
-"""The ensemble row's arithmetic: aligning the members' probabilities, weights equal or fitted
-on validation, leave-one-out validation scores, and the errors a bad config gets."""
+"""The ensemble row's arithmetic: aligning the members' probabilities, pooling them (their
+weighted arithmetic or geometric mean), weights equal or fitted on validation, leave-one-out
+validation scores, and the errors a bad config gets."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pipeline.ensemble import (
     ensemble_config,
     fitted_weights,
     leave_one_out_probabilities,
+    pooled_probabilities,
     probability_rows,
     seed_ensembles,
     simplex_grid,
@@ -64,30 +66,54 @@ def test_the_grid_covers_the_simplex_with_the_plainest_average_first():
     assert np.allclose(simplex_grid(4, 0.25)[0], [0.25] * 4)
 
 
-def test_fitted_weights_follow_the_model_that_is_right_on_validation():
+def test_pooling_is_the_weighted_arithmetic_or_renormalised_geometric_mean():
+    """Worked by hand for one clip: members (0.6, 0.3, 0.1) and (0.2, 0.2, 0.6), weights
+    0.75 / 0.25. A member sure that a class is wrong vetoes it under geometric pooling."""
+    probs = np.array([[[0.6, 0.3, 0.1]], [[0.2, 0.2, 0.6]]])
+    weights = np.array([0.75, 0.25])
+    assert np.allclose(pooled_probabilities(weights, probs, "arithmetic"), [[0.5, 0.275, 0.225]])
+    product = np.array([0.6**0.75 * 0.2**0.25, 0.3**0.75 * 0.2**0.25, 0.1**0.75 * 0.6**0.25])
+    geometric = pooled_probabilities(weights, probs, "geometric")
+    assert np.allclose(geometric, [product / product.sum()])
+    veto = np.array([[[0.5, 0.5, 0.0]], [[0.98, 0.01, 0.01]]])
+    assert pooled_probabilities(np.array([0.5, 0.5]), veto, "arithmetic")[0].argmax() == 0
+    pooled = pooled_probabilities(np.array([0.5, 0.5]), veto, "geometric")
+    assert pooled[0, 2] < 1e-5 and np.allclose(pooled.sum(axis=-1), 1)
+    # a grid of weight vectors pools each of them, as fitting does
+    grid = simplex_grid(2, 0.25)
+    by_vector = pooled_probabilities(grid, probs, "geometric")
+    assert by_vector.shape == (len(grid), 1, 3)
+    assert np.allclose(by_vector[1], pooled_probabilities(grid[1], probs, "geometric"))
+
+
+@pytest.mark.parametrize("pooling", ["arithmetic", "geometric"])
+def test_fitted_weights_follow_the_model_that_is_right_on_validation(pooling):
     rng = np.random.default_rng(0)
     labels = np.arange(30) % 3
     right = one_hot(labels, 0.8)
     noise = rng.dirichlet(np.ones(3), size=30)  # uninformative
-    weights = fitted_weights(np.stack([noise, right]), labels, 0.1)
+    weights = fitted_weights(np.stack([noise, right]), labels, 0.1, pooling)
     assert weights[1] >= 0.8 and weights.sum() == pytest.approx(1)
     # two equally good models keep the plain average (the grid's first point wins ties)
-    assert np.allclose(fitted_weights(np.stack([right, right]), labels, 0.1), [0.5, 0.5])
+    assert np.allclose(fitted_weights(np.stack([right, right]), labels, 0.1, pooling), [0.5, 0.5])
 
 
-def test_leave_one_out_is_never_better_than_in_sample_per_clip():
+@pytest.mark.parametrize("pooling", ["arithmetic", "geometric"])
+def test_leave_one_out_is_never_better_than_in_sample_per_clip(pooling):
     """Each clip's loss under weights fitted without it is at least its loss under the weights
     fitted with it: the fitted ensemble's validation score is not flattered."""
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, size=25)
     probs = rng.dirichlet(np.ones(3), size=(3, 25))
     grid = simplex_grid(3, 0.1)
-    in_sample = np.einsum("m,mnc->nc", fitted_weights(probs, labels, 0.1), probs)
-    loo = leave_one_out_probabilities(probs, labels, 0.1)
+    weights = fitted_weights(probs, labels, 0.1, pooling)
+    in_sample = pooled_probabilities(weights, probs, pooling)
+    loo = leave_one_out_probabilities(probs, labels, 0.1, pooling)
     assert np.allclose(loo.sum(axis=1), 1)
     loss = lambda p: -np.log(p[np.arange(25), labels])  # noqa: E731
     assert (loss(loo) >= loss(in_sample) - 1e-12).all()
-    assert clip_log_losses(grid, probs, labels).shape == (len(grid), 25)
+    pooled = pooled_probabilities(grid, probs, pooling)
+    assert clip_log_losses(pooled, labels).shape == (len(grid), 25)
 
 
 def test_members_are_aligned_by_clip_and_seed_whatever_their_row_order():
@@ -104,7 +130,7 @@ def test_members_are_aligned_by_clip_and_seed_whatever_their_row_order():
     test = (rows["split"] == "test").to_numpy()
     assert np.allclose(probs[1][test], b[42]["test"].round(6))
     ensembles = seed_ensembles(
-        rows, probs, CLASSES, EnsembleConfig(["cnn3d", "cnn_gru"], "equal", 0.1)
+        rows, probs, CLASSES, EnsembleConfig(["cnn3d", "cnn_gru"], "equal", 0.1, "arithmetic")
     )
     (only,) = ensembles
     assert only.weights == {"cnn3d": 0.5, "cnn_gru": 0.5}
@@ -133,7 +159,7 @@ def test_seeds_get_their_own_weights_and_scores():
     bad = {"val": one_hot((labels_val + 1) % 3, 0.9), "test": one_hot((labels_test + 1) % 3, 0.9)}
     tables = {"cnn3d": member_table({1: good, 2: bad}), "cnn_gru": member_table({1: bad, 2: good})}
     rows, probs = aligned_probabilities(tables, CLASSES)
-    config = EnsembleConfig(["cnn3d", "cnn_gru"], "fitted", 0.1)
+    config = EnsembleConfig(["cnn3d", "cnn_gru"], "fitted", 0.1, "geometric")
     one, two = seed_ensembles(rows, probs, CLASSES, config)
     assert one.weights["cnn3d"] > 0.5 and two.weights["cnn_gru"] > 0.5
     assert one.test_scores["accuracy"] == two.test_scores["accuracy"] == 1.0
@@ -147,6 +173,7 @@ def test_seeds_get_their_own_weights_and_scores():
         ({"weights": "stacked"}, "compare.ensemble.weights='stacked': must be one of 'equal'"),
         ({"weight_step": 0.3}, "weight_step=0.3 must divide 1 into equal parts"),
         ({"weight_step": 0}, "compare.ensemble.weight_step=0: must be a number > 0"),
+        ({"pooling": "median"}, "compare.ensemble.pooling='median': must be one of 'arithmetic'"),
     ],
 )
 def test_a_bad_ensemble_config_is_refused_naming_the_key(section, message, tiny_params):
@@ -157,10 +184,9 @@ def test_a_bad_ensemble_config_is_refused_naming_the_key(section, message, tiny_
 
 
 def test_members_default_to_every_model_and_an_empty_list_means_no_row():
-    assert ensemble_config(Ensemble(members=None, weights="equal", weight_step=0.1)).members == (
-        MODELS
-    )
-    assert ensemble_config(Ensemble(members=[], weights="equal", weight_step=0.1)).members == []
+    section = {"weights": "equal", "weight_step": 0.1, "pooling": "arithmetic"}
+    assert ensemble_config(Ensemble(members=None, **section)).members == MODELS
+    assert ensemble_config(Ensemble(members=[], **section)).members == []
 
 
 FRAMES = {"num_frames": 4, "size": 32, "pad_value": 0, "sampling": "uniform"}
@@ -194,10 +220,12 @@ def preprocessing(name: str, frames: dict = FRAMES) -> dict:
     }
 
 
-def test_the_logged_ensemble_serves_the_weighted_average_of_its_members(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pooling", ["arithmetic", "geometric"])
+def test_the_logged_ensemble_serves_its_members_pooled(pooling, tmp_path, monkeypatch):
     """Two members logged as the train stage logs them, packed by log_ensemble_classifier into
-    a real MLflow store, loaded back as a pyfunc: a posted clip gets the weighted average of
-    what each member gives it, and the ensemble refuses what a member would refuse."""
+    a real MLflow store, loaded back as a pyfunc: a posted clip gets the weighted arithmetic
+    (or geometric, renormalised) mean of what each member gives it, and the ensemble refuses
+    what a member would refuse."""
     import mlflow
     from conftest import isolated_mlflow_store, write_numbered_video
     from mlflow.exceptions import MlflowException
@@ -220,15 +248,21 @@ def test_the_logged_ensemble_serves_the_weighted_average_of_its_members(tmp_path
             with mlflow.start_run(experiment_id=experiment):
                 uris[name] = log_video_classifier(model_file, preprocessing(name), name).model_uri
         with mlflow.start_run(experiment_id=experiment):
-            info = log_ensemble_classifier(uris, weights, CLASSES, "ensemble")
+            info = log_ensemble_classifier(uris, weights, pooling, CLASSES, "ensemble")
         members = {name: load_video_classifier(uri)[0] for name, uri in uris.items()}
         ensemble, pyfunc = load_video_classifier(info.model_uri)
 
     assert isinstance(ensemble, EnsembleClassifier)
     assert ensemble.pre["members"] == weights and ensemble.classes == CLASSES
+    assert ensemble.pre["pooling"] == pooling
     table = pyfunc.predict(pd.DataFrame({"path": [str(video)]}))
-    (path, probs, error), *_ = members["cnn3d"].classify_clips([video])
-    expected = 0.3 * probs + 0.7 * next(members["cnn_gru"].classify_clips([video]))[1]
+    (path, first, error), *_ = members["cnn3d"].classify_clips([video])
+    second = next(members["cnn_gru"].classify_clips([video]))[1]
+    if pooling == "arithmetic":
+        expected = 0.3 * first + 0.7 * second
+    else:
+        product = first**0.3 * second**0.7
+        expected = product / product.sum()
     assert not error and np.allclose(table[CLASSES].to_numpy()[0], expected, atol=1e-6)
     assert table["top_action"][0] == CLASSES[int(expected.argmax())]
     short = tmp_path / "short.avi"
@@ -247,7 +281,7 @@ def test_members_of_different_pipeline_runs_do_not_make_an_ensemble():
         "frame_cnn": VideoClassifier(model, preprocessing("frame_cnn", {**FRAMES, "size": 64})),
     }
     with pytest.raises(PipelineError, match="frame_cnn's frames .* differ from cnn3d's"):
-        EnsembleClassifier(members, {"cnn3d": 0.5, "frame_cnn": 0.5})
+        EnsembleClassifier(members, {"cnn3d": 0.5, "frame_cnn": 0.5}, "arithmetic")
 
 
 def test_mirror_averaging_classifies_each_clip_and_its_mirror_image(tmp_path, monkeypatch):

@@ -210,6 +210,7 @@ class Ensemble(Section):
     members: list[Literal[MODEL_NAMES]] | None
     weights: Literal["equal", "fitted"]
     weight_step: Annotated[float, Field(gt=0, le=0.5)]
+    pooling: Literal["arithmetic", "geometric"]
 
     @model_validator(mode="after")
     def step_divides_one(self):

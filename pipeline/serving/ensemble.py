@@ -1,7 +1,8 @@
 """The ensemble as a model people use: its members' logged models in one MLflow pyfunc.
 
 `EnsembleClassifier` decodes a clip once (the members share the frames stage's sampling) and
-returns the weighted average of its members' probabilities, each member running its own
+pools its members' probabilities (their weighted arithmetic or geometric mean), each member
+running its own
 preprocessing (cnn_gru its feature backbone). `log_ensemble_classifier` packs the members'
 logged models (their .keras file, preprocessing and backbone weights, as `predict` would load
 them) with the weights into one pyfunc with the interface of a single model, so
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from pipeline.ensemble import POOLINGS, pooled_probabilities
 from pipeline.errors import PipelineError
 from pipeline.serving.classifier import ClipClassifier, VideoClassifier
 from pipeline.serving.pyfunc import VideoClassifierModel, example_request, log_classifier_pyfunc
@@ -28,11 +30,17 @@ MEMBER_ARTIFACTS = ("keras_model", "preprocessing", "backbone_weights")
 
 
 class EnsembleClassifier(ClipClassifier):
-    """The weighted average of the members' probabilities (`weights`: name -> weight)."""
+    """The members' probabilities pooled with `weights` (name -> weight) as `pooling`
+    (arithmetic | geometric: `compare.ensemble.pooling`)."""
 
-    def __init__(self, members: dict[str, VideoClassifier], weights: dict[str, float]):
+    def __init__(
+        self, members: dict[str, VideoClassifier], weights: dict[str, float], pooling: str
+    ):
+        if pooling not in POOLINGS:
+            raise PipelineError(f"ensemble pooling {pooling!r} is not one of {POOLINGS}")
         self.members = members
         self.weights = {name: float(weights[name]) for name in members}
+        self.pooling = pooling
         first = next(iter(members.values())).pre
         for name, member in members.items():
             for key in ("classes", "frames"):
@@ -44,7 +52,7 @@ class EnsembleClassifier(ClipClassifier):
                     )
         self.classes = list(first["classes"])
         self.pre = {
-            "model": "ensemble of "
+            "model": f"ensemble ({pooling} mean) of "
             + ", ".join(f"{name} ({w:.2f})" for name, w in self.weights.items()),
             "classes": self.classes,
             "frames": first["frames"],
@@ -53,6 +61,7 @@ class EnsembleClassifier(ClipClassifier):
             # a clip every member accepts
             "min_frames": max(int(m.pre.get("min_frames") or 1) for m in members.values()),
             "members": self.weights,
+            "pooling": pooling,
         }
 
     def prepare(self) -> None:
@@ -68,10 +77,8 @@ class EnsembleClassifier(ClipClassifier):
         return any([member.use_view_averaging() for member in self.members.values()])
 
     def probabilities(self, frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        return sum(
-            weight * self.members[name].probabilities(frames, masks)
-            for name, weight in self.weights.items()
-        )
+        members = np.stack([self.members[n].probabilities(frames, masks) for n in self.weights])
+        return pooled_probabilities(np.array(list(self.weights.values())), members, self.pooling)
 
 
 class EnsembleClassifierModel(VideoClassifierModel):
@@ -94,7 +101,8 @@ class EnsembleClassifierModel(VideoClassifierModel):
                 str(files["backbone_weights"]) if "backbone_weights" in files else None,
             )
         weights = {name: member["weight"] for name, member in spec["members"].items()}
-        self.classifier = EnsembleClassifier(members, weights)
+        # ensembles logged before `compare.ensemble.pooling` averaged their members
+        self.classifier = EnsembleClassifier(members, weights, spec.get("pooling", "arithmetic"))
         self.classifier.prepare()
 
 
@@ -121,20 +129,26 @@ def copy_member_artifacts(model_uri: str, name: str, members_dir: Path) -> dict[
 
 
 def log_ensemble_classifier(
-    member_uris: dict[str, str], weights: dict[str, float], classes: list[str], name: str
+    member_uris: dict[str, str],
+    weights: dict[str, float],
+    pooling: str,
+    classes: list[str],
+    name: str,
 ):
-    """Log the ensemble of the members' logged models (`member_uris`: name -> model URI) in
-    the active run as `name`. Returns MLflow's ModelInfo."""
+    """Log the ensemble of the members' logged models (`member_uris`: name -> model URI),
+    pooled with `weights` as `pooling`, in the active run as `name`. Returns MLflow's
+    ModelInfo."""
     with tempfile.TemporaryDirectory() as tmp:
         members_dir = Path(tmp) / "members"
         spec = {
+            "pooling": pooling,
             "members": {
                 member: {
                     "weight": float(weights[member]),
                     "artifacts": copy_member_artifacts(uri, member, members_dir),
                 }
                 for member, uri in member_uris.items()
-            }
+            },
         }
         spec_file = Path(tmp) / "ensemble.json"
         spec_file.write_text(json.dumps(spec, indent=2))

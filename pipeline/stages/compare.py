@@ -229,10 +229,12 @@ def write_comparison_files(scoring: Scoring, paths: Paths, table: pd.DataFrame):
     return markdown, fig
 
 
-def log_ensemble_model(reports: str, table: pd.DataFrame, classes: list[str], run_id: str) -> dict:
-    """Log the ensemble row's model (its members' logged models and weights) in the comparison
-    run `run_id`: a reference like `model_ref`'s, or {} when there is no ensemble row or a
-    member's logged model is not in this MLflow store (logged)."""
+def log_ensemble_model(
+    reports: str, table: pd.DataFrame, pooling: str, classes: list[str], run_id: str
+) -> dict:
+    """Log the ensemble row's model (its members' logged models and weights, pooled as
+    `pooling`) in the comparison run `run_id`: a reference like `model_ref`'s, or {} when there
+    is no ensemble row or a member's logged model is not in this MLflow store (logged)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -246,7 +248,7 @@ def log_ensemble_model(reports: str, table: pd.DataFrame, classes: list[str], ru
     try:
         if not all(uris.values()):
             raise PipelineError(f"no logged model of {[m for m, u in uris.items() if not u]}")
-        info = log_ensemble_classifier(uris, weights, classes, ENSEMBLE)
+        info = log_ensemble_classifier(uris, weights, pooling, classes, ENSEMBLE)
     except (MlflowException, PipelineError, OSError) as exc:
         log.warning(
             "not logging the ensemble's model: a member's logged model is not in %s (%s); "
@@ -283,7 +285,8 @@ def compare(config: Params) -> pd.DataFrame:
         mlflow.log_figure(fig, "comparison.png")
         mlflow.log_metrics(comparison_metrics(table, cfg.metric))
         mlflow.set_tag(DESCRIPTION_TAG, markdown)
-        ensemble_ref = log_ensemble_model(paths.reports, table, classes, run.info.run_id)
+        pooling = cfg.ensemble.pooling
+        ensemble_ref = log_ensemble_model(paths.reports, table, pooling, classes, run.info.run_id)
         if ensemble_ref:  # beside its reports, as a trained model's (`model_ref`)
             write_json_atomic(resolve(paths.reports) / ENSEMBLE / "mlflow.json", ensemble_ref)
         best_ref = model_ref(paths.reports, best["model"])
