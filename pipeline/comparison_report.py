@@ -51,7 +51,8 @@ def markdown_table(
     shown["test clips"] = table["test_clips"]
     shown["flags"] = table["flags"]
     notes = [
-        f"\n\n{r['model']}: the members' probabilities averaged, weights {r['weights']}"
+        f"\n\n{r['model']}: the members' probabilities averaged ({r['pooling']} mean), "
+        f"weights {r['weights']}"
         for r in table.to_dict("records")
         if r.get("kind") == "ensemble"
     ]

@@ -2,11 +2,11 @@
 
 `EnsembleClassifier` decodes a clip once (the members share the frames stage's sampling) and
 pools its members' probabilities (their weighted arithmetic or geometric mean), each member
-running its own
-preprocessing (cnn_gru its feature backbone). `log_ensemble_classifier` packs the members'
-logged models (their .keras file, preprocessing and backbone weights, as `predict` would load
-them) with the weights into one pyfunc with the interface of a single model, so
-`pipeline.predict`, `mlflow models serve` and the registry treat it like any model.
+running its own preprocessing (cnn_gru its feature backbone). `log_ensemble_classifier` packs
+the members' logged models (their .keras file, preprocessing and backbone weights, as
+`predict` would load them) with the weights and the pooling into one pyfunc with the
+interface of a single model, so `pipeline.predict`, `mlflow models serve` and the registry
+treat it like any model.
 """
 
 from __future__ import annotations

@@ -134,7 +134,8 @@ def ensemble_rows(scoring: Scoring, reports_dir: str, model_rows: list[dict]) ->
     members = {r["model"]: r for r in model_rows if r["model"] in config.members}
     summary = ensemble_summary(ensembles, main, members)
     row = score_row(scoring, ENSEMBLE, summary, reports / ENSEMBLE)
-    return [{**row, "kind": "ensemble", "weights": json.dumps(main.weights)}]
+    weights = json.dumps(main.weights)
+    return [{**row, "kind": "ensemble", "weights": weights, "pooling": config.pooling}]
 
 
 def baseline_rows(scoring: Scoring, paths: Paths) -> list[dict]:
@@ -229,12 +230,10 @@ def write_comparison_files(scoring: Scoring, paths: Paths, table: pd.DataFrame):
     return markdown, fig
 
 
-def log_ensemble_model(
-    reports: str, table: pd.DataFrame, pooling: str, classes: list[str], run_id: str
-) -> dict:
-    """Log the ensemble row's model (its members' logged models and weights, pooled as
-    `pooling`) in the comparison run `run_id`: a reference like `model_ref`'s, or {} when there
-    is no ensemble row or a member's logged model is not in this MLflow store (logged)."""
+def log_ensemble_model(reports: str, table: pd.DataFrame, classes: list[str], run_id: str) -> dict:
+    """Log the ensemble row's model (its members' logged models, weights and pooling) in the
+    comparison run `run_id`: a reference like `model_ref`'s, or {} when there is no ensemble
+    row or a member's logged model is not in this MLflow store (logged)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -243,7 +242,7 @@ def log_ensemble_model(
     rows = table[table["kind"] == "ensemble"]
     if rows.empty:
         return {}
-    weights = json.loads(rows.iloc[0]["weights"])
+    weights, pooling = json.loads(rows.iloc[0]["weights"]), rows.iloc[0]["pooling"]
     uris = {m: model_ref(reports, m).get("model_uri") for m in weights}
     try:
         if not all(uris.values()):
@@ -285,8 +284,7 @@ def compare(config: Params) -> pd.DataFrame:
         mlflow.log_figure(fig, "comparison.png")
         mlflow.log_metrics(comparison_metrics(table, cfg.metric))
         mlflow.set_tag(DESCRIPTION_TAG, markdown)
-        pooling = cfg.ensemble.pooling
-        ensemble_ref = log_ensemble_model(paths.reports, table, pooling, classes, run.info.run_id)
+        ensemble_ref = log_ensemble_model(paths.reports, table, classes, run.info.run_id)
         if ensemble_ref:  # beside its reports, as a trained model's (`model_ref`)
             write_json_atomic(resolve(paths.reports) / ENSEMBLE / "mlflow.json", ensemble_ref)
         best_ref = model_ref(paths.reports, best["model"])
