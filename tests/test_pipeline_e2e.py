@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -97,9 +98,10 @@ def test_outputs_metrics_and_reports(project):
     assert all(m in (repo / "reports" / "comparison.md").read_text() for m in RANKED + BASELINES)
 
 
-def test_the_ensemble_row_averages_the_models_probabilities(project):
+def test_the_ensemble_row_pools_the_models_probabilities(project):
     """Every model writes its validation and test probabilities; the ensemble row is their
-    plain average (`compare.ensemble.weights: equal`), scored like a model, with its reports."""
+    geometric mean with equal weights, renormalised over the classes (`compare.ensemble`:
+    `weights: equal`, `pooling: geometric`), scored like a model, with its reports."""
     repo, _ = project
     params = yaml.safe_load((repo / "params.yaml").read_text())
     classes = params["dataset"]["classes"]
@@ -111,23 +113,27 @@ def test_the_ensemble_row_averages_the_models_probabilities(project):
         assert (splits.loc[table["path"], "split"].to_numpy() == table["split"].to_numpy()).all()
         assert table[classes].sum(axis=1).to_numpy() == pytest.approx(1, abs=1e-4)
         tables.append(table[table["split"] == "test"].set_index("path")[classes])
-    mean = sum(t.loc[tables[0].index] for t in tables) / len(tables)
+    assert params["compare"]["ensemble"]["pooling"] == "geometric"
+    product = np.prod([t.loc[tables[0].index].clip(lower=1e-12) for t in tables], axis=0)
+    geometric = product ** (1 / len(tables))
+    pooled = pd.DataFrame(geometric, index=tables[0].index, columns=classes)
+    pooled = pooled.div(pooled.sum(axis=1), axis=0)
     ensemble = repo / "reports" / "ensemble"
     predictions = pd.read_csv(ensemble / "predictions.csv").set_index("path")
-    assert list(predictions.loc[mean.index, "predicted"]) == list(mean.idxmax(axis=1))
-    assert predictions.loc[mean.index, "confidence"].to_numpy() == pytest.approx(
-        mean.max(axis=1).to_numpy(), abs=1e-3
+    assert list(predictions.loc[pooled.index, "predicted"]) == list(pooled.idxmax(axis=1))
+    assert predictions.loc[pooled.index, "confidence"].to_numpy() == pytest.approx(
+        pooled.max(axis=1).to_numpy(), abs=1e-3
     )
     for name in ("confusion_matrix.png", "classification_report.txt", "per_class.csv"):
         assert (ensemble / name).is_file(), name
     weights = json.loads((ensemble / "weights.json").read_text())
     assert weights == {str(params["seed"]): {m: pytest.approx(1 / 3, abs=1e-4) for m in MODELS}}
     row = pd.read_csv(repo / "reports" / "comparison.csv").set_index("model").loc["ensemble"]
-    assert row["kind"] == "ensemble" and row["test_clips"] == len(mean)
+    assert row["kind"] == "ensemble" and row["test_clips"] == len(pooled)
     costs = [json.loads((repo / "metrics" / f"{m}.json").read_text()) for m in MODELS]
     assert row["params"] == sum(c["params"] for c in costs)
     assert (
-        "ensemble: the members' probabilities averaged"
+        "ensemble: the members' probabilities averaged (geometric mean)"
         in (repo / "reports" / "comparison.md").read_text()
     )
 

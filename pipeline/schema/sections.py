@@ -83,8 +83,7 @@ class SampleDataset(DatasetBase):
 
 
 class FootageDataset(DatasetBase):
-    """Real clips: a folder, an archive or a URL (an experiment's `sample` sizes, if any,
-    are not used)."""
+    """Real clips: a folder, an archive or a URL (an experiment's `sample` sizes go unused)."""
 
     source: Literal["folder", "archive", "url"]
     sample: dict | None = None
