@@ -367,7 +367,16 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     repo = tmp_path_factory.mktemp("project")
     env = project_copy(repo, [])
     output = run(["dvc", "repro"], repo, env)
-    return repo, {"env": env, "first": output, "commit": head_commit(repo)}
+    first_runs = {  # each model's MLflow run from this first repro, for tests that come back
+        model: json.loads((repo / "reports" / model / "mlflow.json").read_text())["run_id"]
+        for model in MODELS
+    }
+    return repo, {
+        "env": env,
+        "first": output,
+        "first_runs": first_runs,
+        "commit": head_commit(repo),
+    }
 
 
 S3_KEY, S3_SECRET, S3_BUCKET = "handball-team", "a-secret-key-for-tests", "handball"

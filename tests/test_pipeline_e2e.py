@@ -4,7 +4,7 @@ The `project` fixture (conftest.py) copies the project as git would clone it, co
 `params.yaml` with `experiment=tiny` and runs `dvc repro` once. Then: outputs, comparison,
 champion and MLflow runs are checked, a second `dvc repro` must do nothing, `dvc plots show`
 renders, a queued two-point `dvc exp run --queue` grid runs in DVC's temporary copies and
-logs into the project's MLflow store, a point of it comes back from the run cache, one
+logs into the project's MLflow store, a point trained before comes back from the run cache, one
 `cnn_gru` parameter invalidates only its stage, and Hydra multiruns record parent and child
 runs. The tests run in file order on the same project.
 """
@@ -468,39 +468,42 @@ def test_queued_dvc_sweep_logs_each_experiment_into_the_root_store(project):
     )
 
 
-@pytest.mark.slow  # comes back to a point of the queued grid above; CI runs it
+@pytest.mark.slow  # trains cnn_gru at a new point, then comes back, ~50 s; CI runs it
 def test_a_stage_restored_from_the_run_cache_leaves_compare_complete(project):
-    """Coming back to a queued point: DVC restores train@cnn_gru (model, reports, metrics) from
-    its run cache instead of training; no new MLflow training run is logged, and compare still
-    tables all three models, with cnn_gru's restored scores."""
+    """Coming back to parameters trained before: `dvc exp run` moves cnn_gru to a dropout no
+    other test uses (it trains), then back to the tiny default that the first `dvc repro`
+    trained. DVC restores train@cnn_gru (model, reports, metrics) from its run cache instead
+    of training; no new MLflow training run is logged, the restored reports point at the first
+    repro's run, and compare still tables all three models, with cnn_gru's restored scores.
+    Leaves the workspace at the first repro's parameters."""
     from mlflow.tracking import MlflowClient
 
     repo, state = project
     env = state["env"]
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp_id = client.get_experiment_by_name("handball-actions").experiment_id
+    away = "models.cnn_gru.dropout=0.35"  # a value no other test runs
+    moved = run(["dvc", "exp", "run", "-S", TINY[0], "-S", away], repo, env)
+    assert "train@cnn_gru" in stages_run(moved), moved[-3000:]
     trained_before = client.search_runs([exp_id], filter_string="tags.model = 'cnn_gru'")
-    queued = next(r for r in trained_before if r.data.params["model.dropout"] == QUEUED_DROPOUTS[0])
 
-    # the README's one-variation command, in the workspace (DVC composes conf/ + overrides)
-    output = run(
-        ["dvc", "exp", "run", "-S", TINY[0], "-S", f"models.cnn_gru.dropout={QUEUED_DROPOUTS[0]}"],
-        repo,
-        env,
-    )
+    # back to the default: the README's one-variation command with no variation
+    output = run(["dvc", "exp", "run", "-S", TINY[0]], repo, env)
     assert "Stage 'train@cnn_gru' is cached - skipping run" in output, output[-3000:]
     assert stages_run(output) == {"check_params", "compare"}, output[-3000:]
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    assert str(params["models"]["cnn_gru"]["dropout"]) == QUEUED_DROPOUTS[0]
+    default = compose_params(TINY, conf_dir=repo / "conf")["models"]["cnn_gru"]["dropout"]
+    assert params["models"]["cnn_gru"]["dropout"] == default
     assert len(client.search_runs([exp_id], filter_string="tags.model = 'cnn_gru'")) == len(
         trained_before
     )
     restored = json.loads((repo / "reports" / "cnn_gru" / "mlflow.json").read_text())
-    assert restored["run_id"] == queued.info.run_id
+    assert restored["run_id"] == state["first_runs"]["cnn_gru"]
+    first = client.get_run(restored["run_id"])
     table = pd.read_csv(repo / "reports" / "comparison.csv").set_index("model")
     assert sorted(table.index) == sorted(RANKED + BASELINES)
     assert table.loc["cnn_gru", "macro_f1"] == pytest.approx(
-        queued.data.metrics["test_macro_f1"], abs=1e-4
+        first.data.metrics["test_macro_f1"], abs=1e-4
     )
 
 
