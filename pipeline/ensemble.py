@@ -16,6 +16,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -28,13 +29,12 @@ from pipeline.evaluate import (
     seed_spread,
     write_prediction_reports,
 )
+from pipeline.probabilities import CLIP_KEYS, PROBABILITIES_FILE
 from pipeline.schema.base import MODEL_NAMES
 from pipeline.schema.sections import Ensemble
 
-PROBABILITIES_FILE = "probabilities.csv"
-CLIP_KEYS = ["seed", "split", "path"]
 ENSEMBLE = "ensemble"  # the row's name, its reports folder and its logged model's name
-POOLINGS = ("arithmetic", "geometric")  # compare.ensemble.pooling
+POOLINGS = get_args(Ensemble.model_fields["pooling"].annotation)  # compare.ensemble.pooling
 
 
 @dataclass(frozen=True)
@@ -63,25 +63,6 @@ def pooled_probabilities(weights: np.ndarray, probs: np.ndarray, pooling: str) -
     logs = np.einsum("...m,mnc->...nc", weights, np.log(np.clip(probs, 1e-12, None)))
     pooled = np.exp(logs - logs.max(axis=-1, keepdims=True))
     return pooled / pooled.sum(axis=-1, keepdims=True)
-
-
-def probability_rows(
-    seed: int, split: str, clips: pd.DataFrame, probs: np.ndarray, classes: list[str]
-) -> pd.DataFrame:
-    """One model's probabilities for one seed and split, a row per clip (in `clips`' order)."""
-    table = pd.DataFrame(np.asarray(probs, dtype=float).round(6), columns=classes)
-    table.insert(0, "seed", int(seed))
-    table.insert(1, "split", split)
-    table.insert(2, "path", clips["path"].to_numpy())
-    table.insert(3, "label", clips["label"].to_numpy())
-    return table
-
-
-def read_probabilities(reports: Path, name: str) -> pd.DataFrame:
-    path = reports / name / PROBABILITIES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `dvc repro train@{name}` first")
-    return pd.read_csv(path)
 
 
 def aligned_probabilities(
@@ -177,13 +158,13 @@ def seed_ensembles(
 ) -> list[SeedEnsemble]:
     """The ensemble for every seed in `clips`, scored on validation and test."""
     index = {c: i for i, c in enumerate(classes)}
+    pooling, step = config.pooling, config.weight_step
     out = []
     for seed in sorted(clips["seed"].unique()):
         val = ((clips["seed"] == seed) & (clips["split"] == "val")).to_numpy()
         test = ((clips["seed"] == seed) & (clips["split"] == "test")).to_numpy()
         y_val = clips.loc[val, "label"].map(index).to_numpy()
         y_test = clips.loc[test, "label"].map(index).to_numpy()
-        pooling, step = config.pooling, config.weight_step
         if config.weights == "fitted":
             weights = fitted_weights(probs[:, val], y_val, step, pooling)
             val_probs = leave_one_out_probabilities(probs[:, val], y_val, step, pooling)

@@ -18,11 +18,11 @@ from pipeline.ensemble import (
     fitted_weights,
     leave_one_out_probabilities,
     pooled_probabilities,
-    probability_rows,
     seed_ensembles,
     simplex_grid,
 )
 from pipeline.errors import PipelineError
+from pipeline.probabilities import probability_rows
 from pipeline.schema import InvalidConfig, parse_params
 from pipeline.schema.sections import Ensemble
 

@@ -38,12 +38,12 @@ from pipeline.ensemble import (
     aligned_probabilities,
     ensemble_config,
     ensemble_summary,
-    read_probabilities,
     seed_ensembles,
     write_ensemble_reports,
 )
 from pipeline.errors import PipelineError
 from pipeline.evaluate import SCORES, bootstrap_intervals
+from pipeline.probabilities import read_probabilities
 from pipeline.schema import Params
 from pipeline.schema.base import MODEL_NAMES
 from pipeline.schema.sections import Compare, Paths

@@ -13,7 +13,7 @@ import pandas as pd
 from pipeline.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from pipeline.config import resolve
 from pipeline.data.arrays import load_arrays
-from pipeline.ensemble import PROBABILITIES_FILE, probability_rows
+from pipeline.probabilities import PROBABILITIES_FILE, probability_rows
 
 if TYPE_CHECKING:
     from pipeline.schema.sections import Paths
