@@ -468,7 +468,7 @@ def test_queued_dvc_sweep_logs_each_experiment_into_the_root_store(project):
     )
 
 
-@pytest.mark.slow  # trains cnn_gru at a new point, then comes back, ~50 s; CI runs it
+@pytest.mark.slow  # trains cnn_gru at a new point, then comes back; 171 s on busy cores; CI runs it
 def test_a_stage_restored_from_the_run_cache_leaves_compare_complete(project):
     """Coming back to parameters trained before: `dvc exp run` moves cnn_gru to a dropout no
     other test uses (it trains), then back to the tiny default that the first `dvc repro`
