@@ -161,6 +161,12 @@ def saved_model_in_a_fresh_process(model, x, folder: Path) -> tuple[np.ndarray, 
     return pickle.loads((folder / "out.pkl").read_bytes())
 
 
+def logged_model(repo: Path, model: str) -> dict:
+    """Where the last train stage of `model` in `repo` logged it: `run_id` and `model_uri`
+    (its `reports/<model>/mlflow.json`)."""
+    return json.loads((repo / "reports" / model / "mlflow.json").read_text())
+
+
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, (
@@ -368,8 +374,7 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     env = project_copy(repo, [])
     output = run(["dvc", "repro"], repo, env)
     first_runs = {  # each model's MLflow run from this first repro, for tests that come back
-        model: json.loads((repo / "reports" / model / "mlflow.json").read_text())["run_id"]
-        for model in MODELS
+        model: logged_model(repo, model)["run_id"] for model in MODELS
     }
     return repo, {
         "env": env,
@@ -453,13 +458,11 @@ def champion_name(params: dict) -> str:
 def assert_predict_reproduces_the_evaluation(repo: Path, env: dict, models: list[str]) -> None:
     """`python -m pipeline.predict` on each model's test videos, with the model its train
     stage logged, gives every clip the label and top probability of its `predictions.csv`."""
-    import json
-
     import pandas as pd
 
     for model in models:
         expected = pd.read_csv(repo / "reports" / model / "predictions.csv")
-        run_id = json.loads((repo / "reports" / model / "mlflow.json").read_text())["run_id"]
+        run_id = logged_model(repo, model)["run_id"]
         clips = [str(repo / "data/raw" / p) for p in expected["path"]]
         rows = run_json(
             [sys.executable, "-m", "pipeline.predict", *clips, "--model", f"runs:/{run_id}/{model}"]

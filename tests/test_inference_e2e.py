@@ -19,7 +19,14 @@ import cv2
 import pandas as pd
 import pytest
 import yaml
-from conftest import MODELS, champion_name, free_port, post_json, wait_until_serving
+from conftest import (
+    MODELS,
+    champion_name,
+    free_port,
+    logged_model,
+    post_json,
+    wait_until_serving,
+)
 
 
 def predict_cli(repo: Path, env: dict, *args: str) -> tuple[subprocess.CompletedProcess, object]:
@@ -46,10 +53,9 @@ def first_repro_state(project):
         champion_name(params), "champion"
     )
     best = pd.read_csv(repo / "reports" / "comparison.csv")["model"].iloc[0]
-    assert (
-        champion.run_id
-        == json.loads((repo / "reports" / best / "mlflow.json").read_text())["run_id"]
-    ), "the project moved on before the inference tests (run this module first)"
+    assert champion.run_id == logged_model(repo, best)["run_id"], (
+        "the project moved on before the inference tests (run this module first)"
+    )
     return repo, state
 
 
@@ -78,7 +84,7 @@ def test_default_model_is_the_champion_else_the_latest_comparisons_best(
     params["compare"]["register_as"] = "never-registered"
     uri, why = default_model(parse_params(params), store)
     best = pd.read_csv(repo / "reports" / "comparison.csv")["model"].iloc[0]
-    assert uri == json.loads((repo / "reports" / best / "mlflow.json").read_text())["model_uri"]
+    assert uri == logged_model(repo, best)["model_uri"]
     assert "no never-registered@champion is registered" in why and best in why
 
 
@@ -95,7 +101,7 @@ def test_predict_reproduces_the_evaluation_predictions(first_repro_state, tmp_pa
     for model in [*MODELS, "ensemble"]:  # the ensemble: logged in the comparison run
         expected = pd.read_csv(repo / "reports" / model / "predictions.csv")
         clips = [str(repo / "data" / "raw" / p) for p in expected["path"]]
-        ref = json.loads((repo / "reports" / model / "mlflow.json").read_text())
+        ref = logged_model(repo, model)
         if model == "frame_cnn":  # a model folder on disk, as `mlflow artifacts download` gives
             uri = download_model(repo, ref["model_uri"], tmp_path / "frame_cnn_model")
         else:  # the run that logged it
@@ -134,7 +140,7 @@ def test_predict_hflip_averages_each_clip_with_its_mirror_image(first_repro_stat
     clips = [str(repo / "data" / "raw" / p) for p in expected["path"][:4]]
     answers = {}
     for model in ("cnn3d", "cnn_gru"):
-        ref = json.loads((repo / "reports" / model / "mlflow.json").read_text())
+        ref = logged_model(repo, model)
         uri = f"runs:/{ref['run_id']}/{model}"
         for flag in ((), ("--hflip",)):
             proc, rows = predict_cli(repo, state["env"], *clips, "--model", uri, *flag)

@@ -23,7 +23,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import MODELS, ROOT, champion_name, free_port, stop_process_group, wait_until_serving
+from conftest import (
+    MODELS,
+    ROOT,
+    champion_name,
+    free_port,
+    logged_model,
+    stop_process_group,
+    wait_until_serving,
+)
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 # ~30 s with the browser and the UI server: make test is at its 10 minutes; CI runs them
@@ -118,7 +126,7 @@ def model_runs(repo: Path, params: dict) -> tuple[str, dict]:
     exp = client.get_experiment_by_name(params["mlflow"]["experiment"])
     runs = {}
     for model in MODELS:
-        ref = json.loads((repo / "reports" / model / "mlflow.json").read_text())
+        ref = logged_model(repo, model)
         runs[model] = client.get_run(ref["run_id"])
     return exp.experiment_id, runs
 

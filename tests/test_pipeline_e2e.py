@@ -27,6 +27,7 @@ from conftest import (
     MODELS,
     TINY,
     champion_name,
+    logged_model,
     new_shell_env,
     readme_commands,
     run,
@@ -203,7 +204,7 @@ def test_best_model_is_the_registered_champion(project):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     cfg = params["compare"]
     best = pd.read_csv(repo / "reports" / "comparison.csv")["model"].iloc[0]
-    ref = json.loads((repo / "reports" / best / "mlflow.json").read_text())
+    ref = logged_model(repo, best)
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     name = champion_name(params)
@@ -367,7 +368,7 @@ def test_dvc_plots_render_confusion_matrices_and_learning_curves(project, tmp_pa
     for model in MODELS:
         clips = len(pd.read_csv(repo / "reports" / model / "predictions.csv"))
         # the first network's curve (tiny: cnn3d trains two), one point per epoch
-        run_id = json.loads((repo / "reports" / model / "mlflow.json").read_text())["run_id"]
+        run_id = logged_model(repo, model)["run_id"]
         epochs = len(client.get_metric_history(run_id, "val_loss"))
         assert sum(v["filename"].endswith(f"{model}/predictions.csv") for v in confusion) == clips
         assert sum(v["filename"].endswith(f"{model}/history.csv") for v in curves) == epochs
@@ -497,7 +498,7 @@ def test_a_stage_restored_from_the_run_cache_leaves_compare_complete(project):
     assert len(client.search_runs([exp_id], filter_string="tags.model = 'cnn_gru'")) == len(
         trained_before
     )
-    restored = json.loads((repo / "reports" / "cnn_gru" / "mlflow.json").read_text())
+    restored = logged_model(repo, "cnn_gru")
     assert restored["run_id"] == state["first_runs"]["cnn_gru"]
     first = client.get_run(restored["run_id"])
     table = pd.read_csv(repo / "reports" / "comparison.csv").set_index("model")
@@ -846,7 +847,7 @@ def test_train_seeds_report_mean_and_std_with_a_nested_run_per_seed(project, tmp
         assert 0 <= metrics["macro_f1_mean"] <= 1 and metrics["macro_f1_std"] >= 0
 
         client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-        parent = json.loads((repo / "reports" / "cnn_gru" / "mlflow.json").read_text())["run_id"]
+        parent = logged_model(repo, "cnn_gru")["run_id"]
         exp = client.get_experiment_by_name(params["mlflow"]["experiment"])
         children = client.search_runs(
             [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
