@@ -163,8 +163,12 @@ def saved_model_in_a_fresh_process(model, x, folder: Path) -> tuple[np.ndarray, 
 
 def logged_model(repo: Path, model: str) -> dict:
     """Where the last train stage of `model` in `repo` logged it: `run_id` and `model_uri`
-    (its `reports/<model>/mlflow.json`)."""
-    return json.loads((repo / "reports" / model / "mlflow.json").read_text())
+    (its `reports/<model>/mlflow.json`), read as compare reads it to register the champion."""
+    from pipeline.serving.registry import model_ref
+
+    ref = model_ref(str(repo / "reports"), model)
+    assert ref, f"no reports/{model}/mlflow.json in {repo}"
+    return ref
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
