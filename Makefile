@@ -61,18 +61,18 @@ docs: setup-dev
 
 # Two test processes (pytest-xdist) on the two cores of a laptop: while one runs the shared tiny
 # `dvc repro` and the tests that read it (one group, tests/conftest.py), the other runs the rest.
-# `make test TEST_WORKERS=0` runs every test in one process.
+# `make test TEST_WORKERS=0` (or `make test-all TEST_WORKERS=0`) runs every test in one process.
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
 test: lint docs
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not real_data" \
-	  -n $(TEST_WORKERS) --dist loadgroup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not real_data" $(XDIST)
 
 # Opt-in tests on real footage (../shared/data/real); they skip when it is absent.
 test-real: setup-dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m real_data
 
 test-all: lint docs
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(XDIST)
 
 # The build context of the serving image for deploy/k8s/serving.yaml: a Dockerfile and the
 # registered champion of params.yaml's dataset (compare.register_as, @champion; printed by

@@ -9,6 +9,8 @@ basic-auth` as deploy/k8s/mlflow-server.yaml runs it.
 
 from __future__ import annotations
 
+import configparser
+import io
 import json
 import os
 import shutil
@@ -20,10 +22,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import (
     MODELS,
+    ROOT,
     free_port,
     new_shell_env,
+    project_copy,
     readme_commands,
     run,
     stop_process_group,
@@ -91,6 +96,20 @@ def postgres():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def deployed_auth_settings(database_uri: str) -> str:
+    """The auth settings of deploy/k8s/secrets.example.yaml (Secret `mlflow-auth`), as the
+    Deployment mounts them, with this test's database: the test serves what users deploy."""
+    config = configparser.ConfigParser()
+    secrets = yaml.safe_load_all((ROOT / "deploy" / "k8s" / "secrets.example.yaml").read_text())
+    (auth,) = [s for s in secrets if s["metadata"]["name"] == "mlflow-auth"]
+    config.read_string(auth["stringData"]["basic_auth.ini"])
+    assert config["mlflow"]["admin_username"] == ADMIN[0]
+    config["mlflow"]["database_uri"] = database_uri
+    text = io.StringIO()
+    config.write(text)
+    return text.getvalue()
+
+
 ADMIN = ("admin", "admin-password-of-the-test")
 # the accounts README "Access control" creates, and one that is granted nothing
 PASSWORDS = {"ana": "ana-password-of-the-test", "bo": "bo-password-of-the-test"}
@@ -106,13 +125,7 @@ def mlflow_server(postgres, s3_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     auth_config = folder / "basic_auth.ini"
-    auth_config.write_text(
-        "[mlflow]\n"
-        "default_permission = READ\n"
-        f"database_uri = {postgres}\n"
-        f"admin_username = {ADMIN[0]}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-    )
+    auth_config.write_text(deployed_auth_settings(postgres))
     env = {
         **os.environ,
         "AWS_ACCESS_KEY_ID": s3_server["key"],
@@ -172,13 +185,15 @@ def as_user(env: dict, server: str, account: tuple[str, str] | None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def team(project, mlflow_server, tmp_path_factory):
+def team(mlflow_server, tmp_path_factory):
     """The team README "Access control" sets up, by its commands as printed, run by the admin
     in a new shell (passwords typed on stdin), plus `carl`, who is granted nothing; then bo's
-    clone of the project after his `dvc repro` against the server."""
-    repo, state = project
+    clone of the project after his `dvc repro` against the server. The project is a copy of its
+    own, not the shared `project` (whose repro bo's clone would not use)."""
+    repo = tmp_path_factory.mktemp("project-of-the-team")
+    project_env = project_copy(repo, [])
     folder = tmp_path_factory.mktemp("team")
-    admin = new_shell_env(as_user(state["env"], mlflow_server, ADMIN))
+    admin = new_shell_env(as_user(project_env, mlflow_server, ADMIN))
     accounts = {**PASSWORDS, READER[0]: READER[1]}
     commands = readme_commands("python -m pipeline.server_access")
     commands.append(f"python -m pipeline.server_access add-user {READER[0]}")
@@ -195,7 +210,7 @@ def team(project, mlflow_server, tmp_path_factory):
         )
         assert proc.returncode == 0, f"{command}: {proc.stderr[-3000:]}"
     clone = folder / "bo"
-    env = as_user(state["env"], mlflow_server, ("bo", PASSWORDS["bo"]))
+    env = as_user(project_env, mlflow_server, ("bo", PASSWORDS["bo"]))
     run(["git", "clone", "-q", str(repo), str(clone)], folder, env)
     run(["dvc", "repro"], clone, env)
     return clone, env
