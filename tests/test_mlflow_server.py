@@ -38,7 +38,7 @@ from test_inference_e2e import predict_cli
 from test_pipeline_e2e import wait_for_queue
 
 pytestmark = [
-    pytest.mark.slow,  # a whole tiny pipeline and a queued grid: ~4 min; CI runs it
+    pytest.mark.slow,  # a whole tiny pipeline and a queued grid: 452 s alone; CI runs it
     pytest.mark.scaleout,  # README "Scaling out"; `pytest -m scaleout`
 ]
 
