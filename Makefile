@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP := $(VENV)/.installed-dev
 UV := $(BIN)/uv
-UV_INSTALL := $(UV) pip install --quiet --no-deps --python $(BIN)/python
+UV_INSTALL := $(UV) pip install --quiet --no-deps --compile-bytecode --python $(BIN)/python
 
 $(UV): requirements/dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 14))' || \
