@@ -5,12 +5,14 @@ BIN := $(VENV)/bin
 # Two installs from uv.lock's hash-checked exports (`make lock` writes them, and the training
 # image's requirements/s3.txt): `make setup` the runtime only (the stages, predict and serving),
 # `make setup-dev` adds the test tooling. uv installs them (its pinned, hash-checked wheel from
-# requirements/dev.txt, put in the environment by pip): 16 s for the runtime where pip took
-# 184 s (docs/install.md). uv reads the index from UV_INDEX_URL / UV_DEFAULT_INDEX, not pip.conf.
+# requirements/dev.txt, put in the environment by pip): 108 s for the runtime where pip took
+# 581 s (docs/install.md). uv reads the index from UV_INDEX_URL / UV_DEFAULT_INDEX, not pip.conf.
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP := $(VENV)/.installed-dev
 UV := $(BIN)/uv
 UV_INSTALL := $(UV) pip install --quiet --no-deps --compile-bytecode --python $(BIN)/python
+
+.PHONY: setup setup-dev lock repro lint docs test test-real test-all params clean-outputs serving-image
 
 $(UV): requirements/dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 14))' || \

@@ -171,6 +171,15 @@ def logged_model(repo: Path, model: str) -> dict:
     return ref
 
 
+def example_secret(name: str) -> dict:
+    """The `stringData` of the Secret `name` in deploy/k8s/secrets.example.yaml."""
+    import yaml
+
+    secrets = yaml.safe_load_all((ROOT / "deploy" / "k8s" / "secrets.example.yaml").read_text())
+    (secret,) = [s for s in secrets if s["metadata"]["name"] == name]
+    return secret["stringData"]
+
+
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, (

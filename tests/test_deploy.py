@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run
+from conftest import ROOT, example_secret, run
 
 from pipeline.config import load_config
 from pipeline.serving.champion import champion_uri
@@ -282,8 +282,7 @@ def test_the_tracking_server_is_reached_only_by_the_projects_pods_and_hides_its_
     volumes = {v["name"]: v for v in server["spec"]["template"]["spec"]["volumes"]}
     [volume] = [n for n, path in mounts.items() if Path(path) == config.parent]
     assert volumes[volume]["secret"]["secretName"] == "mlflow-auth"
-    example = yaml.safe_load_all((ROOT / "deploy" / "k8s" / "secrets.example.yaml").read_text())
-    auth = next(d for d in example if d["metadata"]["name"] == "mlflow-auth")["stringData"]
+    auth = example_secret("mlflow-auth")
     assert {config.name, "admin_password", "flask_secret_key"} <= set(auth)
     assert "default_permission = READ" in auth[config.name]
     assert "postgresql" in auth[config.name]  # the users live in the runs' PostgreSQL

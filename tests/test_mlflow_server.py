@@ -22,10 +22,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import (
     MODELS,
-    ROOT,
+    example_secret,
     free_port,
     new_shell_env,
     project_copy,
@@ -100,9 +99,7 @@ def deployed_auth_settings(database_uri: str) -> str:
     """The auth settings of deploy/k8s/secrets.example.yaml (Secret `mlflow-auth`), as the
     Deployment mounts them, with this test's database: the test serves what users deploy."""
     config = configparser.ConfigParser()
-    secrets = yaml.safe_load_all((ROOT / "deploy" / "k8s" / "secrets.example.yaml").read_text())
-    (auth,) = [s for s in secrets if s["metadata"]["name"] == "mlflow-auth"]
-    config.read_string(auth["stringData"]["basic_auth.ini"])
+    config.read_string(example_secret("mlflow-auth")["basic_auth.ini"])
     assert config["mlflow"]["admin_username"] == ADMIN[0]
     config["mlflow"]["database_uri"] = database_uri
     text = io.StringIO()
