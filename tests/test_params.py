@@ -104,6 +104,55 @@ def test_real_footage_averages_three_networks_of_each_model_trained_from_random_
     assert pretrained == {"frame_cnn": 1, "cnn3d": 3, "cnn_gru": 1}
 
 
+def frame_reads(params: dict) -> tuple:
+    """(frames cached per clip, {model: frames read}, cnn3d's temporal jitter and views)."""
+    models = params["models"]
+    reads = {name: model["num_frames"] for name, model in models.items()}
+    cnn3d = models["cnn3d"]
+    return (
+        params["frames"]["num_frames"],
+        reads,
+        (cnn3d["train"]["temporal_jitter"], cnn3d["tta_views"]),
+    )
+
+
+def test_real_footage_caches_16_frames_of_which_cnn3d_draws_8_and_the_sample_keeps_8(tmp_path):
+    """conf/clips/: any dataset but the embedded sample (one a user adds too) caches 16 frames
+    a clip, each model reads 8 and cnn3d draws them afresh each epoch and averages its views
+    (chosen on five folds, docs/scores.md); the sample, the tests' tiny experiment and
+    `clips=sample` keep 8 cached frames all read; `experiment=uniri_hbd` the reference's."""
+    import shutil
+
+    footage = (16, {"frame_cnn": 8, "cnn3d": 8, "cnn_gru": 8}, (True, True))
+    eight_all_read = (8, {"frame_cnn": None, "cnn3d": None, "cnn_gru": None}, (False, False))
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    own = yaml.safe_load((conf / "dataset" / "folder.yaml").read_text()) | {"name": "own"}
+    (conf / "dataset" / "own.yaml").write_text(yaml.safe_dump(own))
+    for overrides in (["dataset=folder"], ["dataset=uniri_hbd"], ["dataset=own"]):
+        params = compose_params(overrides, conf_dir=conf)
+        validate_params(params)  # 16 cached >= 2 x 8 read: the schema's condition for both
+        assert frame_reads(params) == footage, overrides
+    assert frame_reads(compose_params(["dataset=folder", "clips=sample"], conf_dir=conf)) == (
+        eight_all_read
+    )
+    sample = compose_params([], conf_dir=conf)
+    assert frame_reads(sample)[0] == 8 and frame_reads(sample)[2] == (False, False)
+    assert frame_reads(sample)[1] == {"frame_cnn": 4, "cnn3d": None, "cnn_gru": None}
+    tiny_folder = compose_params(["dataset=folder", "experiment=tiny"], conf_dir=conf)
+    assert frame_reads(tiny_folder) == (
+        6,
+        {"frame_cnn": 3, "cnn3d": None, "cnn_gru": None},
+        (False, False),
+    )
+    reference = compose_params(["dataset=folder", "experiment=uniri_hbd"], conf_dir=conf)
+    assert frame_reads(reference) == (
+        16,
+        {"frame_cnn": None, "cnn3d": 10, "cnn_gru": None},
+        (False, False),
+    )
+
+
 def readme_exp_run_overrides() -> list[list[str]]:
     """The `-S` overrides of every `dvc exp run` command in the documentation's bash blocks."""
     import re
