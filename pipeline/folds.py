@@ -1,0 +1,290 @@
+"""Cross-validation folds: choose settings on every train + validation clip, not on a
+validation split of a dozen clips (docs/scores.md, *Choosing on five folds*).
+
+    python -m pipeline.folds split --folds 5        # folds/fold_0.csv ... fold_4.csv
+    dvc exp run -n fold-0 -S dataset.split_file=folds/fold_0.csv -S 'train_seeds=[0,1,2]'
+    ...                                                # one experiment per fold and setting
+    python -m pipeline.folds score fold-0 fold-1 fold-2 fold-3 fold-4
+
+`split` deals the train and validation clips of the last `dvc repro` (`data/clean/splits.csv`,
+whether from a split file or the grouped random split) into folds by recording group (a group
+is never split), stratified by class; each fold's file holds its part out as validation and
+trains on the rest, and the test clips stay test in every fold, so test scores stay comparable
+with a fixed split's. `score` reads each experiment's `reports/<model>/probabilities.csv`
+through DVC and scores every model, and the ensemble of them pooled as `compare.ensemble`
+says, on the held-out clips of all folds together: each clip scored once per seed by networks
+that did not train on it. Test scores are listed too, for the record, never to choose by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.atomic import write_text_atomic
+from pipeline.config import load_config, resolve
+from pipeline.ensemble import ENSEMBLE, aligned_probabilities, ensemble_config, pooled_probabilities
+from pipeline.errors import PipelineError
+from pipeline.evaluate import classification_metrics
+from pipeline.logs import setup_logging
+from pipeline.probabilities import CLIP_KEYS, PROBABILITIES_FILE
+
+log = logging.getLogger(__name__)
+
+
+def fold_splits(clips: pd.DataFrame, folds: int, seed: int) -> list[pd.DataFrame]:
+    """`folds` split tables (clip, label, split) of `clips` (source, label, group, split): the
+    test clips test in each; the others dealt into `folds` parts by group, stratified by
+    label, part k the validation split of table k and training clips of the others."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    test = clips[clips["split"] == "test"]
+    pool = clips[clips["split"] != "test"].reset_index(drop=True)
+    groups_per_class = pool.groupby("label")["group"].nunique()
+    if pool["group"].nunique() < folds:
+        raise PipelineError(
+            f"--folds {folds}: the train and validation clips hold {pool['group'].nunique()} "
+            "recording groups, and a group is never split; use fewer folds"
+        )
+    for label, groups in groups_per_class[groups_per_class < folds].items():
+        log.warning(
+            "class %s has %d recording groups: %d of %d folds validate none of it",
+            label,
+            groups,
+            folds - groups,
+            folds,
+        )
+    dealer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    tables = []
+    for _, held_out in dealer.split(pool, pool["label"], pool["group"]):
+        fold = pool.assign(split="train")
+        fold.loc[held_out, "split"] = "val"
+        table = pd.concat([fold, test])[["source", "label", "split"]]
+        tables.append(table.rename(columns={"source": "clip"}))
+    return tables
+
+
+def cleaned_clips(clean_dir: Path) -> pd.DataFrame:
+    """The usable clips of the last clean stage: source (path under the dataset root), label,
+    group and split."""
+    splits_path, probe_path = clean_dir / "splits.csv", clean_dir / "probe.csv"
+    for path in (splits_path, probe_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run `dvc repro clean` first")
+    splits = pd.read_csv(splits_path)
+    sources = pd.read_csv(probe_path, usecols=["path", "source"])
+    return splits.merge(sources, on="path", how="left")[["source", "label", "group", "split"]]
+
+
+def write_fold_files(tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
+    """`out_dir/fold_<k>.csv` for each table, each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, table in enumerate(tables):
+        path = out_dir / f"fold_{k}.csv"
+        write_text_atomic(path, table.to_csv(index=False))
+        paths.append(path)
+    return paths
+
+
+def experiment_probabilities(experiments: list[str], reports: str, name: str) -> dict:
+    """{experiment: its `reports/<name>/probabilities.csv`}, read through DVC (an experiment
+    name, a branch, a tag or a commit; the files come from the local DVC cache)."""
+    import dvc.api
+
+    tables = {}
+    for rev in experiments:
+        path = f"{reports}/{name}/{PROBABILITIES_FILE}"
+        try:
+            with dvc.api.open(path, rev=rev) as handle:
+                tables[rev] = pd.read_csv(handle)
+        except Exception as exc:  # dvc raises several kinds for a missing rev or file
+            raise PipelineError(f"experiment {rev!r}: cannot read {path} ({exc})") from exc
+    return tables
+
+
+def held_out_rows(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Every experiment's rows with a `fold` column; a validation clip held out by two
+    experiments for one seed, or seeds that differ between them, is a PipelineError."""
+    seeds = {rev: sorted(set(t["seed"])) for rev, t in tables.items()}
+    if len({tuple(s) for s in seeds.values()}) > 1:
+        raise PipelineError(f"the experiments were trained with different seeds: {seeds}")
+    rows = pd.concat([t.assign(fold=rev) for rev, t in tables.items()], ignore_index=True)
+    val = rows[rows["split"] == "val"]
+    twice = val[val.duplicated(["seed", "path"], keep=False)]
+    if len(twice):
+        clip = twice.iloc[0]
+        folds = sorted(set(twice[twice["path"] == clip["path"]]["fold"]))
+        raise PipelineError(
+            f"{clip['path']} is a validation clip of {folds}: score the folds of one "
+            "`python -m pipeline.folds split`, one experiment each"
+        )
+    return rows
+
+
+def scores_of(rows: pd.DataFrame, classes: list[str]) -> dict[str, float]:
+    """Macro-F1 and log-loss of probability rows (label, one column per class)."""
+    from sklearn.metrics import log_loss
+
+    y_true = rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    probs = rows[classes].to_numpy(dtype=float)
+    macro_f1 = classification_metrics(y_true, probs.argmax(axis=1), classes)["macro_f1"]
+    loss = log_loss(y_true, np.clip(probs, 1e-12, 1), labels=list(range(len(classes))))
+    return {"macro_f1": macro_f1, "log_loss": float(loss)}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def out_of_fold_scores(rows: pd.DataFrame, classes: list[str]) -> dict:
+    """Per seed, the held-out clips of all folds scored together; per fold and seed, its own
+    validation and test macro-F1."""
+    per_seed = {
+        int(seed): scores_of(g[g["split"] == "val"], classes) for seed, g in rows.groupby("seed")
+    }
+    by_fold = rows.groupby(["fold", "seed"])
+    fold_val = [scores_of(g[g["split"] == "val"], classes)["macro_f1"] for _, g in by_fold]
+    fold_test = [scores_of(g[g["split"] == "test"], classes)["macro_f1"] for _, g in by_fold]
+    val_mean, val_std = mean_std([s["macro_f1"] for s in per_seed.values()])
+    test_mean, test_std = mean_std(fold_test)
+    return {
+        "val_by_seed": per_seed,
+        "val_macro_f1_mean": val_mean,
+        "val_macro_f1_std": val_std,
+        "val_log_loss_mean": float(np.mean([s["log_loss"] for s in per_seed.values()])),
+        "fold_val_macro_f1": fold_val,
+        "test_macro_f1_mean": test_mean,
+        "test_macro_f1_std": test_std,
+        "held_out_clips": int((rows["split"] == "val").sum() // len(per_seed)),
+    }
+
+
+def ensemble_rows(
+    by_model: dict[str, pd.DataFrame], classes: list[str], pooling: str
+) -> pd.DataFrame:
+    """The members' rows pooled clip by clip with equal weights, fold by fold."""
+    pooled = []
+    for fold in by_model[next(iter(by_model))]["fold"].unique():
+        tables = {m: t[t["fold"] == fold].drop(columns="fold") for m, t in by_model.items()}
+        clips, probs = aligned_probabilities(tables, classes)
+        weights = np.full(len(tables), 1 / len(tables))
+        pooled.append(
+            pd.concat(
+                [
+                    clips,
+                    pd.DataFrame(pooled_probabilities(weights, probs, pooling), columns=classes),
+                ],
+                axis=1,
+            ).assign(fold=fold)
+        )
+    return pd.concat(pooled, ignore_index=True)
+
+
+def score_table(scores: dict[str, dict]) -> str:
+    """The scores as a Markdown table, a row per model."""
+    lines = [
+        "| model | out-of-fold val macro-F1 (per seed) | val log-loss | per fold and seed: val "
+        "| test (folds x seeds) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in scores.items():
+        seeds = ", ".join(f"{v['macro_f1']:.2f}" for v in s["val_by_seed"].values())
+        folds = s["fold_val_macro_f1"]
+        fold_mean, fold_std = mean_std(folds)
+        lines.append(
+            f"| {name} | {s['val_macro_f1_mean']:.3f} ± {s['val_macro_f1_std']:.3f} ({seeds}) "
+            f"| {s['val_log_loss_mean']:.3f} | {fold_mean:.3f} ± {fold_std:.3f} (lowest "
+            f"{min(folds):.2f}) | {s['test_macro_f1_mean']:.3f} ± {s['test_macro_f1_std']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def split_command(args: argparse.Namespace) -> None:
+    """`split`: the fold files of the last clean stage's clips."""
+    config = load_config(args.params)
+    if args.folds < 2:
+        raise PipelineError(f"--folds {args.folds}: cross-validation needs at least 2 folds")
+    clips = cleaned_clips(resolve(config.paths.clean))
+    paths = write_fold_files(fold_splits(clips, args.folds, args.seed), resolve(args.out))
+    log.info(
+        "wrote %d fold files (%s ... %s), %d train + validation clips dealt, %d test clips kept; "
+        "run one experiment per file: dvc exp run -S dataset.split_file=%s",
+        len(paths),
+        paths[0].name,
+        paths[-1].name,
+        int((clips["split"] != "test").sum()),
+        int((clips["split"] == "test").sum()),
+        Path(args.out) / "fold_<k>.csv",
+    )
+
+
+def score_command(args: argparse.Namespace) -> None:
+    """`score`: out-of-fold scores of each model and of their ensemble."""
+    from pipeline.schema.base import MODEL_NAMES
+
+    config = load_config(args.params)
+    given = pd.Series(args.experiments)
+    if given.duplicated().any():
+        raise PipelineError(f"{given[given.duplicated()].iloc[0]} is given twice: one per fold")
+    by_model = {
+        name: held_out_rows(experiment_probabilities(args.experiments, config.paths.reports, name))
+        for name in args.models or MODEL_NAMES
+    }
+    first = next(iter(by_model.values()))
+    classes = [c for c in first.columns if c not in (*CLIP_KEYS, "label", "fold")]
+    scores = {name: out_of_fold_scores(rows, classes) for name, rows in by_model.items()}
+    if len(by_model) > 1:
+        pooling = ensemble_config(config.compare.ensemble).pooling
+        scores[ENSEMBLE] = out_of_fold_scores(ensemble_rows(by_model, classes, pooling), classes)
+    table = score_table(scores)
+    log.info("out-of-fold scores of %s:\n%s", ", ".join(args.experiments), table)
+    if args.report:
+        import json
+
+        report = resolve(args.report)
+        write_text_atomic(report.with_suffix(".md"), table)
+        write_text_atomic(report.with_suffix(".json"), json.dumps(scores, indent=2))
+    best = max((n for n in scores), key=lambda n: scores[n]["val_macro_f1_mean"])
+    log.info(
+        "scored %d experiments, %d held-out clips a seed: best out of fold %s (%.3f)",
+        len(args.experiments),
+        scores[best]["held_out_clips"],
+        best,
+        scores[best]["val_macro_f1_mean"],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipeline.schema.base import MODEL_NAMES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.folds", description="Cross-validation folds: write, score."
+    )
+    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    split = commands.add_parser("split", help="fold files for dataset.split_file")
+    split.add_argument("--folds", type=int, default=5, help="how many (default 5)")
+    split.add_argument("--seed", type=int, default=0, help="how groups are dealt (default 0)")
+    split.add_argument("--out", default="folds", help="folder of fold_<k>.csv (default folds)")
+    score = commands.add_parser("score", help="out-of-fold scores of one experiment per fold")
+    score.add_argument("experiments", nargs="+", help="DVC experiment names (or revisions)")
+    score.add_argument("--models", nargs="+", choices=MODEL_NAMES, help="default: all three")
+    score.add_argument("--report", help="also write the table and scores to REPORT.md/.json")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        {"split": split_command, "score": score_command}[args.command](args)
+    except (PipelineError, FileNotFoundError) as exc:
+        log.error("folds %s failed: %s", args.command, exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Cross-validation folds (`python -m pipeline.folds`): the fold files deal recording groups
+into folds, and the scorer scores the held-out clips of real DVC experiments, one per fold."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from conftest import project_copy, run
+
+from pipeline.errors import PipelineError
+from pipeline.folds import fold_splits, held_out_rows
+
+
+def clip_table() -> pd.DataFrame:
+    """Three classes of 4-6 recording groups, a group of two clips each in train/val, and
+    test clips that must stay test."""
+    rows = []
+    for label, groups in (("shot", 6), ("pass", 5), ("defence", 4)):
+        for g in range(groups):
+            split = "test" if g == 0 else ("val" if g == 1 else "train")
+            rows += [
+                (f"{label}/{label}_{g}_act{k}.avi", label, f"{label}_{g}", split) for k in (1, 2)
+            ]
+    return pd.DataFrame(rows, columns=["source", "label", "group", "split"])
+
+
+def test_folds_hold_out_every_clip_once_keep_groups_together_and_test_as_test():
+    clips = clip_table()
+    tables = fold_splits(clips, folds=3, seed=0)
+    assert len(tables) == 3
+    test = set(clips.loc[clips["split"] == "test", "source"])
+    pool = set(clips["source"]) - test
+    held_out = []
+    for table in tables:
+        assert list(table.columns) == ["clip", "label", "split"]
+        assert set(table["clip"]) == set(clips["source"])  # every clip listed in every fold
+        assert set(table.loc[table["split"] == "test", "clip"]) == test
+        val = table[table["split"] == "val"]
+        held_out += list(val["clip"])
+        groups = clips.set_index("source").loc[val["clip"], "group"]
+        in_train = clips.set_index("source").loc[
+            table.loc[table["split"] == "train", "clip"], "group"
+        ]
+        assert not set(groups) & set(in_train), "a recording group on both sides of a fold"
+        assert set(val["label"]) == {"shot", "pass", "defence"}  # stratified: >= 3 groups each
+    assert sorted(held_out) == sorted(pool)  # each train/val clip held out exactly once
+    assert [t.equals(u) for t, u in zip(tables, fold_splits(clips, folds=3, seed=0))] == [True] * 3
+
+
+def test_more_folds_than_groups_is_refused_naming_the_option():
+    with pytest.raises(PipelineError, match="--folds 20: .* 12 recording groups"):
+        fold_splits(clip_table(), folds=20, seed=0)
+
+
+@pytest.mark.slow  # two `dvc exp run`s of two models at test size (~4 min); CI runs it
+def test_scores_held_out_clips_of_one_experiment_per_fold(tmp_path):
+    """The documented loop on the tiny project: clean, write 2 folds (committed), one
+    `dvc exp run` per fold file training cnn3d and cnn_gru, then `score` them. Each fold's own
+    validation and test macro-F1 equal what its train stage wrote to metrics/<model>.json;
+    the out-of-fold score covers every train + validation clip once; a fold given twice is
+    refused, naming the clip."""
+    import dvc.api
+
+    repo = tmp_path / "project"
+    repo.mkdir()
+    env = project_copy(repo, [])
+    python = [sys.executable, "-m", "pipeline.folds"]
+    run(["dvc", "repro", "clean"], repo, env)
+    run([*python, "split", "--folds", "2"], repo, env)
+    run(["git", "add", "folds"], repo, env)
+    run(["git", "commit", "-q", "-m", "folds"], repo, env)
+    pool = pd.read_csv(repo / "data" / "clean" / "splits.csv").query("split != 'test'")
+    for k in (0, 1):
+        run(
+            [
+                "dvc",
+                "exp",
+                "run",
+                "-n",
+                f"fold-{k}",
+                "-S",
+                f"dataset.split_file=folds/fold_{k}.csv",
+                "train@cnn3d",
+                "train@cnn_gru",
+            ],
+            repo,
+            env,
+        )
+    report = repo / "reports" / "folds"
+    out = run(
+        [
+            *python,
+            "score",
+            "fold-0",
+            "fold-1",
+            "--models",
+            "cnn3d",
+            "cnn_gru",
+            "--report",
+            "reports/folds",
+        ],
+        repo,
+        env,
+    )
+    scores = json.loads(report.with_suffix(".json").read_text())
+    assert set(scores) == {"cnn3d", "cnn_gru", "ensemble"}
+    assert "| ensemble |" in report.with_suffix(".md").read_text() and "best out of fold" in out
+    for name in ("cnn3d", "cnn_gru"):
+        assert scores[name]["held_out_clips"] == len(pool)
+        per_fold = [
+            json.loads(dvc.api.read(f"metrics/{name}.json", repo=str(repo), rev=f"fold-{k}"))
+            for k in (0, 1)
+        ]
+        assert scores[name]["fold_val_macro_f1"] == pytest.approx(
+            [m["val_macro_f1"] for m in per_fold], abs=1e-9
+        )
+        assert scores[name]["test_macro_f1_mean"] == pytest.approx(
+            sum(m["macro_f1"] for m in per_fold) / 2, abs=1e-9
+        )
+    twice = subprocess.run(
+        [*python, "score", "fold-0", "fold-0", "--models", "cnn3d"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert twice.returncode == 2 and "fold-0 is given twice" in twice.stderr
+
+
+def test_a_clip_held_out_by_two_experiments_or_other_seeds_are_refused():
+    """Scores of folds that overlap (or were trained with other seeds) would count a clip
+    twice: refused, naming the clip and the experiments."""
+
+    def rows(seed, val_paths):
+        return pd.DataFrame(
+            {
+                "seed": seed,
+                "split": "val",
+                "path": val_paths,
+                "label": "shot",
+                "shot": 0.9,
+                "pass": 0.1,
+            }
+        )
+
+    held_out_rows({"a": rows(0, ["x.avi", "y.avi"]), "b": rows(0, ["z.avi"])})  # disjoint: fine
+    with pytest.raises(PipelineError, match=r"y.avi is a validation clip of \['a', 'b'\]"):
+        held_out_rows({"a": rows(0, ["x.avi", "y.avi"]), "b": rows(0, ["y.avi"])})
+    with pytest.raises(PipelineError, match="different seeds"):
+        held_out_rows({"a": rows(0, ["x.avi"]), "b": rows(1, ["y.avi"])})
