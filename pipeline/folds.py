@@ -133,6 +133,7 @@ def scores_of(rows: pd.DataFrame, classes: list[str]) -> dict[str, float]:
 
     y_true = rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     probs = rows[classes].to_numpy(dtype=float)
+    probs = probs / probs.sum(axis=1, keepdims=True)  # written rounded to 6 digits
     macro_f1 = classification_metrics(y_true, probs.argmax(axis=1), classes)["macro_f1"]
     loss = log_loss(y_true, np.clip(probs, 1e-12, 1), labels=list(range(len(classes))))
     return {"macro_f1": macro_f1, "log_loss": float(loss)}
