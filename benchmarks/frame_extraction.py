@@ -65,8 +65,7 @@ def prepare(source: Path | None, frames: int, size: int, root: Path) -> dict:
     from pipeline.stages.download import run as download
 
     os.chdir(root)
-    # clips=default: the models read every cached frame, so any --frames passes the schema
-    overrides = ["clips=default", f"frames.num_frames={frames}", f"frames.size={size}"]
+    overrides = [f"frames.num_frames={frames}", f"frames.size={size}"]
     if source is not None:
         classes = sorted(d.name for d in source.iterdir() if d.is_dir())
         overrides += [

@@ -97,9 +97,9 @@ def experiment_probabilities(experiments: list[str], reports: str, name: str) ->
     name, a branch, a tag or a commit; the files come from the local DVC cache)."""
     import dvc.api
 
+    path = f"{reports}/{name}/{PROBABILITIES_FILE}"
     tables = {}
     for rev in experiments:
-        path = f"{reports}/{name}/{PROBABILITIES_FILE}"
         try:
             with dvc.api.open(path, rev=rev) as handle:
                 tables[rev] = pd.read_csv(handle)

@@ -123,17 +123,13 @@ def footage_params() -> dict:
 def at_test_size(params: dict, name: str) -> dict:
     """The model's configuration as composed, at the test's size: fewer epochs, one network
     (`train.networks`; averaging is tested on its own), narrower cnn3d layers (all `same`
-    padding, for 32x32 frames), no early stop before the schedule ends, every one of the
-    clip's FRAMES frames read (`clips=jitter` reads 8 of 16: temporal jitter and views are
-    tested in tests/test_temporal.py). Architecture, inputs, optimiser and schedule stay as
-    configured."""
+    padding, for 32x32 frames), no early stop before the schedule ends. Architecture,
+    inputs, optimiser and schedule stay as configured."""
     import copy
 
     params = copy.deepcopy(params)
-    params["frames"].update(size=SIZE, num_frames=FRAMES)
+    params["frames"]["size"] = SIZE
     cfg = params["models"][name]
-    cfg.update(num_frames=None, tta_views=False)
-    cfg["train"]["temporal_jitter"] = False
     cfg["train"].update(
         epochs=EPOCHS[name],
         oversample=False,
