@@ -421,12 +421,12 @@ def test_queued_dvc_sweep_logs_each_experiment_into_the_root_store(project):
     before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in untouched]
 
     # exactly as the README prints them, in a new shell that activated the environment
-    (queue,) = readme_commands("dvc exp run --queue")
+    (queue,) = readme_commands("dvc exp run --queue -S 'models.cnn_gru.dropout=")
     assert f"models.cnn_gru.dropout={','.join(QUEUED_DROPOUTS)}" in queue
     output = run_as_printed(queue, repo, env)
     names = re.findall(r"Queued experiment '([^']+)'", output)
     assert len(names) == 2, output
-    (start,) = readme_commands("dvc queue start")
+    (start,) = readme_commands("dvc queue start -j 2")
     run_as_printed(start, repo, env)
     wait_for_queue(repo, env, names)
     assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in untouched] == before
