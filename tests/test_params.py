@@ -121,7 +121,7 @@ def test_every_dataset_caches_8_frames_all_read_and_clips_jitter_is_the_16_frame
 ):
     """conf/clips/: every dataset (one a user adds too) caches 8 frames a clip, all read;
     `clips=jitter` caches 16, each model reads 8 and cnn3d draws them afresh each epoch and
-    averages its views (what five folds chose for cnn3d, docs/scores.md); the sample's
+    averages its views (docs/scores.md: not the default); the sample's
     frame_cnn reads 4, the tests' tiny experiment 6 cached; `experiment=uniri_hbd` the
     reference's 16, each model reading what conf/model/ says."""
     import shutil
