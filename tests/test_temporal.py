@@ -180,6 +180,47 @@ def test_served_model_averages_over_the_views_it_was_evaluated_on(tmp_path, monk
 
 
 @pytest.mark.slow  # its own tiny `dvc repro` of two models (~2 min) and two `predict` runs
+def test_a_model_evaluated_over_views_is_validated_on_every_view_while_it_trains(
+    tmp_path, tiny_params
+):
+    """What `fit` validates each epoch on (and so which epoch is kept): with `tta_views`,
+    every validation clip once per view, the frames it is scored on, its label repeated;
+    without, its fixed evenly spaced frames once. Scores keep one label per clip."""
+    import pandas as pd
+
+    from pipeline.schema import parse_params
+    from pipeline.stages.train import load_data
+
+    for split, clips in (("train", 4), ("val", 3), ("test", 2)):
+        directory = tmp_path / "frames" / split
+        directory.mkdir(parents=True)
+        np.save(directory / "frames.npy", numbered_cache(clips))
+        np.save(directory / "labels.npy", np.arange(clips) % 2)
+        pd.DataFrame({"clip": [f"{split}{i}" for i in range(clips)]}).to_csv(
+            directory / "clips.csv", index=False
+        )
+    params = {
+        **tiny_params,
+        "paths": {**tiny_params["paths"], "frames": str(tmp_path / "frames")},
+        "frames": {**tiny_params["frames"], "num_frames": CACHED},
+    }
+    for views, expected_frames in ((True, view_indices(CACHED, READ)), (False, None)):
+        cnn3d = {**tiny_params["models"]["cnn3d"], "num_frames": READ, "tta_views": views}
+        config = parse_params({**params, "models": {**params["models"], "cnn3d": cnn3d}})
+        data, clips = load_data(config.paths, config.models.cnn3d)
+        x_val, y_val = data["val"]
+        clip, frame = x_val[:, 0, 0, 0, 0] // 20, x_val[:, :, 0, 0, 0] % 20
+        if views:
+            np.testing.assert_array_equal(clip, [0, 1, 2, 0, 1, 2])
+            np.testing.assert_array_equal(frame, np.repeat(expected_frames, 3, axis=0))
+        else:
+            np.testing.assert_array_equal(clip, [0, 1, 2])
+            np.testing.assert_array_equal(frame[0], [0, 2, 4, 6, 9, 11, 13, 15])  # evenly spaced
+        np.testing.assert_array_equal(y_val, clip % 2)
+        np.testing.assert_array_equal(data["labels"]["val"], [0, 1, 0])
+        assert len(data["views"]["val"]) == (2 if views else 1) and len(clips["val"]) == 3
+
+
 def test_pipeline_with_temporal_jitter_serves_what_it_evaluated(tmp_path):
     """Twice the frames cached as cnn3d and cnn_gru read: both train with temporal jitter
     (cnn3d with oversampled copies as well) and are evaluated over the two views; `predict`

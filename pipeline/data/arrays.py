@@ -157,6 +157,20 @@ def evaluation_views(cache, num_frames: int | None, views: bool) -> list:
     return [select_frames(cache, idx) for idx in view_indices(cached_frames(cache), num_frames)]
 
 
+def stacked_views(views: list, labels: np.ndarray) -> tuple:
+    """(inputs, labels): every view of a split's clips as one set of inputs, each clip once
+    per view, and its labels repeated alike (one view: itself). What a model evaluated over
+    views (`tta_views`) is validated on while it trains, so that the epoch kept is chosen on
+    the frames it is scored on; the validation loss is the mean of the views' losses."""
+    if len(views) == 1:
+        return views[0], labels
+    if isinstance(views[0], dict):
+        stacked = {k: np.concatenate([v[k] for v in views]) for k in views[0]}
+    else:
+        stacked = np.concatenate(views)
+    return stacked, np.tile(labels, len(views))
+
+
 def input_dir(paths: Paths, model: ModelSection) -> Path:
     """The cache a model reads: `paths.frames` or `paths.features` (its `input`)."""
     return resolve(getattr(paths, model.input))

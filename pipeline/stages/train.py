@@ -22,6 +22,7 @@ from pipeline.data.arrays import (
     fixed_inputs,
     input_dir,
     load_cache,
+    stacked_views,
 )
 from pipeline.models.distributed import is_chief, training_strategy
 from pipeline.models.evaluation import backbone_ms_per_clip, clip_probabilities, model_ms_per_clip
@@ -159,9 +160,11 @@ def preprocessing_record(config: Params, model: ModelSection, classes: list[str]
 
 
 def load_data(paths: Paths, model: ModelSection) -> tuple[dict, dict]:
-    """The model's inputs and labels per split (its fixed frames of each clip, trained and
-    validated on), the views of the evaluation (`tta_views`), every cached training frame
-    for `train.temporal_jitter`, and the validation and test clips' table."""
+    """The model's inputs and labels per split: its fixed frames of each clip for training
+    and test, every view of each validation clip (`stacked_views`: with `tta_views`, the
+    frames it is evaluated on, so its best epoch is chosen on them), the views of the
+    evaluation, each split's labels, every cached training frame for
+    `train.temporal_jitter`, and the validation and test clips' table."""
     caches = {split: load_cache(paths, model, split) for split in ("train", "val", "test")}
     if not len(caches["val"][1]) or not len(caches["test"][1]):
         raise ValueError(
@@ -177,6 +180,8 @@ def load_data(paths: Paths, model: ModelSection) -> tuple[dict, dict]:
         s: evaluation_views(caches[s][0], num_frames, True) if model.tta_views else [data[s][0]]
         for s in ("val", "test")
     }
+    data["labels"] = {s: data[s][1] for s in ("val", "test")}
+    data["val"] = stacked_views(data["views"]["val"], data["labels"]["val"])
     if model.train.temporal_jitter:
         data["train_cache"] = caches["train"][0]
     return data, {s: caches[s][2] for s in ("val", "test")}
@@ -228,7 +233,7 @@ def evaluate(
         for split, views in data["views"].items()
     }
     scores, val_scores = (
-        classification_metrics(data[s][1], probabilities[seed, s].argmax(axis=1), classes)
+        classification_metrics(data["labels"][s], probabilities[seed, s].argmax(axis=1), classes)
         for s in ("test", "val")
     )
     model_ms = model_ms_per_clip(model, data["views"]["test"], batch_size, hflip)
