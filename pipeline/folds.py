@@ -5,6 +5,8 @@ validation split of a dozen clips (docs/scores.md, *Choosing on five folds*).
     dvc exp run -n fold-0 -S dataset.split_file=folds/fold_0.csv -S 'train_seeds=[0,1,2]'
     ...                                                # one experiment per fold and setting
     python -m pipeline.folds score fold-0 fold-1 fold-2 fold-3 fold-4
+    python -m pipeline.folds score gru-fold-0 ... gru-fold-4 --models cnn_gru \
+        --members-from fold-0 ... fold-4               # one model's setting, with the others
 
 `split` deals the train and validation clips of the last `dvc repro` (`data/clean/splits.csv`,
 whether from a split file or the grouped random split) into folds by recording group (a group
@@ -13,7 +15,8 @@ trains on the rest, and the test clips stay test in every fold, so test scores s
 with a fixed split's. `score` reads each experiment's `reports/<model>/probabilities.csv`
 through DVC and scores every model, and the ensemble of them pooled as `compare.ensemble`
 says, on the held-out clips of all folds together: each clip scored once per seed by networks
-that did not train on it. Test scores are listed too, for the record, never to choose by.
+that did not train on it (`pipeline.fold_scores`). Test scores are listed too, for the record,
+never to choose by.
 """
 
 from __future__ import annotations
@@ -23,16 +26,22 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from pipeline.atomic import write_text_atomic
 from pipeline.config import load_config, resolve
-from pipeline.ensemble import ENSEMBLE, aligned_probabilities, ensemble_config, pooled_probabilities
+from pipeline.ensemble import ENSEMBLE, ensemble_config
 from pipeline.errors import PipelineError
-from pipeline.evaluate import classification_metrics
+from pipeline.fold_scores import (
+    check_same_folds,
+    ensemble_rows,
+    fold_rows,
+    member_sources,
+    out_of_fold_scores,
+    score_table,
+)
 from pipeline.logs import setup_logging
-from pipeline.probabilities import CLIP_KEYS, PROBABILITIES_FILE
+from pipeline.probabilities import CLIP_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -92,121 +101,6 @@ def write_fold_files(tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
     return paths
 
 
-def experiment_probabilities(experiments: list[str], reports: str, name: str) -> dict:
-    """{experiment: its `reports/<name>/probabilities.csv`}, read through DVC (an experiment
-    name, a branch, a tag or a commit; the files come from the local DVC cache)."""
-    import dvc.api
-
-    path = f"{reports}/{name}/{PROBABILITIES_FILE}"
-    tables = {}
-    for rev in experiments:
-        try:
-            with dvc.api.open(path, rev=rev) as handle:
-                tables[rev] = pd.read_csv(handle)
-        except Exception as exc:  # dvc raises several kinds for a missing rev or file
-            raise PipelineError(f"experiment {rev!r}: cannot read {path} ({exc})") from exc
-    return tables
-
-
-def held_out_rows(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Every experiment's rows with a `fold` column; a validation clip held out by two
-    experiments for one seed, or seeds that differ between them, is a PipelineError."""
-    seeds = {rev: sorted(set(t["seed"])) for rev, t in tables.items()}
-    if len({tuple(s) for s in seeds.values()}) > 1:
-        raise PipelineError(f"the experiments were trained with different seeds: {seeds}")
-    rows = pd.concat([t.assign(fold=rev) for rev, t in tables.items()], ignore_index=True)
-    val = rows[rows["split"] == "val"]
-    twice = val[val.duplicated(["seed", "path"], keep=False)]
-    if len(twice):
-        clip = twice.iloc[0]
-        folds = sorted(set(twice[twice["path"] == clip["path"]]["fold"]))
-        raise PipelineError(
-            f"{clip['path']} is a validation clip of {folds}: score the folds of one "
-            "`python -m pipeline.folds split`, one experiment each"
-        )
-    return rows
-
-
-def scores_of(rows: pd.DataFrame, classes: list[str]) -> dict[str, float]:
-    """Macro-F1 and log-loss of probability rows (label, one column per class)."""
-    from sklearn.metrics import log_loss
-
-    y_true = rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    probs = rows[classes].to_numpy(dtype=float)
-    probs = probs / probs.sum(axis=1, keepdims=True)  # written rounded to 6 digits
-    macro_f1 = classification_metrics(y_true, probs.argmax(axis=1), classes)["macro_f1"]
-    loss = log_loss(y_true, np.clip(probs, 1e-12, 1), labels=list(range(len(classes))))
-    return {"macro_f1": macro_f1, "log_loss": float(loss)}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-def out_of_fold_scores(rows: pd.DataFrame, classes: list[str]) -> dict:
-    """Per seed, the held-out clips of all folds scored together; per fold and seed, its own
-    validation and test macro-F1."""
-    per_seed = {
-        int(seed): scores_of(g[g["split"] == "val"], classes) for seed, g in rows.groupby("seed")
-    }
-    by_fold = rows.groupby(["fold", "seed"])
-    fold_val = [scores_of(g[g["split"] == "val"], classes)["macro_f1"] for _, g in by_fold]
-    fold_test = [scores_of(g[g["split"] == "test"], classes)["macro_f1"] for _, g in by_fold]
-    val_mean, val_std = mean_std([s["macro_f1"] for s in per_seed.values()])
-    test_mean, test_std = mean_std(fold_test)
-    return {
-        "val_by_seed": per_seed,
-        "val_macro_f1_mean": val_mean,
-        "val_macro_f1_std": val_std,
-        "val_log_loss_mean": float(np.mean([s["log_loss"] for s in per_seed.values()])),
-        "fold_val_macro_f1": fold_val,
-        "test_macro_f1_mean": test_mean,
-        "test_macro_f1_std": test_std,
-        "held_out_clips": int((rows["split"] == "val").sum() // len(per_seed)),
-    }
-
-
-def ensemble_rows(
-    by_model: dict[str, pd.DataFrame], classes: list[str], pooling: str
-) -> pd.DataFrame:
-    """The members' rows pooled clip by clip with equal weights, fold by fold."""
-    pooled = []
-    for fold in by_model[next(iter(by_model))]["fold"].unique():
-        tables = {m: t[t["fold"] == fold].drop(columns="fold") for m, t in by_model.items()}
-        clips, probs = aligned_probabilities(tables, classes)
-        weights = np.full(len(tables), 1 / len(tables))
-        pooled.append(
-            pd.concat(
-                [
-                    clips,
-                    pd.DataFrame(pooled_probabilities(weights, probs, pooling), columns=classes),
-                ],
-                axis=1,
-            ).assign(fold=fold)
-        )
-    return pd.concat(pooled, ignore_index=True)
-
-
-def score_table(scores: dict[str, dict]) -> str:
-    """The scores as a Markdown table, a row per model."""
-    lines = [
-        "| model | out-of-fold val macro-F1 (per seed) | val log-loss | per fold and seed: val "
-        "| test (folds x seeds) |",
-        "|---|---|---|---|---|",
-    ]
-    for name, s in scores.items():
-        seeds = ", ".join(f"{v['macro_f1']:.2f}" for v in s["val_by_seed"].values())
-        folds = s["fold_val_macro_f1"]
-        fold_mean, fold_std = mean_std(folds)
-        lines.append(
-            f"| {name} | {s['val_macro_f1_mean']:.3f} ± {s['val_macro_f1_std']:.3f} ({seeds}) "
-            f"| {s['val_log_loss_mean']:.3f} | {fold_mean:.3f} ± {fold_std:.3f} (lowest "
-            f"{min(folds):.2f}) | {s['test_macro_f1_mean']:.3f} ± {s['test_macro_f1_std']:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def split_command(args: argparse.Namespace) -> None:
     """`split`: the fold files of the last clean stage's clips."""
     config = load_config(args.params)
@@ -231,16 +125,24 @@ def score_command(args: argparse.Namespace) -> None:
     from pipeline.schema.base import MODEL_NAMES
 
     config = load_config(args.params)
-    given = pd.Series(args.experiments)
-    if given.duplicated().any():
-        raise PipelineError(f"{given[given.duplicated()].iloc[0]} is given twice: one per fold")
+    for experiments in (args.experiments, args.members_from or []):
+        given = pd.Series(experiments)
+        if given.duplicated().any():
+            raise PipelineError(f"{given[given.duplicated()].iloc[0]} is given twice: one per fold")
+    sources = member_sources(
+        args.experiments, args.models, args.members_from, MODEL_NAMES, config.paths.reports
+    )
     by_model = {
-        name: held_out_rows(experiment_probabilities(args.experiments, config.paths.reports, name))
-        for name in args.models or MODEL_NAMES
+        name: fold_rows(experiments, config.paths.reports, name, args.experiments)
+        for name, experiments in sources.items()
     }
+    check_same_folds(by_model, sources)
     first = next(iter(by_model.values()))
     classes = [c for c in first.columns if c not in (*CLIP_KEYS, "label", "fold")]
-    scores = {name: out_of_fold_scores(rows, classes) for name, rows in by_model.items()}
+    scores = {
+        name: {**out_of_fold_scores(rows, classes), "experiments": sources[name]}
+        for name, rows in by_model.items()
+    }
     if len(by_model) > 1:
         pooling = ensemble_config(config.compare.ensemble).pooling
         scores[ENSEMBLE] = out_of_fold_scores(ensemble_rows(by_model, classes, pooling), classes)
@@ -277,6 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     score = commands.add_parser("score", help="out-of-fold scores of one experiment per fold")
     score.add_argument("experiments", nargs="+", help="DVC experiment names (or revisions)")
     score.add_argument("--models", nargs="+", choices=MODEL_NAMES, help="default: all three")
+    score.add_argument(
+        "--members-from",
+        nargs="+",
+        metavar="EXPERIMENT",
+        help="the models not in --models read from these experiments (one per fold, in the "
+        "same order): the ensemble of one model's setting with the others as they were",
+    )
     score.add_argument("--report", help="also write the table and scores to REPORT.md/.json")
     args = parser.parse_args(argv)
     setup_logging()

@@ -12,7 +12,8 @@ import pytest
 from conftest import project_copy, run
 
 from pipeline.errors import PipelineError
-from pipeline.folds import fold_splits, held_out_rows
+from pipeline.fold_scores import held_out_rows
+from pipeline.folds import fold_splits
 
 
 def clip_table() -> pd.DataFrame:
@@ -61,8 +62,10 @@ def test_scores_held_out_clips_of_one_experiment_per_fold(tmp_path):
     """The documented loop on the tiny project: clean, write 2 folds (committed), one
     `dvc exp run` per fold file training cnn3d and cnn_gru, then `score` them. Each fold's own
     validation and test macro-F1 equal what its train stage wrote to metrics/<model>.json;
-    the out-of-fold score covers every train + validation clip once; a fold given twice is
-    refused, naming the clip."""
+    the out-of-fold score covers every train + validation clip once; one model's setting,
+    trained on the same folds alone, is scored with the other members read from the first
+    experiments (`--members-from`), and members of other folds are refused; a fold given
+    twice is refused."""
     import dvc.api
 
     repo = tmp_path / "project"
@@ -121,6 +124,64 @@ def test_scores_held_out_clips_of_one_experiment_per_fold(tmp_path):
         assert scores[name]["test_macro_f1_mean"] == pytest.approx(
             sum(m["macro_f1"] for m in per_fold) / 2, abs=1e-9
         )
+    # one model's setting on the same folds, the ensemble's other members as they were
+    for k in (0, 1):
+        run(
+            [
+                "dvc",
+                "exp",
+                "run",
+                "-n",
+                f"wide-fold-{k}",
+                "-S",
+                f"dataset.split_file=folds/fold_{k}.csv",
+                "-S",
+                "models.cnn_gru.dropout=0.0",
+                "train@cnn_gru",
+            ],
+            repo,
+            env,
+        )
+    wide = ["wide-fold-0", "wide-fold-1"]
+    run(
+        [
+            *python,
+            "score",
+            *wide,
+            "--models",
+            "cnn_gru",
+            "--members-from",
+            "fold-0",
+            "fold-1",
+            "--report",
+            "reports/wide",
+        ],
+        repo,
+        env,
+    )
+    mixed = json.loads((repo / "reports" / "wide.json").read_text())
+    assert set(mixed) == {"cnn3d", "cnn_gru", "ensemble"}
+    assert mixed["cnn_gru"]["experiments"] == wide
+    assert mixed["cnn3d"]["experiments"] == ["fold-0", "fold-1"]
+    assert mixed["cnn_gru"]["fold_val_macro_f1"] == pytest.approx(
+        [
+            json.loads(dvc.api.read("metrics/cnn_gru.json", repo=str(repo), rev=rev))[
+                "val_macro_f1"
+            ]
+            for rev in wide
+        ],
+        abs=1e-9,
+    )
+    assert mixed["cnn3d"]["val_by_seed"] == scores["cnn3d"]["val_by_seed"]
+    swapped = subprocess.run(
+        [*python, "score", *wide, "--models", "cnn_gru", "--members-from", "fold-1", "fold-0"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert swapped.returncode == 2
+    assert "wide-fold-0 (cnn_gru) and fold-1 (cnn3d) hold out other" in swapped.stderr
     twice = subprocess.run(
         [*python, "score", "fold-0", "fold-0", "--models", "cnn3d"],
         cwd=repo,
