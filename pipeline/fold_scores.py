@@ -192,12 +192,16 @@ def member_sources(
             "folds: one per fold, in the order of the scored ones"
         )
     others = [name for name in all_models if name not in chosen]
+    if not others:
+        raise PipelineError(
+            "--members-from reads the models not in --models, and --models names them all: "
+            "give --models the ones to score from the experiments (e.g. --models frame_cnn)"
+        )
     held = [name for name in others if holds_probabilities(members_from[0], reports, name)]
     if not held:
         raise PipelineError(
-            f"--members-from: {members_from[0]} holds none of {', '.join(others)} (the models "
-            "not in --models) to pool with: give --models the ones to score from the "
-            "experiments (e.g. --models frame_cnn)"
+            f"--members-from: {members_from[0]} trained none of {', '.join(others)} (the "
+            "models not in --models) to pool with"
         )
     for name in others:
         if name not in held:

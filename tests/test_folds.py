@@ -12,7 +12,7 @@ import pytest
 from conftest import project_copy, run
 
 from pipeline.errors import PipelineError
-from pipeline.fold_scores import held_out_rows
+from pipeline.fold_scores import held_out_rows, member_sources
 from pipeline.folds import fold_splits
 
 
@@ -57,7 +57,7 @@ def test_more_folds_than_groups_is_refused_naming_the_option():
         fold_splits(clip_table(), folds=20, seed=0)
 
 
-@pytest.mark.slow  # two `dvc exp run`s of two models at test size (~4 min); CI runs it
+@pytest.mark.slow  # four `dvc exp run`s at test size (~5 min); CI runs it
 def test_scores_held_out_clips_of_one_experiment_per_fold(tmp_path):
     """The documented loop on the tiny project: clean, write 2 folds (committed), one
     `dvc exp run` per fold file training cnn3d and cnn_gru, then `score` them. Each fold's own
@@ -77,22 +77,13 @@ def test_scores_held_out_clips_of_one_experiment_per_fold(tmp_path):
     run(["git", "add", "folds"], repo, env)
     run(["git", "commit", "-q", "-m", "folds"], repo, env)
     pool = pd.read_csv(repo / "data" / "clean" / "splits.csv").query("split != 'test'")
+
+    def fold_experiment(name: str, k: int, *settings: str) -> None:
+        split_file = f"dataset.split_file=folds/fold_{k}.csv"
+        run(["dvc", "exp", "run", "-n", f"{name}-{k}", "-S", split_file, *settings], repo, env)
+
     for k in (0, 1):
-        run(
-            [
-                "dvc",
-                "exp",
-                "run",
-                "-n",
-                f"fold-{k}",
-                "-S",
-                f"dataset.split_file=folds/fold_{k}.csv",
-                "train@cnn3d",
-                "train@cnn_gru",
-            ],
-            repo,
-            env,
-        )
+        fold_experiment("fold", k, "train@cnn3d", "train@cnn_gru")
     report = repo / "reports" / "folds"
     out = run(
         [
@@ -126,22 +117,7 @@ def test_scores_held_out_clips_of_one_experiment_per_fold(tmp_path):
         )
     # one model's setting on the same folds, the ensemble's other members as they were
     for k in (0, 1):
-        run(
-            [
-                "dvc",
-                "exp",
-                "run",
-                "-n",
-                f"wide-fold-{k}",
-                "-S",
-                f"dataset.split_file=folds/fold_{k}.csv",
-                "-S",
-                "models.cnn_gru.dropout=0.0",
-                "train@cnn_gru",
-            ],
-            repo,
-            env,
-        )
+        fold_experiment("wide-fold", k, "-S", "models.cnn_gru.dropout=0.0", "train@cnn_gru")
     wide = ["wide-fold-0", "wide-fold-1"]
     run(
         [
@@ -213,3 +189,12 @@ def test_a_clip_held_out_by_two_experiments_or_other_seeds_are_refused():
         held_out_rows({"a": rows(0, ["x.avi", "y.avi"]), "b": rows(0, ["y.avi"])})
     with pytest.raises(PipelineError, match="different seeds"):
         held_out_rows({"a": rows(0, ["x.avi"]), "b": rows(1, ["y.avi"])})
+
+
+def test_members_from_needs_one_experiment_per_fold_and_a_model_left_to_read():
+    models = ["frame_cnn", "cnn3d", "cnn_gru"]
+    assert member_sources(["a", "b"], ["cnn3d"], None, models, "reports") == {"cnn3d": ["a", "b"]}
+    with pytest.raises(PipelineError, match="--members-from names 1 experiments for 2 folds"):
+        member_sources(["a", "b"], ["cnn3d"], ["c"], models, "reports")
+    with pytest.raises(PipelineError, match="--models names them all"):
+        member_sources(["a", "b"], None, ["c", "d"], models, "reports")
