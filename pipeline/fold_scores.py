@@ -14,6 +14,7 @@ import pandas as pd
 from pipeline.ensemble import aligned_probabilities, pooled_probabilities
 from pipeline.errors import PipelineError
 from pipeline.evaluate import classification_metrics
+from pipeline.experiment_stages import experiment_stale_inputs, train_stage
 from pipeline.probabilities import PROBABILITIES_FILE
 
 log = logging.getLogger(__name__)
@@ -162,13 +163,25 @@ def score_table(scores: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def holds_probabilities(experiment: str, reports: str, name: str) -> bool:
-    """Whether `experiment` has model `name`'s probabilities (it trained the model)."""
-    try:
-        experiment_probabilities([experiment], reports, name)
-    except PipelineError:
-        return False
-    return True
+def trained_in(experiment: str, name: str) -> bool:
+    """Whether `experiment` trained model `name` with its own settings and data (its outputs
+    of the model are not those of the commit or workspace it started from)."""
+    return not experiment_stale_inputs(experiment, train_stage(name))
+
+
+def check_trained(sources: dict[str, list[str]]) -> None:
+    """Every model's experiments trained it with their own settings and data: a
+    PipelineError naming the first that did not, and what differs."""
+    for name, experiments in sources.items():
+        for rev in experiments:
+            stale = experiment_stale_inputs(rev, train_stage(name))
+            if stale:
+                raise PipelineError(
+                    f"{rev} did not train {name}: its dvc.lock entry {train_stage(name)} "
+                    f"differs from the experiment in {', '.join(stale[:4])} (the outputs "
+                    "come from the commit or workspace it started from); give the "
+                    f"experiments that ran {train_stage(name)}"
+                )
 
 
 def member_sources(
@@ -176,7 +189,6 @@ def member_sources(
     models: list[str] | None,
     members_from: list[str] | None,
     all_models,
-    reports: str,
 ) -> dict[str, list[str]]:
     """{model: the experiments (one per fold) its probabilities are read from}: `models` (all
     by default) from `experiments`; with `members_from`, every other model those hold, so
@@ -197,7 +209,7 @@ def member_sources(
             "--members-from reads the models not in --models, and --models names them all: "
             "give --models the ones to score from the experiments (e.g. --models frame_cnn)"
         )
-    held = [name for name in others if holds_probabilities(members_from[0], reports, name)]
+    held = [name for name in others if trained_in(members_from[0], name)]
     if not held:
         raise PipelineError(
             f"--members-from: {members_from[0]} trained none of {', '.join(others)} (the "

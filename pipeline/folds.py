@@ -34,6 +34,7 @@ from pipeline.ensemble import ENSEMBLE, ensemble_config
 from pipeline.errors import PipelineError
 from pipeline.fold_scores import (
     check_same_folds,
+    check_trained,
     ensemble_rows,
     fold_rows,
     member_sources,
@@ -129,9 +130,8 @@ def score_command(args: argparse.Namespace) -> None:
         given = pd.Series(experiments)
         if given.duplicated().any():
             raise PipelineError(f"{given[given.duplicated()].iloc[0]} is given twice: one per fold")
-    sources = member_sources(
-        args.experiments, args.models, args.members_from, MODEL_NAMES, config.paths.reports
-    )
+    sources = member_sources(args.experiments, args.models, args.members_from, MODEL_NAMES)
+    check_trained(sources)
     by_model = {
         name: fold_rows(experiments, config.paths.reports, name, args.experiments)
         for name, experiments in sources.items()

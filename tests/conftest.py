@@ -335,6 +335,21 @@ def folder_params(tiny_params: dict, src, classes, **clean_cfg) -> dict:
     }
 
 
+def git_env() -> dict:
+    """The environment to run git, dvc and the project's commands in a test repository: the
+    test's Python first on PATH, a git identity, no DVC_ROOT of an outer DVC stage."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env.pop("DVC_ROOT", None)
+    return env
+
+
 def project_copy(repo: Path, overrides: list[str]) -> dict:
     """The project as git would clone it, committed in a new git repository at `repo`, its
     default config `experiment=tiny` plus `overrides` (so README commands run as printed, at
@@ -361,15 +376,7 @@ def project_copy(repo: Path, overrides: list[str]) -> dict:
     (repo / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)  # gitignored
     params = compose_params([*TINY, *overrides], conf_dir=repo / "conf")
     (repo / "params.yaml").write_text(dump_params(params))
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    env.pop("DVC_ROOT", None)
+    env = git_env()
     run(["git", "init", "-q", "-b", "main"], repo, env)
     with open(repo / ".git" / "info" / "exclude", "a") as exclude:
         exclude.write(".venv\n")  # the link (.gitignore's `.venv/` matches folders only)

@@ -158,6 +158,15 @@ def test_scores_held_out_clips_of_one_experiment_per_fold(tmp_path):
     )
     assert swapped.returncode == 2
     assert "wide-fold-0 (cnn_gru) and fold-1 (cnn3d) hold out other" in swapped.stderr
+    untrained = subprocess.run(  # wide-fold-* trained cnn_gru alone: their cnn3d is not theirs
+        [*python, "score", *wide, "--models", "cnn3d"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert untrained.returncode == 2
+    assert "wide-fold-0 did not train cnn3d: its dvc.lock entry train@cnn3d" in untrained.stderr
     twice = subprocess.run(
         [*python, "score", "fold-0", "fold-0", "--models", "cnn3d"],
         cwd=repo,
@@ -193,8 +202,8 @@ def test_a_clip_held_out_by_two_experiments_or_other_seeds_are_refused():
 
 def test_members_from_needs_one_experiment_per_fold_and_a_model_left_to_read():
     models = ["frame_cnn", "cnn3d", "cnn_gru"]
-    assert member_sources(["a", "b"], ["cnn3d"], None, models, "reports") == {"cnn3d": ["a", "b"]}
+    assert member_sources(["a", "b"], ["cnn3d"], None, models) == {"cnn3d": ["a", "b"]}
     with pytest.raises(PipelineError, match="--members-from names 1 experiments for 2 folds"):
-        member_sources(["a", "b"], ["cnn3d"], ["c"], models, "reports")
+        member_sources(["a", "b"], ["cnn3d"], ["c"], models)
     with pytest.raises(PipelineError, match="--models names them all"):
-        member_sources(["a", "b"], None, ["c", "d"], models, "reports")
+        member_sources(["a", "b"], None, ["c", "d"], models)

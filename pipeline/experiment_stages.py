@@ -1,0 +1,80 @@
+"""Which stages an experiment ran. An experiment's commit holds the outputs of every stage,
+those of the stages it did not run included: `dvc exp run train@cnn3d` keeps frame_cnn's
+outputs (and dvc.lock entry) from the commit it started from, or from the workspace. A
+stage's outputs belong to the experiment when its dvc.lock entry agrees with the
+experiment's params files and with the outputs of the stages it reads, which is what
+`dvc status` checks in a workspace.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+
+def train_stage(model: str) -> str:
+    """The name of `model`'s training stage in dvc.yaml (a `foreach` over the models)."""
+    return f"train@{model}"
+
+
+def dotted(tree: dict, key: str):
+    """`tree`'s value at a dotted key (`models.cnn3d.train`), KeyError when absent."""
+    value = tree
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(key)
+        value = value[part]
+    return value
+
+
+def stale_inputs(lock: dict, params_files: dict[str, dict], stage: str) -> list[str]:
+    """What of `stage`'s dvc.lock entry differs from the params files and from the lock's own
+    outputs: `params.yaml: seed`, `data/frames`. An empty list: the stage's outputs are
+    what it makes of them. A stage missing from the lock is stale as a whole."""
+    entry = lock.get("stages", {}).get(stage)
+    if entry is None:
+        return [f"{stage} (not in dvc.lock)"]
+    stale = []
+    for file, values in entry.get("params", {}).items():
+        for key, value in values.items():
+            try:
+                current = dotted(params_files.get(file, {}), key)
+            except KeyError:
+                current = KeyError
+            if current != value:
+                stale.append(f"{file}: {key}")
+    outputs = {
+        out["path"]: out.get("md5")
+        for other in lock.get("stages", {}).values()
+        for out in other.get("outs", [])
+    }
+    for dep in entry.get("deps", []):
+        if dep["path"] in outputs and outputs[dep["path"]] != dep.get("md5"):
+            stale.append(dep["path"])
+    return sorted(set(stale))
+
+
+@lru_cache(maxsize=256)
+def _read_yaml(path: str, rev: str, repo: str) -> dict:
+    import dvc.api
+
+    try:
+        return yaml.safe_load(dvc.api.read(path, repo=repo, rev=rev)) or {}
+    except FileNotFoundError:
+        return {}
+    except Exception as exc:  # dvc raises several kinds for a rev it cannot resolve
+        raise PipelineError(f"experiment {rev!r}: cannot read {path} ({exc})") from exc
+
+
+def experiment_stale_inputs(rev: str, stage: str) -> list[str]:
+    """`stale_inputs` of `stage` in experiment (or branch, tag, commit) `rev`, from its
+    committed dvc.lock and params files."""
+    repo = os.getcwd()  # the DVC repository the command runs in
+    lock = _read_yaml("dvc.lock", rev, repo)
+    entry = lock.get("stages", {}).get(stage, {})
+    params_files = {file: _read_yaml(file, rev, repo) for file in entry.get("params", {})}
+    return stale_inputs(lock, params_files, stage)
