@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-import yaml
-
 from pipeline.errors import PipelineError
 
 
@@ -61,9 +59,10 @@ def stale_inputs(lock: dict, params_files: dict[str, dict], stage: str) -> list[
 @lru_cache(maxsize=256)
 def _read_yaml(path: str, rev: str, repo: str) -> dict:
     import dvc.api
+    from dvc.utils.serialize import parse_yaml  # as DVC reads them: 1e-05 is a number
 
     try:
-        return yaml.safe_load(dvc.api.read(path, repo=repo, rev=rev)) or {}
+        return parse_yaml(dvc.api.read(path, repo=repo, rev=rev), path) or {}
     except FileNotFoundError:
         return {}
     except Exception as exc:  # dvc raises several kinds for a rev it cannot resolve

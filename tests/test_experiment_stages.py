@@ -17,7 +17,7 @@ WRITE = f"{sys.executable} -c \"import sys; open(sys.argv[1], 'w').write(sys.arg
 
 def toy_repo(repo, env) -> None:
     """Stages `first` (param a) and `second` (param b), and `third` reading first's output."""
-    (repo / "params.yaml").write_text("a: 1\nb: {c: 1}\n")
+    (repo / "params.yaml").write_text("a: 1\nb: {c: 1.0e-05}\n")  # as PyYAML writes 1e-05
     stages = {
         "first": {"cmd": f"{WRITE} first.txt ${{a}}", "params": ["a"], "outs": ["first.txt"]},
         "second": {"cmd": f"{WRITE} second.txt ${{b.c}}", "params": ["b"], "outs": ["second.txt"]},
@@ -52,6 +52,7 @@ def test_an_experiment_ran_the_stages_whose_lock_entry_agrees_with_it(tmp_path, 
     assert experiment_stale_inputs("new-a", "third") == ["first.txt"]
     assert experiment_stale_inputs("new-b", "second") == ["params.yaml: b"]
     assert experiment_stale_inputs("main", "third") == []
+    assert experiment_stale_inputs("main", "second") == []  # dvc.lock holds b.c as 1e-05
     with pytest.raises(PipelineError, match="cannot read dvc.lock"):
         experiment_stale_inputs("no-such-experiment", "first")
 
