@@ -149,32 +149,20 @@ def test_scores_held_out_clips_of_one_experiment_per_fold(tmp_path):
         abs=1e-9,
     )
     assert mixed["cnn3d"]["val_by_seed"] == scores["cnn3d"]["val_by_seed"]
-    swapped = subprocess.run(
-        [*python, "score", *wide, "--models", "cnn_gru", "--members-from", "fold-1", "fold-0"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert swapped.returncode == 2
-    assert "wide-fold-0 (cnn_gru) and fold-1 (cnn3d) hold out other" in swapped.stderr
-    untrained = subprocess.run(  # wide-fold-* trained cnn_gru alone: their cnn3d is not theirs
-        [*python, "score", *wide, "--models", "cnn3d"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert untrained.returncode == 2
-    assert "wide-fold-0 did not train cnn3d: its dvc.lock entry train@cnn3d" in untrained.stderr
-    twice = subprocess.run(
-        [*python, "score", "fold-0", "fold-0", "--models", "cnn3d"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert twice.returncode == 2 and "fold-0 is given twice" in twice.stderr
+
+    def refused(*arguments: str) -> str:
+        """`score`'s error output for arguments it must refuse (exit status 2)."""
+        proc = subprocess.run(
+            [*python, "score", *arguments], cwd=repo, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        return proc.stderr
+
+    swapped = refused(*wide, "--models", "cnn_gru", "--members-from", "fold-1", "fold-0")
+    assert "wide-fold-0 (cnn_gru) and fold-1 (cnn3d) hold out other" in swapped
+    untrained = refused(*wide, "--models", "cnn3d")  # wide-fold-* trained cnn_gru alone
+    assert "wide-fold-0 did not train cnn3d: its dvc.lock entry train@cnn3d" in untrained
+    assert "fold-0 is given twice" in refused("fold-0", "fold-0", "--models", "cnn3d")
 
 
 def test_a_clip_held_out_by_two_experiments_or_other_seeds_are_refused():
