@@ -8,10 +8,12 @@ experiment's params files and with the outputs of the stages it reads, which is 
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
+from pipeline.config import repo_root
 from pipeline.errors import PipelineError
+
+ABSENT = object()  # a key the params file does not hold (None is a value: `num_frames: null`)
 
 
 def train_stage(model: str) -> str:
@@ -20,11 +22,11 @@ def train_stage(model: str) -> str:
 
 
 def dotted(tree: dict, key: str):
-    """`tree`'s value at a dotted key (`models.cnn3d.train`), KeyError when absent."""
+    """`tree`'s value at a dotted key (`models.cnn3d.train`), ABSENT when it has none."""
     value = tree
     for part in key.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise KeyError(key)
+            return ABSENT
         value = value[part]
     return value
 
@@ -39,11 +41,7 @@ def stale_inputs(lock: dict, params_files: dict[str, dict], stage: str) -> list[
     stale = []
     for file, values in entry.get("params", {}).items():
         for key, value in values.items():
-            try:
-                current = dotted(params_files.get(file, {}), key)
-            except KeyError:
-                current = KeyError
-            if current != value:
+            if dotted(params_files.get(file, {}), key) != value:
                 stale.append(f"{file}: {key}")
     outputs = {
         out["path"]: out.get("md5")
@@ -72,7 +70,7 @@ def _read_yaml(path: str, rev: str, repo: str) -> dict:
 def experiment_stale_inputs(rev: str, stage: str) -> list[str]:
     """`stale_inputs` of `stage` in experiment (or branch, tag, commit) `rev`, from its
     committed dvc.lock and params files."""
-    repo = os.getcwd()  # the DVC repository the command runs in
+    repo = str(repo_root())
     lock = _read_yaml("dvc.lock", rev, repo)
     entry = lock.get("stages", {}).get(stage, {})
     params_files = {file: _read_yaml(file, rev, repo) for file in entry.get("params", {})}

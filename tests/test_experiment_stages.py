@@ -38,8 +38,8 @@ def toy_repo(repo, env) -> None:
 def test_an_experiment_ran_the_stages_whose_lock_entry_agrees_with_it(tmp_path, monkeypatch):
     """`dvc exp run -S a=2 first` keeps third's output from before (it reads first's old
     output) and second's (its param did not change: still its own); `-S b.c=2 first` leaves
-    second's output made with the old b. Scoring a model from an experiment that did not
-    train it is refused, naming what differs."""
+    second's output made with the old b. Each stale stage names what differs; a revision
+    that does not exist is a clear error."""
     repo = tmp_path / "toy"
     repo.mkdir()
     env = git_env()

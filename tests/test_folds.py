@@ -64,8 +64,8 @@ def test_scores_held_out_clips_of_one_experiment_per_fold(tmp_path):
     validation and test macro-F1 equal what its train stage wrote to metrics/<model>.json;
     the out-of-fold score covers every train + validation clip once; one model's setting,
     trained on the same folds alone, is scored with the other members read from the first
-    experiments (`--members-from`), and members of other folds are refused; a fold given
-    twice is refused."""
+    experiments (`--members-from`), and members of other folds are refused; a model read
+    from experiments that did not train it, and a fold given twice, are refused."""
     import dvc.api
 
     repo = tmp_path / "project"
