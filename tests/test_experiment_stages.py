@@ -15,12 +15,22 @@ from pipeline.fold_scores import check_trained, member_sources
 WRITE = f"{sys.executable} -c \"import sys; open(sys.argv[1], 'w').write(sys.argv[2])\""
 
 
+SECOND = "import sys; open('second.txt', 'w').write(sys.argv[1])\n"
+
+
 def toy_repo(repo, env) -> None:
-    """Stages `first` (param a) and `second` (param b), and `third` reading first's output."""
+    """Stages `first` (param a), `second` (param b, code second.py), and `third` reading
+    first's output."""
     (repo / "params.yaml").write_text("a: 1\nb: {c: 1.0e-05}\n")  # as PyYAML writes 1e-05
+    (repo / "second.py").write_text(SECOND)
     stages = {
         "first": {"cmd": f"{WRITE} first.txt ${{a}}", "params": ["a"], "outs": ["first.txt"]},
-        "second": {"cmd": f"{WRITE} second.txt ${{b.c}}", "params": ["b"], "outs": ["second.txt"]},
+        "second": {
+            "cmd": f"{sys.executable} second.py ${{b.c}}",
+            "params": ["b"],
+            "deps": ["second.py"],
+            "outs": ["second.txt"],
+        },
         "third": {
             "cmd": f"{sys.executable} -c \"open('third.txt', 'w').write(open('first.txt').read())\"",
             "deps": ["first.txt"],
@@ -38,15 +48,20 @@ def toy_repo(repo, env) -> None:
 def test_an_experiment_ran_the_stages_whose_lock_entry_agrees_with_it(tmp_path, monkeypatch):
     """`dvc exp run -S a=2 first` keeps third's output from before (it reads first's old
     output) and second's (its param did not change: still its own); `-S b.c=2 first` leaves
-    second's output made with the old b. Each stale stage names what differs; a revision
-    that does not exist is a clear error."""
+    second's output made with the old b, and a changed second.py second's output made by the
+    old code. Each stale stage names what differs; a revision that does not exist is a clear
+    error."""
     repo = tmp_path / "toy"
     repo.mkdir()
     env = git_env()
     toy_repo(repo, env)
     run(["dvc", "exp", "run", "-q", "-n", "new-a", "-S", "a=2", "first"], repo, env)
     run(["dvc", "exp", "run", "-q", "-n", "new-b", "-S", "b.c=2", "first"], repo, env)
+    (repo / "second.py").write_text(SECOND.replace("sys.argv[1]", "sys.argv[1] * 2"))
+    run(["dvc", "exp", "run", "-q", "-n", "new-code", "-S", "b.c=1e-05", "first"], repo, env)
     monkeypatch.chdir(repo)
+    assert experiment_stale_inputs("new-code", "second") == ["second.py"]
+    assert experiment_stale_inputs("new-code", "first") == []
     assert experiment_stale_inputs("new-a", "first") == []
     assert experiment_stale_inputs("new-a", "second") == []
     assert experiment_stale_inputs("new-a", "third") == ["first.txt"]
