@@ -184,6 +184,15 @@ def check_trained(sources: dict[str, list[str]]) -> None:
                 )
 
 
+def fresh_source(candidates: list[list[str]], stage: str) -> list[str] | None:
+    """The first of `candidates` (lists of one experiment per fold) whose every experiment
+    ran `stage` on its own fold, with its own settings and code; None when none did."""
+    for experiments in candidates:
+        if experiments and not any(experiment_stale_inputs(rev, stage) for rev in experiments):
+            return experiments
+    return None
+
+
 def member_sources(
     experiments: list[str],
     models: list[str] | None,

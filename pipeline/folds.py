@@ -16,7 +16,10 @@ with a fixed split's. `score` reads each experiment's `reports/<model>/probabili
 through DVC and scores every model, and the ensemble of them pooled as `compare.ensemble`
 says, on the held-out clips of all folds together: each clip scored once per seed by networks
 that did not train on it (`pipeline.fold_scores`). Test scores are listed too, for the record,
-never to choose by.
+never to choose by. Where the experiments also ran the `baseline` stage on their folds (add it
+to each `dvc exp run`'s targets: seconds), the motion logistic regression is scored the same
+way, as the row the models have to beat; its C is chosen on each fold's held-out clips, as on
+a fixed split's validation clips, so its out-of-fold score is, if anything, too kind to it.
 """
 
 from __future__ import annotations
@@ -37,14 +40,19 @@ from pipeline.fold_scores import (
     check_trained,
     ensemble_rows,
     fold_rows,
+    fresh_source,
     member_sources,
     out_of_fold_scores,
     score_table,
 )
 from pipeline.logs import setup_logging
 from pipeline.probabilities import CLIP_KEYS
+from pipeline.stages.baseline import PROBABILITIES_OF
+from pipeline.stages.baseline import STAGE as BASELINE_STAGE
 
 log = logging.getLogger(__name__)
+
+BASELINE_ROW = f"baseline_{PROBABILITIES_OF}"  # as named in reports/comparison.csv
 
 
 def fold_splits(clips: pd.DataFrame, folds: int, seed: int) -> list[pd.DataFrame]:
@@ -121,6 +129,29 @@ def split_command(args: argparse.Namespace) -> None:
     )
 
 
+def baseline_rows(
+    candidates: list[list[str]], reports: str, folds: list[str]
+) -> tuple[list[str], pd.DataFrame] | None:
+    """The logistic regression's held-out rows (`fold_rows`, fold names `folds`) from the first
+    of `candidates` (one experiment per fold) that ran the baseline stage on every fold, and
+    those experiments; None and a warning when none did or they hold no probabilities of it."""
+    source = fresh_source(candidates, BASELINE_STAGE)
+    if source is None:
+        log.warning(
+            "no %s row: the experiments did not run the %s stage on their folds (add `%s` to "
+            "each `dvc exp run`'s targets)",
+            BASELINE_ROW,
+            BASELINE_STAGE,
+            BASELINE_STAGE,
+        )
+        return None
+    try:
+        return source, fold_rows(source, reports, f"{BASELINE_STAGE}/{PROBABILITIES_OF}", folds)
+    except PipelineError as exc:  # a baseline stage older than its probabilities report
+        log.warning("no %s row: %s", BASELINE_ROW, exc)
+        return None
+
+
 def score_command(args: argparse.Namespace) -> None:
     """`score`: out-of-fold scores of each model and of their ensemble."""
     from pipeline.schema.base import MODEL_NAMES
@@ -146,14 +177,23 @@ def score_command(args: argparse.Namespace) -> None:
     if len(by_model) > 1:
         pooling = ensemble_config(config.compare.ensemble).pooling
         scores[ENSEMBLE] = out_of_fold_scores(ensemble_rows(by_model, classes, pooling), classes)
-    table = score_table(scores)
+    reference = {}
+    candidates = [args.experiments, args.members_from or []]
+    baseline = baseline_rows(candidates, config.paths.reports, args.experiments)
+    if baseline is not None:
+        source, rows = baseline
+        check_same_folds({**by_model, BASELINE_ROW: rows}, {**sources, BASELINE_ROW: source})
+        reference[BASELINE_ROW] = {**out_of_fold_scores(rows, classes), "experiments": source}
+    table = score_table({**scores, **reference})
     log.info("out-of-fold scores of %s:\n%s", ", ".join(args.experiments), table)
     if args.report:
         import json
 
         report = resolve(args.report)
         write_text_atomic(report.with_suffix(".md"), table)
-        write_text_atomic(report.with_suffix(".json"), json.dumps(scores, indent=2))
+        write_text_atomic(
+            report.with_suffix(".json"), json.dumps({**scores, **reference}, indent=2)
+        )
     best = max((n for n in scores), key=lambda n: scores[n]["val_macro_f1_mean"])
     log.info(
         "scored %d experiments, %d held-out clips a seed: best out of fold %s (%.3f)",

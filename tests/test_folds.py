@@ -60,12 +60,14 @@ def test_more_folds_than_groups_is_refused_naming_the_option():
 @pytest.mark.slow  # four `dvc exp run`s at test size (~5 min); CI runs it
 def test_scores_held_out_clips_of_one_experiment_per_fold(tmp_path):
     """The documented loop on the tiny project: clean, write 2 folds (committed), one
-    `dvc exp run` per fold file training cnn3d and cnn_gru, then `score` them. Each fold's own
-    validation and test macro-F1 equal what its train stage wrote to metrics/<model>.json;
-    the out-of-fold score covers every train + validation clip once; one model's setting,
-    trained on the same folds alone, is scored with the other members read from the first
-    experiments (`--members-from`), and members of other folds are refused; a model read
-    from experiments that did not train it, and a fold given twice, are refused."""
+    `dvc exp run` per fold file training cnn3d and cnn_gru and fitting the baseline, then
+    `score` them. Each fold's own validation and test macro-F1 equal what its stage wrote to
+    metrics/ (the logistic regression's too, a row that is never the best); the out-of-fold
+    score covers every train + validation clip once; one model's setting, trained on the same
+    folds alone, is scored with the other members and the baseline read from the first
+    experiments (`--members-from`), and without them it has no baseline row, said so; members
+    of other folds are refused; a model read from experiments that did not train it, and a
+    fold given twice, are refused."""
     import dvc.api
 
     repo = tmp_path / "project"
@@ -83,7 +85,7 @@ def test_scores_held_out_clips_of_one_experiment_per_fold(tmp_path):
         run(["dvc", "exp", "run", "-n", f"{name}-{k}", "-S", split_file, *settings], repo, env)
 
     for k in (0, 1):
-        fold_experiment("fold", k, "train@cnn3d", "train@cnn_gru")
+        fold_experiment("fold", k, "train@cnn3d", "train@cnn_gru", "baseline")
     report = repo / "reports" / "folds"
     out = run(
         [
@@ -101,14 +103,20 @@ def test_scores_held_out_clips_of_one_experiment_per_fold(tmp_path):
         env,
     )
     scores = json.loads(report.with_suffix(".json").read_text())
-    assert set(scores) == {"cnn3d", "cnn_gru", "ensemble"}
-    assert "| ensemble |" in report.with_suffix(".md").read_text() and "best out of fold" in out
-    for name in ("cnn3d", "cnn_gru"):
+    assert set(scores) == {"cnn3d", "cnn_gru", "ensemble", "baseline_motion_logreg"}
+    table = report.with_suffix(".md").read_text()
+    assert "| ensemble |" in table and "| baseline_motion_logreg |" in table
+    assert "best out of fold" in out and "best out of fold baseline" not in out
+
+    def fold_metrics(name: str, rev: str) -> dict:
+        """metrics/<name>.json of experiment `rev`; the baseline's logistic regression row."""
+        file = "baseline" if name == "baseline_motion_logreg" else name
+        metrics = json.loads(dvc.api.read(f"metrics/{file}.json", repo=str(repo), rev=rev))
+        return metrics["motion_logreg"] if file == "baseline" else metrics
+
+    for name in ("cnn3d", "cnn_gru", "baseline_motion_logreg"):
         assert scores[name]["held_out_clips"] == len(pool)
-        per_fold = [
-            json.loads(dvc.api.read(f"metrics/{name}.json", repo=str(repo), rev=f"fold-{k}"))
-            for k in (0, 1)
-        ]
+        per_fold = [fold_metrics(name, f"fold-{k}") for k in (0, 1)]
         assert scores[name]["fold_val_macro_f1"] == pytest.approx(
             [m["val_macro_f1"] for m in per_fold], abs=1e-9
         )
@@ -136,7 +144,9 @@ def test_scores_held_out_clips_of_one_experiment_per_fold(tmp_path):
         env,
     )
     mixed = json.loads((repo / "reports" / "wide.json").read_text())
-    assert set(mixed) == {"cnn3d", "cnn_gru", "ensemble"}
+    # the baseline from the experiments that ran it on these folds: the members'
+    assert set(mixed) == {"cnn3d", "cnn_gru", "ensemble", "baseline_motion_logreg"}
+    assert mixed["baseline_motion_logreg"] == scores["baseline_motion_logreg"]
     assert mixed["cnn_gru"]["experiments"] == wide
     assert mixed["cnn3d"]["experiments"] == ["fold-0", "fold-1"]
     assert mixed["cnn_gru"]["fold_val_macro_f1"] == pytest.approx(
@@ -158,6 +168,8 @@ def test_scores_held_out_clips_of_one_experiment_per_fold(tmp_path):
         assert proc.returncode == 2, proc.stderr[-3000:]
         return proc.stderr
 
+    alone = run([*python, "score", *wide, "--models", "cnn_gru"], repo, env)
+    assert "no baseline_motion_logreg row: the experiments did not run the baseline" in alone
     swapped = refused(*wide, "--models", "cnn_gru", "--members-from", "fold-1", "fold-0")
     assert "wide-fold-0 (cnn_gru) and fold-1 (cnn3d) hold out other" in swapped
     untrained = refused(*wide, "--models", "cnn3d")  # wide-fold-* trained cnn_gru alone

@@ -7,7 +7,10 @@ Two classifiers, fitted on the training split only:
   differences of consecutive frames. Its regularisation `C` is chosen on the validation split.
 
 Both are scored on validation and test like the models, and `compare` puts them in the table.
-Outputs: `metrics/baseline.json` and `reports/baseline/<name>/{predictions,per_class}.csv`.
+Outputs: `metrics/baseline.json`, `reports/baseline/<name>/{predictions,per_class}.csv`, and the
+logistic regression's per-clip probabilities in the models' format,
+`reports/baseline/motion_logreg/probabilities.csv`, which `python -m pipeline.folds score`
+scores out of fold next to the models.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pipeline.atomic import atomic_dir, write_json_atomic
 from pipeline.config import SPLITS, resolve
 from pipeline.data.arrays import load_arrays
 from pipeline.evaluate import SCORES, classification_metrics
+from pipeline.probabilities import PROBABILITIES_FILE, probability_rows
 from pipeline.schema import Params
 from pipeline.schema.sections import Baseline, Paths
 from pipeline.stages.cli import stage_cli
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 
 
 BASELINES = ("majority", "motion_logreg")
+STAGE = "baseline"  # its name in dvc.yaml, and its folder under paths.reports
+PROBABILITIES_OF = "motion_logreg"  # the baseline whose per-clip probabilities are written
+PROBABILITIES_SEED = 0  # fitted once, deterministic: one `seed` in its probabilities.csv
 
 
 def motion_statistics(frames: np.ndarray, size: int) -> np.ndarray:
@@ -74,6 +81,29 @@ def fit_motion_logreg(x: dict, y: dict, grid: list[float], classes: list[str]):
     return best[0], best[1], tried
 
 
+def logreg_probabilities(model, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """(clips x n_classes) probabilities of the fitted regression; a class the training
+    split lacks gets 0."""
+    probs = np.zeros((len(x), n_classes))
+    probs[:, model.classes_] = model.predict_proba(x)
+    return probs
+
+
+def logreg_probability_rows(model, x: dict, clips: dict, classes: list[str]) -> pd.DataFrame:
+    """The regression's validation and test probabilities, a row per clip, as the models
+    write theirs, under PROBABILITIES_SEED."""
+    return pd.concat(
+        probability_rows(
+            PROBABILITIES_SEED,
+            split,
+            clips[split],
+            logreg_probabilities(model, x[split], len(classes)),
+            classes,
+        )
+        for split in ("val", "test")
+    )
+
+
 def majority_predictions(y_train: np.ndarray, n: int) -> np.ndarray:
     values, counts = np.unique(y_train, return_counts=True)
     return np.full(n, values[counts.argmax()], dtype=np.int64)
@@ -94,7 +124,7 @@ def baseline_scores(cfg: Baseline, paths: Paths) -> dict:
         "motion_logreg": lambda split: logreg.predict(x[split]),
     }
     summary = {}
-    with atomic_dir(resolve(paths.reports) / "baseline") as tmp:
+    with atomic_dir(resolve(paths.reports) / STAGE) as tmp:
         for name in BASELINES:
             val = classification_metrics(y["val"], predict[name]("val"), classes)
             y_pred = predict[name]("test")
@@ -112,6 +142,8 @@ def baseline_scores(cfg: Baseline, paths: Paths) -> dict:
             pd.DataFrame(test["per_class"]).T.rename_axis("class").reset_index().to_csv(
                 tmp / name / "per_class.csv", index=False
             )
+        rows = logreg_probability_rows(logreg, x, clips, classes)
+        rows.to_csv(tmp / PROBABILITIES_OF / PROBABILITIES_FILE, index=False)
     summary["motion_logreg"]["C"] = c
     summary["motion_logreg"]["val_macro_f1_by_C"] = {str(k): round(v, 4) for k, v in tried.items()}
     write_json_atomic(resolve(paths.metrics) / "baseline.json", summary)
