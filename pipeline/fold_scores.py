@@ -59,8 +59,14 @@ def fold_rows(experiments: list[str], reports: str, name: str, folds: list[str])
     """Model `name`'s held-out rows (`held_out_rows`) from `experiments`, one per fold, their
     `fold` named by `folds` (the scored experiments, in the same order), so that members read
     from other experiments of the same fold files pool fold by fold."""
-    rows = held_out_rows(experiment_probabilities(experiments, reports, name))
-    return rows.assign(fold=rows["fold"].map(dict(zip(experiments, folds))))
+    return named_folds(experiment_probabilities(experiments, reports, name), folds)
+
+
+def named_folds(tables: dict[str, pd.DataFrame], folds: list[str]) -> pd.DataFrame:
+    """`held_out_rows` of `tables` ({experiment: its rows}, one per fold, in fold order), their
+    `fold` named by `folds`."""
+    rows = held_out_rows(tables)
+    return rows.assign(fold=rows["fold"].map(dict(zip(tables, folds))))
 
 
 def check_same_folds(by_model: dict[str, pd.DataFrame], sources: dict[str, list[str]]) -> None:

@@ -39,9 +39,11 @@ from pipeline.fold_scores import (
     check_same_folds,
     check_trained,
     ensemble_rows,
+    experiment_probabilities,
     fold_rows,
     fresh_source,
     member_sources,
+    named_folds,
     out_of_fold_scores,
     score_table,
 )
@@ -132,7 +134,7 @@ def split_command(args: argparse.Namespace) -> None:
 def baseline_rows(
     candidates: list[list[str]], reports: str, folds: list[str]
 ) -> tuple[list[str], pd.DataFrame] | None:
-    """The logistic regression's held-out rows (`fold_rows`, fold names `folds`) from the first
+    """The logistic regression's held-out rows (`named_folds`, fold names `folds`) from the first
     of `candidates` (one experiment per fold) that ran the baseline stage on every fold, and
     those experiments; None and a warning when none did or they hold no probabilities of it."""
     source = fresh_source(candidates, BASELINE_STAGE)
@@ -146,10 +148,11 @@ def baseline_rows(
         )
         return None
     try:
-        return source, fold_rows(source, reports, f"{BASELINE_STAGE}/{PROBABILITIES_OF}", folds)
+        tables = experiment_probabilities(source, reports, f"{BASELINE_STAGE}/{PROBABILITIES_OF}")
     except PipelineError as exc:  # a baseline stage older than its probabilities report
         log.warning("no %s row: %s", BASELINE_ROW, exc)
         return None
+    return source, named_folds(tables, folds)
 
 
 def score_command(args: argparse.Namespace) -> None:
@@ -184,16 +187,15 @@ def score_command(args: argparse.Namespace) -> None:
         source, rows = baseline
         check_same_folds({**by_model, BASELINE_ROW: rows}, {**sources, BASELINE_ROW: source})
         reference[BASELINE_ROW] = {**out_of_fold_scores(rows, classes), "experiments": source}
-    table = score_table({**scores, **reference})
+    shown = {**scores, **reference}
+    table = score_table(shown)
     log.info("out-of-fold scores of %s:\n%s", ", ".join(args.experiments), table)
     if args.report:
         import json
 
         report = resolve(args.report)
         write_text_atomic(report.with_suffix(".md"), table)
-        write_text_atomic(
-            report.with_suffix(".json"), json.dumps({**scores, **reference}, indent=2)
-        )
+        write_text_atomic(report.with_suffix(".json"), json.dumps(shown, indent=2))
     best = max((n for n in scores), key=lambda n: scores[n]["val_macro_f1_mean"])
     log.info(
         "scored %d experiments, %d held-out clips a seed: best out of fold %s (%.3f)",
